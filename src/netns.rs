@@ -1,0 +1,1 @@
+//! Finds every network namespace on the node (placeholder, being written).
