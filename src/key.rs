@@ -75,9 +75,9 @@ impl TryFrom<&[u8]> for RawKey {
     type Error = KeyError;
 
     fn try_from(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::Length {
-            found: bytes.len(),
-        })?;
+        let arr: [u8; KEY_LEN] = bytes
+            .try_into()
+            .map_err(|_| KeyError::Length { found: bytes.len() })?;
         Ok(RawKey(arr))
     }
 }
@@ -279,11 +279,7 @@ mod tests {
         assert_eq!(spaced, joined);
         assert_eq!(spaced.to_hex().len(), 88);
         assert_eq!(parse_hex(&spaced.to_bpftool_hex()).unwrap(), spaced);
-        let prefixed: String = spaced
-            .0
-            .iter()
-            .map(|b| format!("0x{b:02x} "))
-            .collect();
+        let prefixed: String = spaced.0.iter().map(|b| format!("0x{b:02x} ")).collect();
         assert_eq!(parse_hex(&prefixed).unwrap(), spaced);
     }
 
@@ -319,11 +315,10 @@ mod tests {
 
     #[test]
     fn mixed_families_have_no_key() {
-        assert!(SockKey::for_socket(
-            "10.0.0.1:1".parse().unwrap(),
-            "[::1]:1".parse().unwrap()
-        )
-        .is_none());
+        assert!(
+            SockKey::for_socket("10.0.0.1:1".parse().unwrap(), "[::1]:1".parse().unwrap())
+                .is_none()
+        );
     }
 
     #[test]

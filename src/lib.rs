@@ -6,4 +6,6 @@
 
 pub mod diag;
 pub mod key;
+pub mod map;
 pub mod netns;
+pub mod verdict;
