@@ -55,8 +55,11 @@ impl NetnsId {
 
     /// The namespace an open namespace file refers to.
     pub fn of_fd(fd: impl AsFd) -> io::Result<NetnsId> {
-        let file = fs::File::from(fd.as_fd().try_clone_to_owned()?);
-        file.metadata().map(|m| NetnsId::from_metadata(&m))
+        let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+        Ok(NetnsId {
+            dev: st.st_dev,
+            inode: st.st_ino,
+        })
     }
 
     /// The namespace of the calling thread (not of the process: threads may differ).
@@ -69,6 +72,12 @@ impl NetnsId {
             dev: m.dev(),
             inode: m.ino(),
         }
+    }
+}
+
+impl From<&fs::Metadata> for NetnsId {
+    fn from(m: &fs::Metadata) -> NetnsId {
+        NetnsId::from_metadata(m)
     }
 }
 
