@@ -85,7 +85,7 @@ impl TryFrom<&[u8]> for RawKey {
 /// Why a key cannot be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
-    #[error("a sockmap key is {KEY_LEN} bytes, found {found}")]
+    #[error("a cilium_sock_ops key is {KEY_LEN} bytes, found {found}")]
     Length { found: usize },
     #[error("unknown address family {0} in byte 32 (Cilium uses 1 for IPv4, 2 for IPv6)")]
     Family(u8),
@@ -218,9 +218,22 @@ impl fmt::Display for SockKey {
 /// number of lines, as `bpftool map dump` prints them, `0x` prefixes allowed), or one
 /// 88-character hex string.
 pub fn parse_hex(text: &str) -> Result<RawKey, KeyError> {
-    let tokens: Vec<&str> = text.split_whitespace().collect();
+    RawKey::try_from(hex_bytes(text)?.as_slice())
+}
+
+/// Parses one key or several in a row (a paste of several keys): the bytes must be a
+/// non-zero multiple of 44.
+pub fn parse_hex_keys(text: &str) -> Result<Vec<RawKey>, KeyError> {
+    let bytes = hex_bytes(text)?;
+    if bytes.is_empty() || bytes.len() % KEY_LEN != 0 {
+        return Err(KeyError::Length { found: bytes.len() });
+    }
+    bytes.chunks(KEY_LEN).map(RawKey::try_from).collect()
+}
+
+fn hex_bytes(text: &str) -> Result<Vec<u8>, KeyError> {
     let mut bytes = Vec::with_capacity(KEY_LEN);
-    for token in tokens {
+    for token in text.split_whitespace() {
         let digits = token
             .strip_prefix("0x")
             .or_else(|| token.strip_prefix("0X"))
@@ -240,7 +253,7 @@ pub fn parse_hex(text: &str) -> Result<RawKey, KeyError> {
             bytes.push(byte);
         }
     }
-    RawKey::try_from(bytes.as_slice())
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -281,6 +294,20 @@ mod tests {
         assert_eq!(parse_hex(&spaced.to_bpftool_hex()).unwrap(), spaced);
         let prefixed: String = spaced.0.iter().map(|b| format!("0x{b:02x} ")).collect();
         assert_eq!(parse_hex(&prefixed).unwrap(), spaced);
+    }
+
+    #[test]
+    fn several_keys_in_a_row() {
+        let one = parse_hex(INCIDENT).unwrap();
+        let twin = SockKey::decode(&one).unwrap().peer().encode();
+        let text = format!("{}\n{}", one.to_bpftool_hex(), twin.to_hex());
+        assert_eq!(parse_hex_keys(&text).unwrap(), vec![one, twin]);
+        assert_eq!(parse_hex_keys(INCIDENT).unwrap(), vec![one]);
+        assert_eq!(
+            parse_hex_keys(&format!("{} 00", one.to_hex())),
+            Err(KeyError::Length { found: 45 })
+        );
+        assert_eq!(parse_hex_keys(" \n"), Err(KeyError::Length { found: 0 }));
     }
 
     #[test]

@@ -22,15 +22,11 @@ pub enum MapError {
     NotFound { path: PathBuf },
     #[error("no pinned map at {} nor at {}: is Cilium running with socket acceleration? Give the pin with --map PATH", CILIUM_PIN, LIBBPF_PIN)]
     NoDefault,
-    #[error("cannot open {path} as a BPF object: {source} (run as root, and point --map at a pin under the BPF filesystem, e.g. {CILIUM_PIN})")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(
-        "{path} is a pinned BPF {found}, not a map: point --map at Cilium's cilium_sock_ops pin"
-    )]
+    #[error("cannot open {path} as a BPF object: {error} (run as root, and point --map at a pin under the BPF filesystem, e.g. {CILIUM_PIN})")]
+    Open { path: PathBuf, error: io::Error },
+    #[error("{path} is not on the BPF filesystem, so it is no pinned map: point --map at Cilium's pin, e.g. {CILIUM_PIN}")]
+    NotBpffs { path: PathBuf },
+    #[error("{path} is a {found}, not a pinned map: point --map at Cilium's cilium_sock_ops pin")]
     NotAMap { path: PathBuf, found: String },
     #[error("{path} is a {found:?} map with {key_size}-byte keys; Cilium's cilium_sock_ops is a sockhash with {KEY_LEN}-byte keys: point --map at its pin")]
     WrongShape {
@@ -38,12 +34,11 @@ pub enum MapError {
         found: MapType,
         key_size: u32,
     },
-    #[error("walking the keys of {path} failed after {seen} keys: {source}")]
+    #[error("walking the keys of {path} failed after {seen} keys: {error}; try again, and check the kernel log if it persists")]
     Walk {
         path: PathBuf,
         seen: usize,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("the keys of {path} changed too fast to walk: gave up after {steps} steps (is an agent re-filling the map?); try again")]
     Unstable { path: PathBuf, steps: usize },
@@ -109,12 +104,12 @@ impl SockMap {
         if kind != "map" {
             return Err(MapError::NotAMap {
                 path: path.to_path_buf(),
-                found: kind,
+                found: format!("pinned BPF {kind}"),
             });
         }
         let info = handle.info().map_err(|e| MapError::Open {
             path: path.to_path_buf(),
-            source: io::Error::other(e.to_string()),
+            error: io::Error::other(e.to_string()),
         })?;
         let map_type = info.map_type();
         if !matches!(map_type, MapType::Sockhash | MapType::Sockmap)
@@ -183,7 +178,7 @@ impl SockMap {
                 return Err(MapError::Walk {
                     path: self.path.clone(),
                     seen: keys.len(),
-                    source: err,
+                    error: err,
                 });
             }
             if seen.insert(next) {
@@ -231,15 +226,24 @@ fn diagnose_open(path: &Path, flags: u32) -> MapError {
     // SAFETY: `c_path` is a valid NUL-terminated string and `opts` a valid options struct.
     let rc = unsafe { libbpf_sys::bpf_obj_get_opts(c_path.as_ptr(), &opts) };
     if rc < 0 {
-        let source = io::Error::from_raw_os_error(-rc);
-        return if source.kind() == io::ErrorKind::NotFound {
+        let error = io::Error::from_raw_os_error(-rc);
+        return if error.kind() == io::ErrorKind::NotFound {
             MapError::NotFound {
+                path: path.to_path_buf(),
+            }
+        } else if path.is_dir() {
+            MapError::NotAMap {
+                path: path.to_path_buf(),
+                found: "directory".to_string(),
+            }
+        } else if !on_bpffs(path) {
+            MapError::NotBpffs {
                 path: path.to_path_buf(),
             }
         } else {
             MapError::Open {
                 path: path.to_path_buf(),
-                source,
+                error,
             }
         };
     }
@@ -247,8 +251,16 @@ fn diagnose_open(path: &Path, flags: u32) -> MapError {
     let fd = unsafe { OwnedFd::from_raw_fd(rc) };
     MapError::NotAMap {
         path: path.to_path_buf(),
-        found: fd_kind(fd.as_fd()),
+        found: format!("pinned BPF {}", fd_kind(fd.as_fd())),
     }
+}
+
+fn on_bpffs(path: &Path) -> bool {
+    // BPF_FS_MAGIC from include/uapi/linux/magic.h.
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(true)
 }
 
 /// "map", "prog", "link", ... as the kernel names the fd's anonymous inode.

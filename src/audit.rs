@@ -1,0 +1,273 @@
+//! One observation of the node: snapshot the map, inventory every namespace, judge each entry.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::diag;
+use crate::key::{KeyError, RawKey, SockKey};
+use crate::map::{MapError, SockMap};
+use crate::netns;
+use crate::procnet;
+use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, Verdict};
+
+/// One map entry with its decoding and verdict.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    pub raw: RawKey,
+    pub key: Result<SockKey, KeyError>,
+    pub verdict: Verdict,
+}
+
+/// A namespace that could not be read, with why.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub what: String,
+    pub error: String,
+}
+
+/// Everything one observation saw.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub map_id: u32,
+    pub entries: Vec<Judged>,
+    pub namespaces_read: usize,
+    pub namespaces_vanished: usize,
+    pub procfs_tables: usize,
+    pub unreadable: Vec<Unreadable>,
+    pub sockets: usize,
+    pub took: Duration,
+}
+
+impl Observation {
+    pub fn is_complete(&self) -> bool {
+        self.unreadable.is_empty()
+    }
+}
+
+/// Which entries an operator asked about: the held socket's local and remote IP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub local: Option<IpAddr>,
+    pub remote: Option<IpAddr>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.local.is_none() && self.remote.is_none()
+    }
+
+    /// An entry whose key does not decode matches only the empty filter.
+    pub fn matches(&self, key: &Result<SockKey, KeyError>) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Ok(key) = key else { return false };
+        self.local.is_none_or(|ip| key.local.ip() == ip)
+            && self.remote.is_none_or(|ip| key.remote.ip() == ip)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+}
+
+/// The live sockets of every namespace, indexed for the classifier.
+#[derive(Debug)]
+pub struct Sockets {
+    pub index: SocketIndex,
+    pub namespaces_read: usize,
+    pub namespaces_vanished: usize,
+    /// Namespace files denied to us whose TCP table was read from `/proc/PID/net` instead.
+    pub procfs_tables: usize,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Sockets {
+    pub fn evidence<'a>(&'a self, gateways: &'a [IpAddr]) -> Evidence<'a> {
+        Evidence {
+            sockets: &self.index,
+            unreadable_namespaces: self.unreadable.len(),
+            namespaces_read: self.namespaces_read,
+            gateways,
+        }
+    }
+}
+
+/// Inventories the TCP sockets of every network namespace under `proc_root`.
+pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
+    let inventory = diag::inventory_node(proc_root)?;
+    let mut unreadable: Vec<Unreadable> = inventory
+        .failed
+        .iter()
+        .map(|(ns, e)| Unreadable {
+            what: ns.label.clone(),
+            error: e.to_string(),
+        })
+        .collect();
+    let mut via_procfs = Vec::new();
+    let mut procfs_tables = 0;
+    for e in &inventory.unreadable {
+        match read_denied_netns(e) {
+            Some(rows) => {
+                procfs_tables += 1;
+                via_procfs.extend(rows);
+            }
+            None => unreadable.push(Unreadable {
+                what: e.path().display().to_string(),
+                error: e.to_string(),
+            }),
+        }
+    }
+    let seen = inventory
+        .sockets
+        .iter()
+        .map(diag::LiveSocket::seen)
+        .chain(via_procfs.iter().map(|p| SeenSocket {
+            local: p.local,
+            remote: p.remote,
+            kind: p.state.kind(),
+        }));
+    Ok(Sockets {
+        index: SocketIndex::build(seen),
+        namespaces_read: inventory.read,
+        namespaces_vanished: inventory.vanished.len(),
+        procfs_tables,
+        unreadable,
+    })
+}
+
+/// A process whose namespace file is denied to us (ptrace rules, an LSM) still shows its
+/// namespace's TCP table in `/proc/PID/net`: read it there instead of leaving a hole.
+fn read_denied_netns(e: &netns::NetnsError) -> Option<Vec<procnet::ProcSocket>> {
+    let netns::NetnsError::Stat { path, source } = e else {
+        return None;
+    };
+    if source.kind() != std::io::ErrorKind::PermissionDenied || !path.ends_with("ns/net") {
+        return None;
+    }
+    let dir = path.parent()?.parent()?;
+    match procnet::read(dir) {
+        Ok(rows) => {
+            tracing::debug!(path = %path.display(), sockets = rows.len(), "namespace file denied; read its TCP table from procfs");
+            Some(rows)
+        }
+        Err(err) => {
+            tracing::debug!(path = %path.display(), %err, "procfs fallback failed");
+            None
+        }
+    }
+}
+
+/// Observes the node once.
+///
+/// The map is snapshotted *before* the sockets: a connection whose entry is in the snapshot
+/// was established before it, so if it is still open the later inventory sees its socket.
+/// The other order would judge stale every connection established between the two reads.
+pub fn observe(
+    map: &SockMap,
+    proc_root: &Path,
+    gateways: &[IpAddr],
+) -> Result<Observation, ObserveError> {
+    let started = Instant::now();
+    let snapshot = map.snapshot()?;
+    let sockets = gather_sockets(proc_root)?;
+    let evidence = sockets.evidence(gateways);
+    let entries = snapshot
+        .keys
+        .into_iter()
+        .map(|raw| {
+            let key = SockKey::decode(&raw);
+            let verdict = classify(&key, &evidence);
+            Judged { raw, key, verdict }
+        })
+        .collect();
+    Ok(Observation {
+        map_id: snapshot.map_id,
+        entries,
+        namespaces_read: sockets.namespaces_read,
+        namespaces_vanished: sockets.namespaces_vanished,
+        procfs_tables: sockets.procfs_tables,
+        sockets: sockets.index.len(),
+        unreadable: sockets.unreadable,
+        took: started.elapsed(),
+    })
+}
+
+/// The addresses of Cilium's `cilium_host` interface in this namespace: the A side of
+/// its L7-proxy entries. Empty when there is no such interface.
+pub fn cilium_host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter(|a| a.interface_name == "cilium_host")
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(local: &str, remote: &str) -> Result<SockKey, KeyError> {
+        Ok(
+            SockKey::for_socket(local.parse().expect("addr"), remote.parse().expect("addr"))
+                .expect("family"),
+        )
+    }
+
+    #[test]
+    fn filter_matches_held_socket_ends() {
+        let k = key("10.0.1.2:8080", "10.0.1.1:40000");
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
+        assert!(Filter::default().matches(&k));
+        assert!(Filter {
+            local: ip("10.0.1.2"),
+            remote: None
+        }
+        .matches(&k));
+        assert!(Filter {
+            local: None,
+            remote: ip("10.0.1.1")
+        }
+        .matches(&k));
+        assert!(Filter {
+            local: ip("10.0.1.2"),
+            remote: ip("10.0.1.1")
+        }
+        .matches(&k));
+        assert!(!Filter {
+            local: ip("10.0.1.1"),
+            remote: None
+        }
+        .matches(&k));
+        assert!(!Filter {
+            local: ip("10.0.1.2"),
+            remote: ip("10.0.1.2")
+        }
+        .matches(&k));
+    }
+
+    #[test]
+    fn filter_skips_undecodable_keys_unless_empty() {
+        let bad = Err(KeyError::Family(7));
+        assert!(Filter::default().matches(&bad));
+        assert!(!Filter {
+            local: Some("10.0.0.1".parse().expect("ip")),
+            remote: None
+        }
+        .matches(&bad));
+    }
+}

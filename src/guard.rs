@@ -1,0 +1,378 @@
+//! Decides which stale entries a sweep may delete: pure, no I/O.
+//!
+//! An entry is deleted only when two observations, `confirm_after` apart, both judged it
+//! stale, both were complete, both saw the same map, and the socket inventory did not
+//! collapse between them. There is deliberately no breaker on the *fraction* of stale
+//! entries: the incident's node had 7,325 stale entries on an idle map, exactly the case a
+//! sweep must clean.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::audit::{Filter, Observation};
+use crate::key::RawKey;
+
+/// The guards' settings, validated once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardSettings {
+    /// Report what would be deleted, delete nothing.
+    pub dry_run: bool,
+    /// Deletions per second; `None` is no limit (an operator's explicit choice).
+    pub rate_limit: Option<NonZeroU32>,
+    /// At most this many deletions per sweep.
+    pub max_deletes: usize,
+    /// The least time between the two observations.
+    pub confirm_after: Duration,
+    /// The second observation may see at most this fraction fewer sockets than the first
+    /// (when the first saw at least [`SHRINK_FLOOR`] sockets).
+    pub max_inventory_shrink: f64,
+}
+
+/// Below this many sockets a shrinking inventory is ordinary churn, not a blind spot.
+pub const SHRINK_FLOOR: usize = 100;
+
+impl Default for GuardSettings {
+    fn default() -> Self {
+        GuardSettings {
+            dry_run: true,
+            rate_limit: NonZeroU32::new(1000),
+            max_deletes: 10_000,
+            confirm_after: Duration::from_secs(1),
+            max_inventory_shrink: 0.5,
+        }
+    }
+}
+
+/// Why a sweep deletes nothing at all: the evidence cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "guard", rename_all = "kebab-case")]
+pub enum Hold {
+    /// Some namespaces could not be read: a missing socket may live there.
+    Incomplete { observation: u8, unreadable: usize },
+    /// The map at the path is another map now (an agent re-created it).
+    MapReplaced { first_id: u32, second_id: u32 },
+    /// The second inventory lost too many sockets: something failed to read them.
+    InventoryShrank { first: usize, second: usize },
+}
+
+impl Hold {
+    pub fn guard(&self) -> &'static str {
+        match self {
+            Hold::Incomplete { .. } => "incomplete-inventory",
+            Hold::MapReplaced { .. } => "map-replaced",
+            Hold::InventoryShrank { .. } => "inventory-shrank",
+        }
+    }
+}
+
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hold::Incomplete {
+                observation,
+                unreadable,
+            } => write!(
+                f,
+                "observation {observation} could not read {unreadable} network namespace(s): nothing deleted (fix the access, see the INCOMPLETE lines, and run again)"
+            ),
+            Hold::MapReplaced {
+                first_id,
+                second_id,
+            } => write!(
+                f,
+                "the map was replaced between the observations (id {first_id} then {second_id}; an agent restart?): nothing deleted, run again"
+            ),
+            Hold::InventoryShrank { first, second } => write!(
+                f,
+                "the socket inventory shrank from {first} to {second} between the observations: nothing deleted, run again"
+            ),
+        }
+    }
+}
+
+/// What the guards allow.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Plan {
+    /// Keys to delete, in order.
+    pub delete: Vec<RawKey>,
+    /// Set when the sweep must delete nothing.
+    pub hold: Option<Hold>,
+    /// Stale (and selected) in the second observation.
+    pub stale: usize,
+    /// Stale in the second observation but not in the first: not yet confirmed.
+    pub unconfirmed: usize,
+    /// Confirmed but over `max_deletes`.
+    pub over_cap: usize,
+}
+
+/// Applies the guards to two observations of the same node.
+pub fn plan(
+    first: &Observation,
+    second: &Observation,
+    filter: &Filter,
+    settings: &GuardSettings,
+) -> Plan {
+    let stale_first: HashSet<RawKey> = first
+        .entries
+        .iter()
+        .filter(|e| e.verdict.is_stale())
+        .map(|e| e.raw)
+        .collect();
+    let mut confirmed: Vec<RawKey> = Vec::new();
+    let mut plan = Plan::default();
+    for e in &second.entries {
+        if !e.verdict.is_stale() || !filter.matches(&e.key) {
+            continue;
+        }
+        plan.stale += 1;
+        if stale_first.contains(&e.raw) {
+            confirmed.push(e.raw);
+        } else {
+            plan.unconfirmed += 1;
+        }
+    }
+    confirmed.sort();
+    plan.hold = hold(first, second, settings);
+    if plan.hold.is_some() {
+        return plan;
+    }
+    if confirmed.len() > settings.max_deletes {
+        plan.over_cap = confirmed.len() - settings.max_deletes;
+        confirmed.truncate(settings.max_deletes);
+    }
+    plan.delete = confirmed;
+    plan
+}
+
+fn hold(first: &Observation, second: &Observation, settings: &GuardSettings) -> Option<Hold> {
+    for (n, o) in [(1u8, first), (2u8, second)] {
+        if !o.is_complete() {
+            return Some(Hold::Incomplete {
+                observation: n,
+                unreadable: o.unreadable.len(),
+            });
+        }
+    }
+    if first.map_id != second.map_id {
+        return Some(Hold::MapReplaced {
+            first_id: first.map_id,
+            second_id: second.map_id,
+        });
+    }
+    if first.sockets >= SHRINK_FLOOR
+        && (second.sockets as f64) < (first.sockets as f64) * (1.0 - settings.max_inventory_shrink)
+    {
+        return Some(Hold::InventoryShrank {
+            first: first.sockets,
+            second: second.sockets,
+        });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Judged, Unreadable};
+    use crate::key::SockKey;
+    use crate::verdict::{LiveReason, StaleReason, Verdict};
+
+    fn entry(port: u16, stale: bool) -> Judged {
+        let key = SockKey::for_socket(
+            "10.0.1.2:8080".parse().expect("a"),
+            std::net::SocketAddr::new("10.0.1.1".parse().expect("ip"), port),
+        )
+        .expect("family");
+        Judged {
+            raw: key.encode(),
+            key: Ok(key),
+            verdict: if stale {
+                Verdict::Stale(StaleReason::NoSocket { namespaces: 1 })
+            } else {
+                Verdict::Live(LiveReason::TupleOwned)
+            },
+        }
+    }
+
+    fn obs(map_id: u32, sockets: usize, entries: Vec<Judged>) -> Observation {
+        Observation {
+            map_id,
+            entries,
+            namespaces_read: 1,
+            namespaces_vanished: 0,
+            procfs_tables: 0,
+            unreadable: vec![],
+            sockets,
+            took: Duration::ZERO,
+        }
+    }
+
+    fn settings() -> GuardSettings {
+        GuardSettings {
+            dry_run: false,
+            ..GuardSettings::default()
+        }
+    }
+
+    #[test]
+    fn deletes_only_what_both_observations_judged_stale() {
+        let first = obs(1, 10, vec![entry(1, true), entry(2, true), entry(3, false)]);
+        let second = obs(1, 10, vec![entry(1, true), entry(2, false), entry(3, true)]);
+        let p = plan(&first, &second, &Filter::default(), &settings());
+        assert_eq!(p.delete, vec![entry(1, true).raw]);
+        assert_eq!(p.stale, 2);
+        assert_eq!(p.unconfirmed, 1);
+        assert_eq!(p.hold, None);
+    }
+
+    #[test]
+    fn an_entry_gone_by_the_second_observation_is_not_deleted() {
+        let first = obs(1, 10, vec![entry(1, true)]);
+        let second = obs(1, 10, vec![]);
+        assert!(plan(&first, &second, &Filter::default(), &settings())
+            .delete
+            .is_empty());
+    }
+
+    #[test]
+    fn incident_scale_is_not_a_breaker() {
+        // 7,325 stale of 7,400: all go.
+        let entries = |n: u16| (0..n).map(|p| entry(p, p < 7325)).collect::<Vec<_>>();
+        let first = obs(1, 150, entries(7400));
+        let second = obs(1, 150, entries(7400));
+        let p = plan(&first, &second, &Filter::default(), &settings());
+        assert_eq!(p.delete.len(), 7325);
+        assert_eq!(p.over_cap, 0);
+    }
+
+    #[test]
+    fn cap_truncates_and_counts() {
+        let first = obs(1, 10, (0..5).map(|p| entry(p, true)).collect());
+        let second = obs(1, 10, (0..5).map(|p| entry(p, true)).collect());
+        let p = plan(
+            &first,
+            &second,
+            &Filter::default(),
+            &GuardSettings {
+                max_deletes: 3,
+                ..settings()
+            },
+        );
+        assert_eq!(p.delete.len(), 3);
+        assert_eq!(p.over_cap, 2);
+        let sorted = {
+            let mut d = p.delete.clone();
+            d.sort();
+            d
+        };
+        assert_eq!(p.delete, sorted, "deterministic order");
+    }
+
+    #[test]
+    fn incomplete_either_observation_holds() {
+        for which in [1u8, 2] {
+            let mut first = obs(1, 10, vec![entry(1, true)]);
+            let mut second = obs(1, 10, vec![entry(1, true)]);
+            let bad = if which == 1 { &mut first } else { &mut second };
+            bad.unreadable.push(Unreadable {
+                what: "pid 9".into(),
+                error: "EACCES".into(),
+            });
+            let p = plan(&first, &second, &Filter::default(), &settings());
+            assert!(p.delete.is_empty());
+            assert_eq!(
+                p.hold,
+                Some(Hold::Incomplete {
+                    observation: which,
+                    unreadable: 1
+                })
+            );
+            assert_eq!(p.stale, 1, "still reported");
+        }
+    }
+
+    #[test]
+    fn replaced_map_holds() {
+        let first = obs(1, 10, vec![entry(1, true)]);
+        let second = obs(2, 10, vec![entry(1, true)]);
+        let p = plan(&first, &second, &Filter::default(), &settings());
+        assert!(p.delete.is_empty());
+        assert_eq!(p.hold.as_ref().map(Hold::guard), Some("map-replaced"));
+    }
+
+    #[test]
+    fn sharp_shrink_holds_but_small_churn_does_not() {
+        let e = || vec![entry(1, true)];
+        let p = plan(
+            &obs(1, 1000, e()),
+            &obs(1, 400, e()),
+            &Filter::default(),
+            &settings(),
+        );
+        assert_eq!(
+            p.hold,
+            Some(Hold::InventoryShrank {
+                first: 1000,
+                second: 400
+            })
+        );
+        let p = plan(
+            &obs(1, 1000, e()),
+            &obs(1, 600, e()),
+            &Filter::default(),
+            &settings(),
+        );
+        assert_eq!(p.hold, None);
+        // Tiny inventories churn by large fractions in ordinary operation.
+        let p = plan(
+            &obs(1, 20, e()),
+            &obs(1, 2, e()),
+            &Filter::default(),
+            &settings(),
+        );
+        assert_eq!(p.hold, None);
+        assert_eq!(p.delete.len(), 1);
+    }
+
+    #[test]
+    fn filter_limits_candidates() {
+        let first = obs(1, 10, vec![entry(1, true), entry(2, true)]);
+        let second = first.clone();
+        let p = plan(
+            &first,
+            &second,
+            &Filter {
+                local: None,
+                remote: Some("10.9.9.9".parse().expect("ip")),
+            },
+            &settings(),
+        );
+        assert!(p.delete.is_empty());
+        assert_eq!(p.stale, 0);
+    }
+
+    #[test]
+    fn hold_messages_say_what_to_do() {
+        for h in [
+            Hold::Incomplete {
+                observation: 1,
+                unreadable: 2,
+            },
+            Hold::MapReplaced {
+                first_id: 1,
+                second_id: 2,
+            },
+            Hold::InventoryShrank {
+                first: 9,
+                second: 1,
+            },
+        ] {
+            let s = h.to_string();
+            assert!(s.contains("nothing deleted"), "{s}");
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! Renders an observation for people (a table that pastes into a ticket) and for scripts (JSON).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::audit::{Filter, Judged, Observation};
+use crate::verdict::Verdict;
+
+/// Where the map came from, as the report names it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapSource {
+    pub path: String,
+    pub id: u32,
+    #[serde(rename = "type")]
+    pub map_type: String,
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub entries: usize,
+    pub live: usize,
+    pub stale: usize,
+    pub unknown: usize,
+    /// Stale entries by the held socket's remote IP (the key's A address), as the incident
+    /// report grepped the map by node IP.
+    pub stale_by_remote_ip: BTreeMap<String, usize>,
+}
+
+impl Summary {
+    pub fn of<'a>(entries: impl IntoIterator<Item = &'a Judged>) -> Summary {
+        let mut s = Summary::default();
+        for e in entries {
+            s.entries += 1;
+            match &e.verdict {
+                Verdict::Live(_) => s.live += 1,
+                Verdict::Unknown(_) => s.unknown += 1,
+                Verdict::Stale(_) => {
+                    s.stale += 1;
+                    let ip = e
+                        .key
+                        .as_ref()
+                        .map(|k| k.remote.ip().to_string())
+                        .unwrap_or_else(|_| "?".to_string());
+                    *s.stale_by_remote_ip.entry(ip).or_default() += 1;
+                }
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonEntry {
+    /// The raw 44 bytes as 88 lowercase hex characters.
+    pub key: String,
+    pub family: Option<String>,
+    pub local: Option<String>,
+    pub remote: Option<String>,
+    pub verdict: &'static str,
+    pub reason: String,
+    pub reason_code: &'static str,
+}
+
+impl JsonEntry {
+    pub fn of(e: &Judged) -> JsonEntry {
+        let key = e.key.as_ref().ok();
+        JsonEntry {
+            key: e.raw.to_hex(),
+            family: key.map(|k| k.family.to_string()),
+            local: key.map(|k| k.local.to_string()),
+            remote: key.map(|k| k.remote.to_string()),
+            verdict: e.verdict.label(),
+            reason: e.verdict.to_string(),
+            reason_code: e.verdict.reason_code(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonInventory {
+    pub namespaces_read: usize,
+    pub namespaces_vanished: usize,
+    pub procfs_tables: usize,
+    pub sockets: usize,
+    pub complete: bool,
+    pub unreadable: Vec<JsonUnreadable>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonUnreadable {
+    pub namespace: String,
+    pub error: String,
+}
+
+impl JsonInventory {
+    pub fn of(o: &Observation) -> JsonInventory {
+        JsonInventory {
+            namespaces_read: o.namespaces_read,
+            namespaces_vanished: o.namespaces_vanished,
+            procfs_tables: o.procfs_tables,
+            sockets: o.sockets,
+            complete: o.is_complete(),
+            unreadable: o
+                .unreadable
+                .iter()
+                .map(|u| JsonUnreadable {
+                    namespace: u.what.clone(),
+                    error: u.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditJson {
+    pub map: MapSource,
+    pub inventory: JsonInventory,
+    pub entries: Vec<JsonEntry>,
+    pub summary: Summary,
+}
+
+/// The entries an operator asked about, in a stable order: stale first, then by key.
+pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
+    let mut v: Vec<&Judged> = o
+        .entries
+        .iter()
+        .filter(|e| filter.matches(&e.key))
+        .collect();
+    v.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
+    v
+}
+
+fn verdict_rank(v: &Verdict) -> u8 {
+    match v {
+        Verdict::Stale(_) => 0,
+        Verdict::Unknown(_) => 1,
+        Verdict::Live(_) => 2,
+    }
+}
+
+pub fn audit_json(source: &MapSource, o: &Observation, filter: &Filter) -> AuditJson {
+    let entries = selected(o, filter);
+    AuditJson {
+        map: source.clone(),
+        inventory: JsonInventory::of(o),
+        summary: Summary::of(entries.iter().copied()),
+        entries: entries.into_iter().map(JsonEntry::of).collect(),
+    }
+}
+
+fn endpoint(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "-".to_string(), |a| a.to_string())
+}
+
+/// The map and inventory header lines shared by audit and sweep.
+pub fn header(source: &MapSource, o: &Observation) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "map        {} (id {}, {}, {} of {} entries)",
+        source.path,
+        source.id,
+        source.map_type,
+        o.entries.len(),
+        source.max_entries
+    );
+    let mut extra = String::new();
+    if o.procfs_tables > 0 {
+        let _ = write!(
+            extra,
+            ", {} more TCP tables read from /proc/PID/net (namespace file denied)",
+            o.procfs_tables
+        );
+    }
+    if o.namespaces_vanished > 0 {
+        let _ = write!(
+            extra,
+            ", {} vanished during the walk",
+            o.namespaces_vanished
+        );
+    }
+    let _ = writeln!(
+        out,
+        "inventory  {} sockets in {} network namespaces{extra} ({} ms)",
+        o.sockets,
+        o.namespaces_read,
+        o.took.as_millis()
+    );
+    if !o.is_complete() {
+        let _ = writeln!(
+            out,
+            "INCOMPLETE {} namespace(s) could not be read; entries without a found socket are 'unknown', not 'stale':",
+            o.unreadable.len()
+        );
+        for u in &o.unreadable {
+            let _ = writeln!(out, "           {}: {}", u.what, u.error);
+        }
+    }
+    out
+}
+
+/// The table for people.
+pub fn audit_table(source: &MapSource, o: &Observation, filter: &Filter) -> String {
+    let entries = selected(o, filter);
+    let mut out = header(source, o);
+    if !filter.is_empty() {
+        let _ = writeln!(
+            out,
+            "filter     local {} remote {}",
+            ip_or_any(filter.local),
+            ip_or_any(filter.remote)
+        );
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{:<8} {:<6} {:<45} {:<45} REASON",
+        "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE"
+    );
+    for e in &entries {
+        let key = e.key.as_ref().ok();
+        let _ = writeln!(
+            out,
+            "{:<8} {:<6} {:<45} {:<45} {}",
+            e.verdict.label(),
+            key.map_or_else(|| "?".to_string(), |k| k.family.to_string()),
+            endpoint(key.map(|k| k.local)),
+            endpoint(key.map(|k| k.remote)),
+            e.verdict
+        );
+    }
+    let summary = Summary::of(entries.iter().copied());
+    out.push('\n');
+    out.push_str(&summary_lines(&summary));
+    let stale: Vec<&&Judged> = entries.iter().filter(|e| e.verdict.is_stale()).collect();
+    if !stale.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nstale keys (as bpftool takes them; `sockmap-gc sweep` deletes them with guards):"
+        );
+        for e in stale {
+            let _ = writeln!(out, "  {}", e.raw.to_bpftool_hex());
+        }
+    }
+    out
+}
+
+pub fn summary_lines(s: &Summary) -> String {
+    let mut out = format!(
+        "summary    {} entries: {} live, {} stale, {} unknown\n",
+        s.entries, s.live, s.stale, s.unknown
+    );
+    if !s.stale_by_remote_ip.is_empty() {
+        let mut by: Vec<(&String, &usize)> = s.stale_by_remote_ip.iter().collect();
+        by.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        out.push_str("stale by remote IP:\n");
+        for (ip, n) in by {
+            let _ = writeln!(out, "  {ip:<40} {n}");
+        }
+    }
+    out
+}
+
+fn ip_or_any(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "any".to_string(), |ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::{KeyError, RawKey, SockKey};
+    use crate::verdict::{LiveReason, StaleReason, UnknownReason};
+    use std::time::Duration;
+
+    fn judged(local: &str, remote: &str, verdict: Verdict) -> Judged {
+        let key = SockKey::for_socket(local.parse().expect("a"), remote.parse().expect("a"))
+            .expect("family");
+        Judged {
+            raw: key.encode(),
+            key: Ok(key),
+            verdict,
+        }
+    }
+
+    fn observation() -> Observation {
+        Observation {
+            map_id: 7,
+            entries: vec![
+                judged(
+                    "10.0.1.2:8080",
+                    "10.0.1.1:40000",
+                    Verdict::Stale(StaleReason::NoSocket { namespaces: 2 }),
+                ),
+                judged(
+                    "10.0.2.2:8080",
+                    "10.0.1.1:40001",
+                    Verdict::Stale(StaleReason::OnlyTimeWait),
+                ),
+                judged(
+                    "10.0.1.1:40002",
+                    "10.0.1.2:8080",
+                    Verdict::Live(LiveReason::TupleOwned),
+                ),
+                judged(
+                    "[fd00::2]:80",
+                    "[fd00::1]:5000",
+                    Verdict::Stale(StaleReason::NoSocket { namespaces: 2 }),
+                ),
+                Judged {
+                    raw: RawKey([0; 44]),
+                    key: Err(KeyError::Family(0)),
+                    verdict: Verdict::Unknown(UnknownReason::Undecodable(KeyError::Family(0))),
+                },
+            ],
+            namespaces_read: 2,
+            namespaces_vanished: 0,
+            procfs_tables: 0,
+            unreadable: vec![],
+            sockets: 10,
+            took: Duration::from_millis(3),
+        }
+    }
+
+    fn source() -> MapSource {
+        MapSource {
+            path: "/sys/fs/bpf/x".into(),
+            id: 7,
+            map_type: "sockhash".into(),
+            max_entries: 65535,
+        }
+    }
+
+    #[test]
+    fn summary_counts_and_groups_by_remote_ip() {
+        let o = observation();
+        let s = Summary::of(&o.entries);
+        assert_eq!((s.entries, s.live, s.stale, s.unknown), (5, 1, 3, 1));
+        assert_eq!(s.stale_by_remote_ip.get("10.0.1.1"), Some(&2));
+        assert_eq!(s.stale_by_remote_ip.get("fd00::1"), Some(&1));
+    }
+
+    #[test]
+    fn json_follows_the_contract() {
+        let o = observation();
+        let v = serde_json::to_value(audit_json(&source(), &o, &Filter::default()))
+            .expect("serialises");
+        let entries = v["entries"].as_array().expect("entries");
+        assert_eq!(entries.len(), 5);
+        for e in entries {
+            let key = e["key"].as_str().expect("key");
+            assert_eq!(key.len(), 88);
+            assert!(key
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(["live", "stale", "unknown"].contains(&e["verdict"].as_str().expect("v")));
+            assert!(e["reason"].is_string());
+        }
+        assert_eq!(entries[0]["verdict"], "stale");
+        let v6 = entries
+            .iter()
+            .find(|e| e["family"] == "ipv6")
+            .expect("ipv6 entry");
+        assert_eq!(v6["local"], "[fd00::2]:80");
+        assert_eq!(v["summary"]["stale"], 3);
+        assert_eq!(v["summary"]["entries"], 5);
+        assert_eq!(v["inventory"]["complete"], true);
+        let bad = entries
+            .iter()
+            .find(|e| e["verdict"] == "unknown")
+            .expect("bad");
+        assert!(bad["local"].is_null());
+    }
+
+    #[test]
+    fn filter_narrows_entries_and_summary() {
+        let o = observation();
+        let filter = Filter {
+            local: Some("10.0.2.2".parse().expect("ip")),
+            remote: None,
+        };
+        let j = audit_json(&source(), &o, &filter);
+        assert_eq!(j.entries.len(), 1);
+        assert_eq!(j.summary.stale, 1);
+    }
+
+    #[test]
+    fn table_lists_every_entry_and_the_stale_keys() {
+        let o = observation();
+        let t = audit_table(&source(), &o, &Filter::default());
+        assert!(t.contains("10.0.1.2:8080"));
+        assert!(t.contains("summary    5 entries: 1 live, 3 stale, 1 unknown"));
+        assert!(t.contains(&o.entries[0].raw.to_bpftool_hex()));
+        assert!(!t.contains("INCOMPLETE"));
+    }
+
+    #[test]
+    fn incomplete_inventory_is_shouted() {
+        let mut o = observation();
+        o.unreadable.push(crate::audit::Unreadable {
+            what: "pid 42".into(),
+            error: "permission denied".into(),
+        });
+        let t = audit_table(&source(), &o, &Filter::default());
+        assert!(t.contains("INCOMPLETE 1 namespace(s)"));
+        assert!(t.contains("pid 42: permission denied"));
+    }
+}
