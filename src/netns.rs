@@ -155,10 +155,12 @@ pub struct Discovery {
     pub namespaces: Vec<Netns>,
     /// Paths that could not be examined other than because their holder is gone. Each may hide
     /// a namespace, so an inventory built on this discovery is incomplete while this is not
-    /// empty. (Which namespace stands behind an unreadable `/proc/PID/ns/net` cannot be told:
-    /// `readlink` needs the same permission as `stat`, so these are never dropped as
-    /// "probably seen through another pid".)
+    /// empty.
     pub unreadable: Vec<NetnsError>,
+    /// `/proc/PID/ns/net` paths that could not be `stat`ed (ptrace access refused, e.g. a
+    /// process with more capabilities than this one) but whose namespace was recognised as
+    /// one already found, through `/proc/PID/net/`: not a gap in the inventory.
+    pub recognised: Vec<(PathBuf, NetnsId)>,
     /// Files in the namespace directories that are not namespace mounts: leftovers of a runtime
     /// that crashed between `umount` and `unlink`, or a mount this mount namespace does not
     /// see (a container without `rslave` propagation). Skipped; worth a warning.
@@ -193,22 +195,35 @@ fn is_gone(e: &io::Error) -> bool {
 struct Collector {
     check: NsCheck,
     by_id: HashMap<NetnsId, usize>,
+    /// For each namespace, one `/proc` process or thread directory found in it.
+    proc_dir_of: HashMap<NetnsId, PathBuf>,
+    /// Unreadable `/proc` namespace paths: (path, its process or thread directory, error).
+    pending: Vec<(PathBuf, PathBuf, io::Error)>,
     out: Discovery,
 }
 
 impl Collector {
-    /// Records `path`; `label` is computed only when it reaches a namespace not seen before.
-    fn add(&mut self, path: PathBuf, label: impl FnOnce() -> String) {
+    /// Records `path` (in `proc_dir` if it is a process' or thread's); `label` is computed only
+    /// when it reaches a namespace not seen before.
+    fn add(&mut self, path: PathBuf, proc_dir: Option<&Path>, label: impl FnOnce() -> String) {
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if is_gone(&e) => return,
             Err(source) => {
                 tracing::debug!(path = %path.display(), error = %source, "namespace path unreadable");
-                self.out.unreadable.push(NetnsError::Stat { path, source });
+                match proc_dir {
+                    Some(dir) => self.pending.push((path, dir.to_path_buf(), source)),
+                    None => self.out.unreadable.push(NetnsError::Stat { path, source }),
+                }
                 return;
             }
         };
         let id = NetnsId::from_metadata(&meta);
+        if let Some(dir) = proc_dir {
+            self.proc_dir_of
+                .entry(id)
+                .or_insert_with(|| dir.to_path_buf());
+        }
         if let Some(&i) = self.by_id.get(&id) {
             let ns = &mut self.out.namespaces[i];
             if ns.fallbacks.len() < MAX_FALLBACKS && ns.path != path {
@@ -227,6 +242,33 @@ impl Collector {
             fallbacks: Vec::new(),
             label: label(),
         });
+    }
+
+    /// Settles the unreadable `/proc` paths. `stat` and `readlink` of `/proc/PID/ns/net` need
+    /// ptrace access to the process, but `/proc/PID/net/` does not, and the inode of
+    /// `/proc/PID/net/dev` is allocated per network namespace (it is the namespace's own
+    /// `/proc/net/dev` entry). A path whose `net/dev` matches that of a namespace already found
+    /// is in that namespace; any other stays unreadable.
+    fn resolve_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut by_fingerprint: HashMap<(u64, u64), NetnsId> = HashMap::new();
+        for (id, dir) in &self.proc_dir_of {
+            if let Some(fp) = proc_net_fingerprint(dir) {
+                by_fingerprint.insert(fp, *id);
+            }
+        }
+        for (path, dir, source) in std::mem::take(&mut self.pending) {
+            match fs::metadata(dir.join("net/dev")) {
+                Err(e) if is_gone(&e) => {}
+                Ok(m) if by_fingerprint.contains_key(&(m.dev(), m.ino())) => {
+                    let id = by_fingerprint[&(m.dev(), m.ino())];
+                    self.out.recognised.push((path, id));
+                }
+                _ => self.out.unreadable.push(NetnsError::Stat { path, source }),
+            }
+        }
     }
 
     fn is_namespace(&self, path: &Path) -> bool {
@@ -259,6 +301,8 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
     let mut c = Collector {
         check,
         by_id: HashMap::new(),
+        proc_dir_of: HashMap::new(),
+        pending: Vec::new(),
         out: Discovery::default(),
     };
 
@@ -269,7 +313,7 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
-            c.add(entry.path(), || format!("{kind} {name}"));
+            c.add(entry.path(), None, || format!("{kind} {name}"));
         }
     }
 
@@ -279,7 +323,7 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
         Ok(text) => {
             for mount_point in nsfs_net_mounts(&text) {
                 let label = format!("nsfs mount {}", mount_point.display());
-                c.add(mount_point, || label);
+                c.add(mount_point, None, || label);
             }
         }
         Err(e) if is_gone(&e) => {}
@@ -289,7 +333,10 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
         }),
     }
 
-    c.add(proc_dir.join("self/ns/net"), || "this process".to_string());
+    let self_dir = proc_dir.join("self");
+    c.add(self_dir.join("ns/net"), Some(&self_dir), || {
+        "this process".to_string()
+    });
 
     let entries = fs::read_dir(&proc_dir).map_err(|source| NetnsError::ListDir {
         path: proc_dir.clone(),
@@ -302,7 +349,7 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
     pids.sort_unstable();
     for pid in pids {
         let pid_dir = proc_dir.join(pid.to_string());
-        c.add(pid_dir.join("ns/net"), || {
+        c.add(pid_dir.join("ns/net"), Some(&pid_dir), || {
             format!("pid {pid}{}", comm_suffix(&pid_dir))
         });
         let task_dir = pid_dir.join("task");
@@ -319,12 +366,21 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
         tids.sort_unstable();
         for tid in tids {
             let tid_dir = task_dir.join(tid.to_string());
-            c.add(tid_dir.join("ns/net"), || {
+            c.add(tid_dir.join("ns/net"), Some(&tid_dir), || {
                 format!("pid {pid} tid {tid}{}", comm_suffix(&tid_dir))
             });
         }
     }
+    c.resolve_pending();
     Ok(c.out)
+}
+
+/// `(st_dev, st_ino)` of a process' or thread's `net/dev`: the same for every process in one
+/// network namespace, different across namespaces.
+fn proc_net_fingerprint(dir: &Path) -> Option<(u64, u64)> {
+    fs::metadata(dir.join("net/dev"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// ` (comm)` of a process or thread directory, or nothing if it cannot be read.
@@ -517,10 +573,34 @@ mod tests {
         std::os::unix::fs::symlink(root.0.join("nowhere"), root.0.join("proc/5/ns/net")).unwrap();
         fs::create_dir_all(root.0.join("proc/6/ns")).unwrap();
         std::os::unix::fs::symlink("net", root.0.join("proc/6/ns/net")).unwrap();
+        root.file("proc/6/net/dev", ""); // alive, in a namespace seen nowhere else
         let d = fake_discover(&root);
         assert!(d.namespaces.is_empty());
         assert_eq!(d.unreadable.len(), 1);
         assert_eq!(d.unreadable[0].path(), root.0.join("proc/6/ns/net"));
+    }
+
+    #[test]
+    fn unreadable_pid_in_a_known_namespace_is_recognised() {
+        let root = FakeRoot::new("recognise");
+        root.file("proc/1/ns/net", "");
+        let net_dev = root.file("proc/1/net/dev", "");
+        // pid 2 cannot be stat'ed (a symlink loop stands in for EACCES) but shares pid 1's
+        // /proc/PID/net; pid 3 cannot be stat'ed and is elsewhere.
+        for pid in ["2", "3"] {
+            fs::create_dir_all(root.0.join(format!("proc/{pid}/ns"))).unwrap();
+            std::os::unix::fs::symlink("net", root.0.join(format!("proc/{pid}/ns/net"))).unwrap();
+        }
+        root.link(&net_dev, "proc/2/net/dev");
+        root.file("proc/3/net/dev", "");
+        let d = fake_discover(&root);
+        assert_eq!(d.namespaces.len(), 1);
+        assert_eq!(
+            d.recognised,
+            vec![(root.0.join("proc/2/ns/net"), d.namespaces[0].id)]
+        );
+        assert_eq!(d.unreadable.len(), 1);
+        assert_eq!(d.unreadable[0].path(), root.0.join("proc/3/ns/net"));
     }
 
     #[test]
