@@ -1,21 +1,28 @@
 //! The command line: flags turned into validated settings once, and each subcommand's run.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::audit::{self, Filter};
+use crate::guard::GuardSettings;
 use crate::key::{self, SockKey};
 use crate::map::{Access, SockMap};
 use crate::report::{self, MapSource};
+use crate::sweep::{self, SweepSettings, Trail};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success; for audit: no stale entry
-  1  audit: stale entries found
+  0  success; audit: no stale entry; sweep: no stale entry left behind
+  1  audit: stale entries found; sweep: stale entries left (dry run, a guard, or a stop)
   2  error (bad input, map not found or not Cilium's, not root)";
 
 #[derive(Debug, Parser)]
@@ -42,6 +49,9 @@ pub enum Command {
     /// Judge every entry of the map live, stale or unknown; changes nothing, ever
     #[command(after_help = EXIT_CODES)]
     Audit(AuditArgs),
+    /// Delete stale entries behind guards; a dry run unless --execute is given
+    #[command(after_help = EXIT_CODES)]
+    Sweep(SweepArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +102,61 @@ pub struct AuditArgs {
     pub output: Output,
 }
 
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub map: MapArgs,
+    /// Delete for real; without it the sweep only says what it would delete
+    #[arg(long)]
+    pub execute: bool,
+    /// Deletions per second; 0 for no limit
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// At most this many deletions in this sweep
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_deletes: usize,
+    /// Delete only entries judged stale in two observations at least this far apart
+    /// (`0s` allowed)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub confirm_after: Duration,
+    /// Append one JSON line per deletion to this file (the post-mortem trail)
+    #[arg(long, value_name = "PATH")]
+    pub trail: Option<PathBuf>,
+    /// Only entries whose held socket's local IP is this (a pod IP, say)
+    #[arg(long, value_name = "IP")]
+    pub local: Option<IpAddr>,
+    /// Only entries whose held socket's remote IP is this (a node IP, say)
+    #[arg(long, value_name = "IP")]
+    pub remote: Option<IpAddr>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+impl SweepArgs {
+    /// The validated settings this sweep runs with.
+    fn settings(&self, gateways: Vec<IpAddr>) -> SweepSettings {
+        SweepSettings {
+            guards: GuardSettings {
+                dry_run: !self.execute,
+                rate_limit: NonZeroU32::new(self.rate_limit),
+                max_deletes: self.max_deletes,
+                confirm_after: self.confirm_after,
+                ..GuardSettings::default()
+            },
+            filter: Filter {
+                local: self.local,
+                remote: self.remote,
+            },
+            gateways,
+            proc_root: self.map.root.clone(),
+            recheck_max_age: RECHECK_MAX_AGE,
+        }
+    }
+}
+
+/// How old the inventory behind a delete's re-check may be.
+const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// How a successful run ended, as the process exit code says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -112,6 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Decode(args) => decode(args),
         Command::Audit(args) => audit(args),
+        Command::Sweep(args) => sweep(args),
     }
 }
 
@@ -197,6 +263,82 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Clean
     })
+}
+
+fn sweep(args: SweepArgs) -> anyhow::Result<Outcome> {
+    let access = if args.execute {
+        Access::ReadWrite
+    } else {
+        Access::ReadOnly
+    };
+    let map = SockMap::open_default(args.map.map.as_deref(), access)?;
+    let settings = args.settings(gateways(&args.map));
+    let mut trail = args.trail.as_deref().map(Trail::open).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // A second signal while stopping ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 2, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    let mut display = ProgressDisplay::new();
+    let report = sweep::sweep(&map, &settings, &stop, trail.as_mut(), &mut |p| {
+        display.update(p)
+    })?;
+    display.finish();
+    let source = map_source(&map);
+    let text = match args.output {
+        Output::Text => report::sweep_text(&source, &report),
+        Output::Json => serde_json::to_string_pretty(&report::sweep_json(&source, &report))? + "\n",
+    };
+    write_stdout(&text)?;
+    Ok(if report.left_behind() == 0 {
+        Outcome::Clean
+    } else {
+        Outcome::StaleFound
+    })
+}
+
+/// A progress bar on a terminal; otherwise a plain line every few seconds.
+struct ProgressDisplay {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Instant,
+}
+
+impl ProgressDisplay {
+    const LINE_EVERY: Duration = Duration::from_secs(5);
+
+    fn new() -> ProgressDisplay {
+        ProgressDisplay {
+            bar: None,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, p: sweep::Progress) {
+        if io::stderr().is_terminal() {
+            let bar = self.bar.get_or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(p.total as u64);
+                if let Ok(style) = indicatif::ProgressStyle::with_template(
+                    "deleting {bar:40} {pos}/{len} ({per_sec}, {eta} left)",
+                ) {
+                    bar.set_style(style);
+                }
+                bar
+            });
+            bar.set_position(p.done as u64);
+        } else if self.last_line.elapsed() >= Self::LINE_EVERY || p.done == p.total {
+            self.last_line = Instant::now();
+            eprintln!("sockmap-gc: deleted {} of {}", p.done, p.total);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn gateways(args: &MapArgs) -> Vec<IpAddr> {

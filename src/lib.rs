@@ -14,4 +14,5 @@ pub mod map;
 pub mod netns;
 pub mod procnet;
 pub mod report;
+pub mod sweep;
 pub mod verdict;

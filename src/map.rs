@@ -258,6 +258,8 @@ fn diagnose_open(path: &Path, flags: u32) -> MapError {
 fn on_bpffs(path: &Path) -> bool {
     // BPF_FS_MAGIC from include/uapi/linux/magic.h.
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    // The field's type differs between architectures, hence the cast.
+    #[allow(clippy::unnecessary_cast)]
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
         .unwrap_or(true)
