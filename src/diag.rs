@@ -273,6 +273,9 @@ pub fn inventory_node(root: &Path) -> Result<Inventory, NetnsError> {
     for path in &discovery.not_namespaces {
         tracing::warn!(path = %path.display(), "not a network namespace mount; skipped");
     }
+    for (path, id) in &discovery.recognised {
+        tracing::debug!(path = %path.display(), netns = %id, "namespace file denied; its namespace is read through another path");
+    }
     let mut inv = inventory(&discovery.namespaces);
     inv.unreadable = discovery.unreadable;
     Ok(inv)
@@ -422,6 +425,10 @@ fn is_gone(e: &io::Error) -> bool {
 fn dump_into(netns: NetnsId, buf: &mut [u8], out: &mut Vec<LiveSocket>) -> Result<(), DiagError> {
     // Created after any setns: a netlink socket belongs to the namespace it was created in.
     let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
+    // Connected to the kernel (port 0), the socket accepts datagrams from the kernel only.
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(DiagError::Socket)?;
     set_recv_timeout(&socket, RECV_TIMEOUT).map_err(DiagError::Socket)?;
     let mut seq = 0u32;
     for family in [AF_INET, AF_INET6] {
@@ -523,18 +530,16 @@ fn dump_family(
     out: &mut Vec<LiveSocket>,
 ) -> Result<DumpEnd, DiagError> {
     let request = dump_request(family, seq);
-    // Port 0 addresses the kernel; the socket is bound automatically on send.
-    socket
-        .send_to(&request, &netlink_sys::SocketAddr::new(0, 0), 0)
-        .map_err(DiagError::Send)?;
+    socket.send(&request, 0).map_err(DiagError::Send)?;
     let mut parser = DumpParser::new(family, seq, netns);
     for _ in 0..MAX_DATAGRAMS_PER_DUMP {
-        let len = socket
-            .recv(&mut &mut buf[..], libc::MSG_TRUNC)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EAGAIN) => DiagError::Timeout,
-                _ => DiagError::Recv(e),
-            })?;
+        // MSG_TRUNC: the return value is the datagram's real length even if it did not fit.
+        let len = match socket.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(DiagError::Timeout),
+            Err(e) => return Err(DiagError::Recv(e)),
+        };
         if len > buf.len() {
             return Err(DiagError::Truncated {
                 detail: format!("datagram of {len} bytes, buffer of {}", buf.len()),
@@ -979,6 +984,29 @@ mod tests {
         let p = msg.payload();
         assert_eq!((p[0], p[1]), (AF_INET6, IPPROTO_TCP));
         assert_eq!(&p[4..8], &u32::MAX.to_ne_bytes());
+    }
+
+    #[test]
+    fn inventory_of_nothing_is_complete() {
+        let inv = inventory(&[]);
+        assert!(inv.is_complete());
+        assert_eq!(
+            (inv.read, inv.sockets.len(), inv.unreadable_count()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_namespace_no_path_reaches_has_vanished() {
+        let gone = Netns {
+            id: NETNS,
+            path: PathBuf::from("/proc/0/ns/net"),
+            fallbacks: vec![PathBuf::from("/nonexistent/smgc/netns")],
+            label: "gone".into(),
+        };
+        let inv = inventory(std::slice::from_ref(&gone));
+        assert_eq!(inv.vanished, vec![gone]);
+        assert!(inv.is_complete());
     }
 
     #[test]

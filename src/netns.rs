@@ -15,6 +15,11 @@
 //! [`Netns::path`]; a few other paths are kept as [`Netns::fallbacks`] in case a process exits
 //! before the namespace is read.
 //!
+//! A `/proc/PID/ns/net` that cannot be `stat`ed (ptrace access refused: a process holding
+//! capabilities this one lacks) is matched to an already found namespace through
+//! `/proc/PID/net/dev`, whose inode is per namespace and needs no ptrace access; only
+//! unmatched ones are reported as unreadable, since they may hide a namespace.
+//!
 //! Not found: namespaces held only by an open file descriptor or a socket, with no process,
 //! thread or mount in them. Reaching those would mean walking every fd of every process.
 
