@@ -1,0 +1,89 @@
+//! Planting stale entries from userspace: `BPF_MAP_UPDATE_ELEM` with an fd of a live TCP
+//! socket the lab holds, under a key no live socket of that tuple owns.
+//!
+//! The held sockets are loopback pairs made inside the lab's node netns by a helper thread:
+//! the test process is not in the lab cgroup, so sock_ops never files them itself. A socket can
+//! join a map with an sk_msg program only once (EBUSY), so each key takes its own socket; both
+//! ends of a pair serve.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use anyhow::{anyhow, Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use nix::sched::CloneFlags;
+use sockmap_gc::key::SockKey;
+
+pub(crate) struct Planter {
+    netns: PathBuf,
+    spare: Vec<TcpStream>,
+    planted: Vec<(SockKey, TcpStream)>,
+}
+
+impl Planter {
+    pub(crate) fn new(netns: &Path) -> Planter {
+        Planter {
+            netns: netns.to_path_buf(),
+            spare: Vec::new(),
+            planted: Vec::new(),
+        }
+    }
+
+    fn socket(&mut self) -> Result<TcpStream> {
+        if self.spare.is_empty() {
+            let (a, b) = loopback_pair(&self.netns)?;
+            self.spare.push(a);
+            self.spare.push(b);
+        }
+        self.spare
+            .pop()
+            .ok_or_else(|| anyhow!("no spare socket after making a pair"))
+    }
+
+    /// Files a held socket under `key`; fails if the key is taken (BPF_NOEXIST: a plant never
+    /// evicts a live entry).
+    pub(crate) fn plant(&mut self, map: &MapHandle, key: SockKey) -> Result<()> {
+        let sock = self.socket()?;
+        let fd = u32::try_from(sock.as_raw_fd()).context("negative fd")?;
+        match map.update(&key.encode().0, &fd.to_ne_bytes(), MapFlags::NO_EXIST) {
+            Ok(()) => {
+                self.planted.push((key, sock));
+                Ok(())
+            }
+            Err(e) => {
+                self.spare.push(sock);
+                Err(anyhow!("planting {key}: {e}"))
+            }
+        }
+    }
+
+    pub(crate) fn planted(&self) -> Vec<SockKey> {
+        self.planted.iter().map(|(k, _)| *k).collect()
+    }
+
+    /// Closes every held socket; the kernel drops their entries with the last fd.
+    pub(crate) fn clear(&mut self) {
+        self.planted.clear();
+        self.spare.clear();
+    }
+}
+
+/// An established 127.0.0.1 pair inside `netns`, made on a short-lived thread that joins the
+/// namespace (setns affects only the calling thread).
+fn loopback_pair(netns: &Path) -> Result<(TcpStream, TcpStream)> {
+    let netns = netns.to_path_buf();
+    thread::spawn(move || -> Result<(TcpStream, TcpStream)> {
+        let ns = File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", netns.display()))?;
+        let listener = TcpListener::bind("127.0.0.1:0").context("loopback listener")?;
+        let client = TcpStream::connect(listener.local_addr()?).context("loopback connect")?;
+        let (server, _) = listener.accept().context("loopback accept")?;
+        Ok((client, server))
+    })
+    .join()
+    .map_err(|_| anyhow!("loopback pair thread panicked"))?
+}

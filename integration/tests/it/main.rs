@@ -1,0 +1,4 @@
+//! Integration tests on the real kernel (run as root): one test binary, one module per area.
+
+mod inventory;
+mod lab;
