@@ -16,7 +16,7 @@ pub mod peer;
 mod plant;
 pub mod sys;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -151,6 +151,7 @@ pub struct Lab {
     pods: usize,
     net_a: u8,
     net_b: u8,
+    ipv6: bool,
     planter: Mutex<plant::Planter>,
     map: MapHandle,
     // Torn down explicitly in Drop, in this order.
@@ -229,6 +230,7 @@ impl Lab {
             pods: config.pods,
             net_a,
             net_b,
+            ipv6: config.ipv6,
             planter,
             map,
             programs: Some(programs),
@@ -303,6 +305,23 @@ impl Lab {
         Ipv4Addr::new(10, self.net_a, self.net_b.wrapping_add(pod as u8), 1)
     }
 
+    /// The pod's IPv6 address (only with [`LabConfig::ipv6`]).
+    pub fn pod_ip6(&self, pod: usize) -> Option<Ipv6Addr> {
+        self.ip6(pod, 2)
+    }
+
+    /// The node's IPv6 address on the link to `pod` (only with [`LabConfig::ipv6`]).
+    pub fn node_ip6(&self, pod: usize) -> Option<Ipv6Addr> {
+        self.ip6(pod, 1)
+    }
+
+    fn ip6(&self, pod: usize, host: u16) -> Option<Ipv6Addr> {
+        self.ipv6.then(|| {
+            let b = u16::from(self.net_b) + pod as u16;
+            Ipv6Addr::new(0xfd00, u16::from(self.net_a), b, 0, 0, 0, 0, host)
+        })
+    }
+
     fn netns_of(&self, place: Place) -> Result<PathBuf> {
         match place {
             Place::Node => Ok(self.node_netns_path()),
@@ -323,11 +342,33 @@ impl Lab {
     /// Starts an echo server on `pod`:`port`; with `keep_reset_fds` it keeps sockets of
     /// connections reset by the client open (the busy app that leaves stale entries).
     pub fn start_server(&self, pod: usize, port: u16, keep_reset_fds: bool) -> Result<Server> {
+        self.start_server_on(pod, Ipv4Addr::UNSPECIFIED.into(), port, keep_reset_fds)
+    }
+
+    /// Like [`Lab::start_server`], listening on `bind` (e.g. `::` for IPv6, which on Linux
+    /// also takes IPv4 as mapped addresses: those sockets are AF_INET6 to sock_ops).
+    pub fn start_server_on(
+        &self,
+        pod: usize,
+        bind: IpAddr,
+        port: u16,
+        keep_reset_fds: bool,
+    ) -> Result<Server> {
+        let addr = match bind {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(self.pod_ip(pod)),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(
+                self.pod_ip6(pod)
+                    .context("IPv6 server in a lab built without ipv6")?,
+            ),
+            other => other,
+        };
         let mut args = vec![
             "peer".to_string(),
             "server".into(),
             "--port".into(),
             port.to_string(),
+            "--bind".into(),
+            bind.to_string(),
         ];
         if keep_reset_fds {
             args.push("--keep-reset-fds".into());
@@ -342,7 +383,7 @@ impl Lab {
         }
         Ok(Server {
             proc,
-            addr: SocketAddr::new(self.pod_ip(pod).into(), port),
+            addr: SocketAddr::new(addr, port),
         })
     }
 
@@ -440,3 +481,9 @@ impl Drop for Lab {
         }
     }
 }
+
+// Tests share one lab across threads (`std::thread::scope`); keep that possible.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Lab>();
+};

@@ -50,18 +50,25 @@ fn server_end_key(server: SocketAddr, client: SocketAddr) -> SockKey {
     SockKey::for_socket(server, client).expect("one family")
 }
 
+/// Says so on the real stderr: libtest captures `println!` of passing tests, and this line is
+/// the evidence in CI logs that the hang really happened on this kernel.
+fn evidence(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn expect_hang(lab: &Lab, target: SocketAddr, port: u16) {
     let started = Instant::now();
     let outcome = lab.request_from(target, port, HANG).expect("client runs");
     match outcome {
         Outcome::NoReply { local, waited } => {
             assert_eq!(local.port(), port);
-            println!(
+            evidence(&format!(
                 "hang reproduced on the real kernel: request from port {port} timed out after {:.1}s \
                  (handshake done, reply never came; {:.1}s wall)",
                 waited.as_secs_f64(),
                 started.elapsed().as_secs_f64()
-            );
+            ));
         }
         other => panic!("request from port {port} should hang, got: {other}"),
     }
@@ -318,9 +325,55 @@ fn incident_command_reproduces_and_cures_the_hang() {
     );
     assert!(stdout.contains("hangs after the handshake"), "{stdout}");
     assert!(stdout.contains("works again"), "{stdout}");
-    println!(
+    evidence(&format!(
         "incident command reproduced and cured the hang in {:.1}s",
         started.elapsed().as_secs_f64()
-    );
+    ));
+    assert_gone(id);
+}
+
+#[test]
+fn ipv6_connections_are_filed_and_go_stale_when_the_lab_opts_in() {
+    let id = "it-v6";
+    {
+        let mut config = sockmap_gc_lab::LabConfig::new(id, 1, PEER);
+        config.ipv6 = true;
+        let lab =
+            Lab::with_config(config).unwrap_or_else(|e| panic!("cannot build lab {id}: {e:#}"));
+        let pod6 = lab.pod_ip6(0).expect("ipv6 lab");
+        let node6 = lab.node_ip6(0).expect("ipv6 lab");
+        let server = lab
+            .start_server_on(0, pod6.into(), 8080, true)
+            .expect("ipv6 server");
+        let target = server.addr();
+        assert_eq!(target, SocketAddr::new(pod6.into(), 8080));
+
+        let held = lab
+            .hold(&ClientOpts::to(target).from_port(44000))
+            .expect("hold an ipv6 connection");
+        let client_key = held.client_keys()[0];
+        assert_eq!(client_key.family, Family::Ipv6);
+        assert_eq!(client_key.local, SocketAddr::new(node6.into(), 44000));
+        assert!(lab.wait_key(&client_key, true, Duration::from_secs(2)));
+        assert!(lab.wait_key(&client_key.peer(), true, Duration::from_secs(2)));
+        held.release().expect("graceful close");
+        assert!(lab.wait_key(&client_key.peer(), false, Duration::from_secs(2)));
+
+        let reset = lab
+            .request(
+                &ClientOpts::to(target)
+                    .from_port(44001)
+                    .timeout(HANG)
+                    .reset(true),
+            )
+            .expect("client runs");
+        assert!(reset.is_replied(), "{reset}");
+        let stale = server_end_key(target, SocketAddr::new(node6.into(), 44001));
+        assert!(lab.wait_key(&stale, true, Duration::from_secs(1)));
+        expect_hang(&lab, target, 44001);
+        expect_reply(&lab, target, 44002);
+        lab.delete_key(&stale).expect("delete");
+        expect_reply(&lab, target, 44001);
+    }
     assert_gone(id);
 }
