@@ -44,6 +44,8 @@ pub struct LabConfig {
     pub peer_bin: PathBuf,
     /// Also file IPv6 sockets (Cilium v1.11 does not; off by default).
     pub ipv6: bool,
+    /// Every peer process exits after this long whatever happens (bounds a leaked peer).
+    pub peer_max_life: Duration,
 }
 
 impl LabConfig {
@@ -53,6 +55,7 @@ impl LabConfig {
             pods,
             peer_bin: peer_bin.into(),
             ipv6: false,
+            peer_max_life: Duration::from_secs(600),
         }
     }
 }
@@ -152,6 +155,7 @@ pub struct Lab {
     net_a: u8,
     net_b: u8,
     ipv6: bool,
+    peer_max_life: Duration,
     planter: Mutex<plant::Planter>,
     map: MapHandle,
     // Torn down explicitly in Drop, in this order.
@@ -231,6 +235,7 @@ impl Lab {
             net_a,
             net_b,
             ipv6: config.ipv6,
+            peer_max_life: config.peer_max_life,
             planter,
             map,
             programs: Some(programs),
@@ -336,7 +341,10 @@ impl Lab {
             .as_ref()
             .context("lab is being torn down")?
             .procs_for_join()?;
-        peer::PeerProc::spawn(&self.peer_bin, &self.netns_of(place)?, cgroup, args)
+        let mut args = args.to_vec();
+        args.push("--max-life".into());
+        args.push(peer::child::format_duration(self.peer_max_life));
+        peer::PeerProc::spawn(&self.peer_bin, &self.netns_of(place)?, cgroup, &args)
     }
 
     /// Starts an echo server on `pod`:`port`; with `keep_reset_fds` it keeps sockets of

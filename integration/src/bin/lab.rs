@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::peer::child::{self, ClientArgs, ServerArgs};
-use sockmap_gc_lab::{map, ClientOpts, Lab, Outcome};
+use sockmap_gc_lab::{map, ClientOpts, Lab, LabConfig, Outcome};
 
 #[derive(Parser)]
 #[command(
@@ -194,7 +194,12 @@ fn incident(a: &IncidentArgs) -> Result<()> {
     let t = a.timeout;
 
     step("1", "build the lab");
-    let lab = Lab::new(&a.id, 1, peer_bin)?;
+    let mut config = LabConfig::new(&a.id, 1, peer_bin);
+    if a.keep {
+        // Kept labs wait for Ctrl-C; the busy server must outlive an operator's session.
+        config.peer_max_life = Duration::from_secs(7 * 24 * 3600);
+    }
+    let lab = Lab::with_config(config)?;
     let pod = lab.pod_ip(0);
     let node = lab.node_ip(0);
     println!(
@@ -221,7 +226,10 @@ fn incident(a: &IncidentArgs) -> Result<()> {
     )?;
     interrupted()?;
     let held = lab.hold(&ClientOpts::to(target).from_port(40002).timeout(t))?;
-    let client_key = held.client_keys()[0];
+    let client_key = *held
+        .client_keys()
+        .first()
+        .context("the holding client reported no connection")?;
     lab.wait_key(&client_key.peer(), true, Duration::from_secs(2));
     show_keys(&lab)?;
     expect(

@@ -41,10 +41,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let value: f64 = num
         .parse()
         .map_err(|_| format!("'{text}' is not a duration like 1.5s or 1500ms"))?;
-    if !(0.0..=86_400.0).contains(&value) {
-        return Err(format!("duration '{text}' out of range"));
+    let secs = value * scale;
+    if !(0.0..=31.0 * 86_400.0).contains(&secs) {
+        return Err(format!("duration '{text}' out of range (at most 31 days)"));
     }
-    Ok(Duration::from_secs_f64(value * scale))
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Formats a duration the way `parse_duration` reads it back.
@@ -393,4 +394,21 @@ fn hold(args: &ClientArgs) -> i32 {
         }
     }
     exit::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        let week = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(parse_duration(&format_duration(week)), Ok(week));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("40d").is_err());
+    }
 }
