@@ -1,4 +1,6 @@
 //! Integration tests on the real kernel (run as root): one test binary, one module per area.
 
+mod audit;
 mod inventory;
 mod lab;
+mod support;

@@ -1,0 +1,318 @@
+//! `sockmap-gc audit` end to end on the real kernel: verdicts, namespace churn, bad maps,
+//! L7-proxy entries.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use libbpf_rs::{MapHandle, MapType};
+use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::{ClientOpts, LabConfig};
+
+use crate::support::{self, hex, lab, live_keys, natural_stale, run, verdicts};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+#[test]
+fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
+    let lab = support::lab_with(LabConfig::new("aud-mix", 3, support::PEER));
+    let servers: Vec<_> = (0..3)
+        .map(|pod| lab.start_server(pod, 8080, pod == 0).expect("server"))
+        .collect();
+    let held: Vec<_> = servers
+        .iter()
+        .map(|s| lab.hold(&ClientOpts::to(s.addr()).count(2)).expect("hold"))
+        .collect();
+    let live = live_keys(&lab, &held.iter().collect::<Vec<_>>());
+    assert_eq!(
+        live.len(),
+        12,
+        "two connections to each of three pods, two ends each"
+    );
+
+    let mut stale = HashSet::new();
+    stale.insert(natural_stale(
+        &lab,
+        servers[0].addr(),
+        sa(lab.node_ip(0), 42000),
+    ));
+    for port in 40000..40003 {
+        let k = SockKey::for_socket(servers[1].addr(), sa(lab.node_ip(1), port)).expect("v4");
+        lab.plant(k).expect("plant ipv4");
+        stale.insert(k);
+    }
+    for port in 50000..50002 {
+        let k = SockKey::for_socket(
+            "[fd00:5a5a::2]:8080".parse().expect("addr"),
+            SocketAddr::new("fd00:5a5a::1".parse().expect("ip"), port),
+        )
+        .expect("v6");
+        lab.plant(k).expect("plant ipv6");
+        stale.insert(k);
+    }
+
+    let path = lab.map_path();
+    let out = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(
+        out.code, 1,
+        "stale entries found means exit 1; stderr: {}",
+        out.stderr
+    );
+    let json = out.json();
+    assert_eq!(json["inventory"]["complete"], true, "{}", out.stdout);
+    let got = verdicts(&json["entries"]);
+    let in_map: HashSet<String> = lab.raw_keys().iter().map(|k| k.to_hex()).collect();
+    let reported: HashSet<String> = got.iter().map(|(k, _, _)| k.clone()).collect();
+    assert_eq!(
+        reported, in_map,
+        "every entry of the map is in the output, once"
+    );
+    assert_eq!(got.len(), in_map.len());
+    for k in &live {
+        let v = got
+            .iter()
+            .find(|(h, _, _)| *h == hex(k))
+            .expect("live key reported");
+        assert_eq!(v.1, "live", "{k}: {v:?}");
+    }
+    for k in &stale {
+        let v = got
+            .iter()
+            .find(|(h, _, _)| *h == hex(k))
+            .expect("stale key reported");
+        assert_eq!(v.1, "stale", "{k}: {v:?}");
+    }
+    assert_eq!(json["summary"]["stale"], 6);
+    assert_eq!(json["summary"]["live"], 12);
+    let v6 = json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["family"] == "ipv6")
+        .expect("an ipv6 entry");
+    assert_eq!(v6["local"], "[fd00:5a5a::2]:8080");
+
+    let table = run(&["audit", "--map", path.to_str().expect("utf-8")]);
+    assert_eq!(table.code, 1);
+    support::evidence(&format!(
+        "audit of lab aud-mix on the real kernel:\n{}",
+        table.stdout
+    ));
+    assert!(
+        table
+            .stdout
+            .contains("summary    18 entries: 12 live, 6 stale, 0 unknown"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table
+            .stdout
+            .contains(&format!("  {:<40} 3", lab.node_ip(1))),
+        "grouped by remote IP: {}",
+        table.stdout
+    );
+
+    let filtered = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+        "--local",
+        &servers[1].addr().ip().to_string(),
+    ]);
+    let f = filtered.json();
+    assert_eq!(f["summary"]["stale"], 3, "only pod 1's planted entries");
+    drop(held);
+}
+
+/// Removes the churn namespaces on drop, also when the test fails.
+struct ChurnNamespaces {
+    prefix: &'static str,
+    count: usize,
+}
+
+impl Drop for ChurnNamespaces {
+    fn drop(&mut self) {
+        for i in 0..self.count {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &format!("{}{i}", self.prefix)])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn audit_is_not_failed_by_namespaces_coming_and_going() {
+    let lab = lab("aud-churn", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
+    lab.plant(stale).expect("plant");
+    let path = lab.map_path();
+    let guard = ChurnNamespaces {
+        prefix: "smgc-aud-churn-",
+        count: 4,
+    };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let name = format!("{}{}", guard.prefix, i % guard.count);
+                let _ = Command::new("ip").args(["netns", "add", &name]).output();
+                // A process in a namespace of its own, gone a moment later.
+                let _ = Command::new("unshare")
+                    .args(["--net", "sleep", "0.05"])
+                    .output();
+                let _ = Command::new("ip").args(["netns", "del", &name]).output();
+                i += 1;
+            }
+        });
+        for round in 0..5 {
+            let out = run(&[
+                "audit",
+                "--map",
+                path.to_str().expect("utf-8"),
+                "--output",
+                "json",
+            ]);
+            assert_eq!(out.code, 1, "round {round}: {}", out.stderr);
+            let json = out.json();
+            assert_eq!(
+                json["inventory"]["complete"], true,
+                "round {round}: {}",
+                out.stdout
+            );
+            let got = verdicts(&json["entries"]);
+            assert_eq!(got, vec![(hex(&stale), "stale".into(), "no-socket".into())]);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+}
+
+/// A pin directory of this test's own, removed on drop.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pinned(dir: &Path, name: &str, ty: MapType, key_size: u32) -> PathBuf {
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as libbpf_sys::size_t,
+        ..Default::default()
+    };
+    let mut map = MapHandle::create(ty, Some(name), key_size, 4, 16, &opts).expect("create map");
+    let path = dir.join(name);
+    map.pin(&path).expect("pin map");
+    path
+}
+
+fn assert_one_line_error(args: &[&str], needles: &[&str]) {
+    let out = run(args);
+    assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+    let err = out.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {err:?} lacks {n:?}");
+    }
+}
+
+#[test]
+fn audit_refuses_what_is_not_ciliums_map_in_one_line() {
+    sockmap_gc_lab::sys::ensure_bpffs().expect("bpffs");
+    let dir = PinDir(PathBuf::from("/sys/fs/bpf/smgc-aud-bad"));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).expect("pin dir");
+    let hash = pinned(&dir.0, "hash", MapType::Hash, 8);
+    let short = pinned(&dir.0, "short", MapType::Sockhash, 16);
+    let missing = dir.0.join("missing");
+    let file = std::env::temp_dir().join("smgc-aud-bad-file");
+    std::fs::write(&file, b"not a map").expect("temp file");
+    let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+
+    assert_one_line_error(&["audit", "--map", &s(&missing)], &[&s(&missing), "--map"]);
+    assert_one_line_error(
+        &["audit", "--map", &s(&hash)],
+        &[&s(&hash), "Hash", "8-byte", "44-byte"],
+    );
+    assert_one_line_error(&["audit", "--map", &s(&short)], &[&s(&short), "16-byte"]);
+    assert_one_line_error(
+        &["audit", "--map", &s(&file)],
+        &[&s(&file), "not on the BPF filesystem"],
+    );
+    assert_one_line_error(&["audit", "--map", &s(&dir.0)], &[&s(&dir.0), "directory"]);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn audit_judges_l7_proxy_entries_live_or_unknown_never_stale() {
+    let lab = lab("aud-proxy", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).from_port(43000))
+        .expect("hold");
+    let live = live_keys(&lab, &[&held]);
+    let gateway: IpAddr = "169.254.42.1".parse().expect("ip");
+    // Cilium files a proxied socket under A = gateway:proxy port, B = the socket's local end.
+    let owned = SockKey::for_socket(sa(lab.node_ip(0), 43000), sa(gateway, 15001)).expect("v4");
+    let orphan = SockKey::for_socket(sa(lab.node_ip(0), 43999), sa(gateway, 15001)).expect("v4");
+    lab.plant(owned).expect("plant");
+    lab.plant(orphan).expect("plant");
+    let path = lab.map_path();
+
+    let out = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+        "--gateway",
+        &gateway.to_string(),
+    ]);
+    assert_eq!(out.code, 0, "no stale entry: {}", out.stdout);
+    let got = verdicts(&out.json()["entries"]);
+    let of = |k: &SockKey| {
+        got.iter()
+            .find(|(h, _, _)| *h == hex(k))
+            .cloned()
+            .expect("reported")
+    };
+    assert_eq!(of(&owned).2, "proxy-local-end-owned");
+    assert_eq!(of(&orphan).1, "unknown");
+    assert_eq!(of(&orphan).2, "proxy-local-end-not-found");
+    for k in &live {
+        assert_eq!(of(k).1, "live");
+    }
+
+    // Without the gateway known, tuple evidence alone would call both stale.
+    let blind = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+    ]);
+    assert_eq!(blind.code, 1);
+    assert_eq!(blind.json()["summary"]["stale"], 2);
+    assert!(
+        blind.stderr.contains("--gateway"),
+        "warns: {}",
+        blind.stderr
+    );
+}

@@ -1,0 +1,146 @@
+//! Shared by the product's end-to-end tests: building labs, running the `sockmap-gc` binary,
+//! and the lab recipes the tests repeat (held connections, natural stale entries).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::{ClientOpts, Lab, LabConfig};
+
+pub const PEER: &str = env!("CARGO_BIN_EXE_sockmap-gc-lab");
+pub const HANG: Duration = Duration::from_millis(1500);
+
+/// Builds a lab or fails loudly: these tests need root and BPF; they never skip.
+pub fn lab_with(config: LabConfig) -> Lab {
+    let id = config.id.clone();
+    Lab::with_config(config).unwrap_or_else(|e| {
+        panic!(
+            "cannot build lab {id:?} on this machine (these tests need root, cgroup v2 and \
+             BPF sock_ops/sk_msg support; they do not skip): {e:#}"
+        )
+    })
+}
+
+pub fn lab(id: &str, pods: usize) -> Lab {
+    lab_with(LabConfig::new(id, pods, PEER))
+}
+
+/// The product binary, built beside the lab's by `cargo build --workspace`.
+pub fn product() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/it-HASH -> target/<profile>/sockmap-gc
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("sockmap-gc"))
+        .expect("target directory");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace; scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One run of the product.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "output is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+pub fn run(args: &[&str]) -> Run {
+    run_command(Command::new(product()).args(args))
+}
+
+pub fn run_command(cmd: &mut Command) -> Run {
+    let out = cmd.output().expect("sockmap-gc runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Verdict by key hex, from `audit --output json` or a sweep's `planned` list.
+pub fn verdicts(entries: &Value) -> Vec<(String, String, String)> {
+    entries
+        .as_array()
+        .expect("entries array")
+        .iter()
+        .map(|e| {
+            (
+                e["key"].as_str().expect("key").to_string(),
+                e["verdict"].as_str().expect("verdict").to_string(),
+                e["reason_code"].as_str().expect("reason_code").to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn hex(key: &SockKey) -> String {
+    key.encode().to_hex()
+}
+
+/// Writes to the real stderr, past libtest's capture: evidence in CI logs.
+pub fn evidence(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The keys both ends of every held connection are filed under, once sock_ops filed them.
+pub fn live_keys(lab: &Lab, held: &[&sockmap_gc_lab::Held]) -> HashSet<SockKey> {
+    let mut keys = HashSet::new();
+    for h in held {
+        for k in h.client_keys() {
+            keys.insert(k);
+            keys.insert(k.peer());
+        }
+    }
+    for k in &keys {
+        assert!(
+            lab.wait_key(k, true, Duration::from_secs(2)),
+            "live key {k} never appeared"
+        );
+    }
+    keys
+}
+
+/// The natural incident: a client resets its connection while the pod's server keeps the
+/// fd; the server end's entry stays. Returns that stale key.
+pub fn natural_stale(lab: &Lab, server: SocketAddr, node: SocketAddr) -> SockKey {
+    let outcome = lab
+        .request(
+            &ClientOpts::to(server)
+                .from_port(node.port())
+                .timeout(HANG)
+                .reset(true),
+        )
+        .expect("client runs");
+    assert!(outcome.is_replied(), "first request works: {outcome}");
+    let stale = SockKey::for_socket(server, node).expect("one family");
+    assert!(
+        lab.wait_key(&stale, true, Duration::from_secs(2)),
+        "server end's key should stay while the server keeps the fd"
+    );
+    assert!(
+        lab.wait_key(&stale.peer(), false, Duration::from_secs(2)),
+        "client end's key leaves with the client's fd"
+    );
+    stale
+}
