@@ -1,5 +1,6 @@
 //! One observation of the node: snapshot the map, inventory every namespace, judge each entry.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::diag;
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::map::{MapError, SockMap};
-use crate::netns;
+use crate::netns::{self, NetnsId};
 use crate::procnet;
 use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, Verdict};
 
@@ -36,6 +37,7 @@ pub struct Observation {
     pub procfs_tables: usize,
     pub unreadable: Vec<Unreadable>,
     pub sockets: usize,
+    pub per_netns: HashMap<NetnsId, usize>,
     pub took: Duration,
 }
 
@@ -85,6 +87,8 @@ pub struct Sockets {
     /// Namespace files denied to us whose TCP table was read from `/proc/PID/net` instead.
     pub procfs_tables: usize,
     pub unreadable: Vec<Unreadable>,
+    /// Sockets dumped per namespace, to tell a namespace that went away from one read short.
+    pub per_netns: HashMap<NetnsId, usize>,
 }
 
 impl Sockets {
@@ -123,6 +127,10 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
             }),
         }
     }
+    let mut per_netns: HashMap<NetnsId, usize> = HashMap::new();
+    for s in &inventory.sockets {
+        *per_netns.entry(s.netns).or_default() += 1;
+    }
     let seen = inventory
         .sockets
         .iter()
@@ -138,6 +146,7 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
         namespaces_vanished: inventory.vanished.len(),
         procfs_tables,
         unreadable,
+        per_netns,
     })
 }
 
@@ -194,6 +203,7 @@ pub fn observe(
         procfs_tables: sockets.procfs_tables,
         sockets: sockets.index.len(),
         unreadable: sockets.unreadable,
+        per_netns: sockets.per_netns,
         took: started.elapsed(),
     })
 }

@@ -22,7 +22,8 @@ use crate::sweep::{self, SweepSettings, Trail};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success; audit: no stale entry; sweep: no stale entry left behind
-  1  audit: stale entries found; sweep: stale entries left (dry run, a guard, or a stop)
+  1  audit: stale entries found; sweep: stale entries left, or a guard held it back, or a
+     signal stopped it
   2  error (bad input, map not found or not Cilium's, not root)";
 
 #[derive(Debug, Parser)]
@@ -293,7 +294,7 @@ fn sweep(args: SweepArgs) -> anyhow::Result<Outcome> {
         Output::Json => serde_json::to_string_pretty(&report::sweep_json(&source, &report))? + "\n",
     };
     write_stdout(&text)?;
-    Ok(if report.left_behind() == 0 {
+    Ok(if report.is_clean() {
         Outcome::Clean
     } else {
         Outcome::StaleFound

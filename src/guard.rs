@@ -27,8 +27,9 @@ pub struct GuardSettings {
     pub max_deletes: usize,
     /// The least time between the two observations.
     pub confirm_after: Duration,
-    /// The second observation may see at most this fraction fewer sockets than the first
-    /// (when the first saw at least [`SHRINK_FLOOR`] sockets).
+    /// The namespaces read in both observations may hold at most this fraction fewer sockets
+    /// in the second (when they held at least [`SHRINK_FLOOR`] in the first). A namespace
+    /// that went away takes its sockets with it and does not count.
     pub max_inventory_shrink: f64,
 }
 
@@ -55,7 +56,8 @@ pub enum Hold {
     Incomplete { observation: u8, unreadable: usize },
     /// The map at the path is another map now (an agent re-created it).
     MapReplaced { first_id: u32, second_id: u32 },
-    /// The second inventory lost too many sockets: something failed to read them.
+    /// The namespaces read in both observations lost too many sockets between them: a
+    /// dump came back short.
     InventoryShrank { first: usize, second: usize },
 }
 
@@ -88,7 +90,7 @@ impl fmt::Display for Hold {
             ),
             Hold::InventoryShrank { first, second } => write!(
                 f,
-                "the socket inventory shrank from {first} to {second} between the observations: nothing deleted, run again"
+                "the sockets of the namespaces read in both observations shrank from {first} to {second}: nothing deleted, run again"
             ),
         }
     }
@@ -163,12 +165,17 @@ fn hold(first: &Observation, second: &Observation, settings: &GuardSettings) -> 
             second_id: second.map_id,
         });
     }
-    if first.sockets >= SHRINK_FLOOR
-        && (second.sockets as f64) < (first.sockets as f64) * (1.0 - settings.max_inventory_shrink)
+    let (before, after) = first
+        .per_netns
+        .iter()
+        .filter_map(|(id, n)| second.per_netns.get(id).map(|m| (*n, *m)))
+        .fold((0usize, 0usize), |(b, a), (n, m)| (b + n, a + m));
+    if before >= SHRINK_FLOOR
+        && (after as f64) < (before as f64) * (1.0 - settings.max_inventory_shrink)
     {
         return Some(Hold::InventoryShrank {
-            first: first.sockets,
-            second: second.sockets,
+            first: before,
+            second: after,
         });
     }
     None
@@ -179,6 +186,7 @@ mod tests {
     use super::*;
     use crate::audit::{Judged, Unreadable};
     use crate::key::SockKey;
+    use crate::netns::NetnsId;
     use crate::verdict::{LiveReason, StaleReason, Verdict};
 
     fn entry(port: u16, stale: bool) -> Judged {
@@ -198,6 +206,11 @@ mod tests {
         }
     }
 
+    const NS: NetnsId = NetnsId {
+        dev: 4,
+        inode: 4026531840,
+    };
+
     fn obs(map_id: u32, sockets: usize, entries: Vec<Judged>) -> Observation {
         Observation {
             map_id,
@@ -207,6 +220,7 @@ mod tests {
             procfs_tables: 0,
             unreadable: vec![],
             sockets,
+            per_netns: [(NS, sockets)].into_iter().collect(),
             took: Duration::ZERO,
         }
     }
@@ -334,6 +348,19 @@ mod tests {
             &Filter::default(),
             &settings(),
         );
+        assert_eq!(p.hold, None);
+        assert_eq!(p.delete.len(), 1);
+    }
+
+    #[test]
+    fn a_namespace_going_away_is_not_a_shrink() {
+        let e = || vec![entry(1, true)];
+        let gone = NetnsId { dev: 4, inode: 1 };
+        let mut first = obs(1, 1010, e());
+        first.per_netns.insert(gone, 1000);
+        first.per_netns.insert(NS, 10);
+        let second = obs(1, 10, e());
+        let p = plan(&first, &second, &Filter::default(), &settings());
         assert_eq!(p.hold, None);
         assert_eq!(p.delete.len(), 1);
     }

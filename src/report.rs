@@ -522,6 +522,7 @@ mod tests {
             procfs_tables: 0,
             unreadable: vec![],
             sockets: 10,
+            per_netns: Default::default(),
             took: Duration::from_millis(3),
         }
     }

@@ -63,9 +63,15 @@ pub struct SweepReport {
 }
 
 impl SweepReport {
-    /// Confirmed stale entries that are still in the map after this sweep.
+    /// Stale entries that are still in the map after this sweep.
     pub fn left_behind(&self) -> usize {
         self.plan.stale - self.deleted.len() - self.already_gone.len()
+    }
+
+    /// Nothing stale was left, and no guard or signal cut the sweep short: the map is clean
+    /// as far as the evidence goes.
+    pub fn is_clean(&self) -> bool {
+        self.left_behind() == 0 && self.plan.hold.is_none() && self.interrupted.is_none()
     }
 }
 

@@ -4,3 +4,4 @@ mod audit;
 mod inventory;
 mod lab;
 mod support;
+mod sweep;
