@@ -495,3 +495,91 @@ const _: () = {
     const fn shareable<T: Send + Sync>() {}
     shareable::<Lab>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        for ok in ["a", "hang-nat", "it-v6", "x1234567890123456789012y"] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a/b",
+            "a b",
+            "x1234567890123456789012yz",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_lab_owns_exactly_the_names_its_id_produces() {
+        let n = Names::new("a").unwrap();
+        assert_eq!(n.node_netns(), "smgc-a-node");
+        assert_eq!(n.pod_netns(3), "smgc-a-p3");
+        assert!(n.owns_netns("smgc-a-node"));
+        assert!(n.owns_netns("smgc-a-p0"));
+        assert!(n.owns_netns("smgc-a-p31"));
+        for other in [
+            "smgc-a-p",
+            "smgc-a-p0-node",
+            "smgc-a-p0-p1",
+            "smgc-ab-node",
+            "smgc-a-px",
+            "a-node",
+        ] {
+            assert!(!n.owns_netns(other), "{other}");
+        }
+        assert_eq!(n.pin_dir(), Path::new("/sys/fs/bpf/smgc-a"));
+        assert_eq!(
+            n.map_path(),
+            Path::new("/sys/fs/bpf/smgc-a/cilium_sock_ops")
+        );
+        assert_eq!(
+            n.cgroup(Path::new("/sys/fs/cgroup")),
+            Path::new("/sys/fs/cgroup/smgc-a")
+        );
+    }
+
+    #[test]
+    fn address_ranges_are_stable_per_id() {
+        assert_eq!(fnv1a("hang-nat"), fnv1a("hang-nat"));
+        assert_ne!(fnv1a("it-held"), fnv1a("it-natural"));
+    }
+
+    #[test]
+    fn client_outcomes_parse() {
+        let lines = |s: &str| vec![s.to_string()];
+        assert_eq!(
+            Outcome::parse(
+                0,
+                &lines("ok local=10.1.2.1:40000 remote=10.1.2.2:8080 us=250")
+            )
+            .unwrap(),
+            Outcome::Replied {
+                local: "10.1.2.1:40000".parse().unwrap(),
+                elapsed: Duration::from_micros(250)
+            }
+        );
+        assert!(Outcome::parse(
+            2,
+            &lines("no-reply local=[fd00::1]:1 remote=[fd00::2]:2 us=1500000")
+        )
+        .unwrap()
+        .is_hang());
+        assert_eq!(
+            Outcome::parse(3, &lines("refused remote=10.1.2.2:8080")).unwrap(),
+            Outcome::Refused
+        );
+        assert_eq!(Outcome::parse(4, &[]).unwrap(), Outcome::ConnectTimedOut);
+        assert!(Outcome::parse(1, &lines("error: bind: EADDRINUSE")).is_err());
+        assert!(Outcome::parse(0, &lines("ok")).is_err());
+    }
+}
