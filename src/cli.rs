@@ -53,6 +53,9 @@ pub enum Command {
     /// Delete stale entries behind guards; a dry run unless --execute is given
     #[command(after_help = EXIT_CODES)]
     Sweep(SweepArgs),
+    /// Sweep on an adaptive interval, as a systemd service; a dry run unless the config says
+    /// dry_run = false (or --execute is given)
+    Daemon(DaemonArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,6 +158,28 @@ impl SweepArgs {
     }
 }
 
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The TOML config (config/sockmap-gc.toml lists every key with its default)
+    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    /// Only report, whatever the config's dry_run says
+    #[arg(long, conflicts_with = "execute")]
+    pub dry_run: bool,
+    /// Delete, whatever the config's dry_run says
+    #[arg(long)]
+    pub execute: bool,
+    /// The pinned sockhash, instead of the config's map
+    #[arg(long, value_name = "PATH")]
+    pub map: Option<PathBuf>,
+    /// Serve metrics on IP:PORT instead of the config's metrics_listen; "" for none
+    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen)]
+    pub metrics_listen: Option<Option<std::net::SocketAddr>>,
+    /// Log format, instead of the config's log_format
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<crate::config::LogFormat>,
+}
+
 /// How old the inventory behind a delete's re-check may be.
 const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
 
@@ -179,6 +204,15 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Decode(args) => decode(args),
         Command::Audit(args) => audit(args),
         Command::Sweep(args) => sweep(args),
+        Command::Daemon(args) => {
+            let overrides = crate::config::Overrides {
+                dry_run: (args.dry_run || args.execute).then_some(args.dry_run),
+                map: args.map,
+                metrics_listen: args.metrics_listen,
+                log_format: args.log_format,
+            };
+            crate::daemon::run(&args.config, overrides).map(|()| Outcome::Clean)
+        }
     }
 }
 

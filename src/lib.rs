@@ -7,10 +7,13 @@
 
 pub mod audit;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod diag;
 pub mod guard;
 pub mod key;
 pub mod map;
+pub mod metrics;
 pub mod netns;
 pub mod procnet;
 pub mod report;

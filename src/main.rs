@@ -4,17 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sockmap_gc::cli::{self, Cli};
+use sockmap_gc::config::LogFormat;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // The daemon picks its log format from its config file and sets logging up itself.
+    if !matches!(cli.command, cli::Command::Daemon(_)) {
+        LogFormat::Plain.install();
+    }
     match cli::run(cli) {
         Ok(outcome) => ExitCode::from(outcome.code()),
         Err(e) => {

@@ -1,0 +1,451 @@
+//! The daemon's configuration: a TOML file, validated once into [`Settings`], with command-line
+//! overrides applied on top. `config/sockmap-gc.toml` ships every key with its default.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the unit and the README put the file.
+pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/sockmap-gc.toml";
+/// Where the daemon's trail goes unless the file says otherwise (systemd's `StateDirectory`).
+pub const DEFAULT_TRAIL: &str = "/var/lib/sockmap-gc/trail.jsonl";
+/// Loopback only: the metrics say which pods had stale entries.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9964";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event
+    Plain,
+    /// One JSON object per line (for log shippers)
+    Json,
+}
+
+impl LogFormat {
+    /// Installs the global tracing subscriber on stderr; colours only on a terminal.
+    pub fn install(self) {
+        let stderr = io::stderr;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_writer(stderr)
+            .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+            .with_env_filter(filter);
+        match self {
+            LogFormat::Plain => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+}
+
+/// The daemon's validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `None`: Cilium's pins, as `map::SockMap::open_default` tries them.
+    pub map: Option<PathBuf>,
+    pub interval_min: Duration,
+    pub interval_max: Duration,
+    pub dry_run: bool,
+    /// `None`: no limit.
+    pub rate_limit: Option<NonZeroU32>,
+    pub max_deletes: usize,
+    pub confirm_after: Duration,
+    pub trail: Option<PathBuf>,
+    /// `None`: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// Empty: the addresses of the `cilium_host` interface, read at each sweep.
+    pub gateways: Vec<IpAddr>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        let guards = crate::guard::GuardSettings::default();
+        Settings {
+            map: None,
+            interval_min: Duration::from_secs(30),
+            interval_max: Duration::from_secs(600),
+            dry_run: true,
+            rate_limit: guards.rate_limit,
+            max_deletes: guards.max_deletes,
+            confirm_after: guards.confirm_after,
+            trail: Some(PathBuf::from(DEFAULT_TRAIL)),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
+            log_format: LogFormat::Plain,
+            gateways: Vec::new(),
+        }
+    }
+}
+
+/// Command-line values that win over the file's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub dry_run: Option<bool>,
+    pub map: Option<PathBuf>,
+    /// `Some(None)`: metrics off.
+    pub metrics_listen: Option<Option<SocketAddr>>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Overrides {
+    fn apply(&self, s: &mut Settings) {
+        if let Some(dry_run) = self.dry_run {
+            s.dry_run = dry_run;
+        }
+        if let Some(map) = &self.map {
+            s.map = Some(map.clone());
+        }
+        if let Some(listen) = self.metrics_listen {
+            s.metrics_listen = listen;
+        }
+        if let Some(format) = self.log_format {
+            s.log_format = format;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {error}; copy config/sockmap-gc.toml there or give --config FILE")]
+    Read { path: PathBuf, error: io::Error },
+    #[error("config file {path}, {at}: {message}; fix that line (config/sockmap-gc.toml lists every key)")]
+    Parse {
+        path: PathBuf,
+        at: String,
+        message: String,
+    },
+    #[error("config file {path}: {key} = {value:?}: {why}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+/// The file as written: every key optional, strings where the value needs checking.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    map: Option<String>,
+    interval_min: Option<String>,
+    interval_max: Option<String>,
+    dry_run: Option<bool>,
+    rate_limit: Option<u32>,
+    max_deletes: Option<usize>,
+    confirm_after: Option<String>,
+    trail: Option<String>,
+    metrics_listen: Option<String>,
+    log_format: Option<String>,
+    gateways: Option<Vec<String>>,
+}
+
+/// Reads, validates and overrides the config at `path`.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let mut settings = parse(path, &text)?;
+    overrides.apply(&mut settings);
+    Ok(settings)
+}
+
+/// Validates `text`, the contents of the file at `path` (named in errors).
+pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+    let invalid = |key: &str, value: &str, why: &str| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        value: value.to_string(),
+        why: why.to_string(),
+    };
+    let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            invalid(
+                key,
+                v,
+                &format!("{e}; write a duration such as \"30s\", \"5m\" or \"1h 30m\""),
+            )
+        }),
+    };
+    let absolute = |key: &str, value: &str| {
+        let p = PathBuf::from(value);
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            Err(invalid(
+                key,
+                value,
+                "give an absolute path, or \"\" for the default",
+            ))
+        }
+    };
+    let defaults = Settings::default();
+    let mut s = defaults.clone();
+    s.map = match file.map.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(absolute("map", v)?),
+    };
+    s.interval_min = duration("interval_min", &file.interval_min, defaults.interval_min)?;
+    s.interval_max = duration("interval_max", &file.interval_max, defaults.interval_max)?;
+    if s.interval_min.is_zero() {
+        return Err(invalid(
+            "interval_min",
+            file.interval_min.as_deref().unwrap_or_default(),
+            "must be more than 0s",
+        ));
+    }
+    if s.interval_max < s.interval_min {
+        // Blame the key the file set: the other one is a default.
+        return Err(match &file.interval_max {
+            Some(v) => invalid(
+                "interval_max",
+                v,
+                &format!(
+                    "is shorter than interval_min ({}); make it at least as long",
+                    humantime::format_duration(s.interval_min)
+                ),
+            ),
+            None => invalid(
+                "interval_min",
+                file.interval_min.as_deref().unwrap_or_default(),
+                &format!(
+                    "is longer than interval_max (default {}); set interval_max too",
+                    humantime::format_duration(s.interval_max)
+                ),
+            ),
+        });
+    }
+    s.dry_run = file.dry_run.unwrap_or(defaults.dry_run);
+    if let Some(rate) = file.rate_limit {
+        s.rate_limit = NonZeroU32::new(rate);
+    }
+    if let Some(cap) = file.max_deletes {
+        if cap == 0 {
+            return Err(invalid(
+                "max_deletes",
+                "0",
+                "must be at least 1; set dry_run = true to delete nothing",
+            ));
+        }
+        s.max_deletes = cap;
+    }
+    s.confirm_after = duration("confirm_after", &file.confirm_after, defaults.confirm_after)?;
+    s.trail = match file.trail.as_deref() {
+        None => defaults.trail,
+        Some("") => None,
+        Some(v) => Some(absolute("trail", v)?),
+    };
+    s.metrics_listen = match file.metrics_listen.as_deref() {
+        None => defaults.metrics_listen,
+        Some(v) => parse_listen(v).map_err(|why| invalid("metrics_listen", v, &why))?,
+    };
+    s.log_format = match file.log_format.as_deref() {
+        None => defaults.log_format,
+        Some("plain") => LogFormat::Plain,
+        Some("json") => LogFormat::Json,
+        Some(v) => return Err(invalid("log_format", v, "use \"plain\" or \"json\"")),
+    };
+    s.gateways = file
+        .gateways
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.parse::<IpAddr>().map_err(|_| {
+                invalid(
+                    &format!("gateways[{i}]"),
+                    v,
+                    "not an IP address; list cilium_host's addresses, e.g. [\"10.0.0.1\"]",
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(s)
+}
+
+/// `""` turns the listener off; otherwise `IP:PORT`.
+pub fn parse_listen(v: &str) -> Result<Option<SocketAddr>, String> {
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse().map(Some).map_err(|_| {
+        format!("not an address and port; write e.g. \"{DEFAULT_METRICS_LISTEN}\", or \"\" for no metrics")
+    })
+}
+
+/// One line naming where the file went wrong; toml's own message names the key (an unknown
+/// field, a wrong type) and the line shows it.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or_else(
+        || "somewhere".to_string(),
+        |span| {
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            let line = text[line_start..].lines().next().unwrap_or_default().trim();
+            format!("line {line_no} `{line}`")
+        },
+    );
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        at,
+        message: e.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Settings, ConfigError> {
+        parse(Path::new("/etc/test.toml"), text)
+    }
+
+    #[test]
+    fn shipped_file_is_the_built_in_defaults() {
+        let text = include_str!("../config/sockmap-gc.toml");
+        assert_eq!(
+            parse_str(text).expect("shipped file parses"),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn shipped_file_lists_every_key_with_a_comment() {
+        let text = include_str!("../config/sockmap-gc.toml");
+        let lines: Vec<&str> = text.lines().collect();
+        let keys = [
+            "map",
+            "interval_min",
+            "interval_max",
+            "dry_run",
+            "rate_limit",
+            "max_deletes",
+            "confirm_after",
+            "trail",
+            "metrics_listen",
+            "log_format",
+            "gateways",
+        ];
+        for key in keys {
+            let at = lines
+                .iter()
+                .position(|l| l.starts_with(&format!("{key} = ")))
+                .unwrap_or_else(|| panic!("key {key} missing from the shipped file"));
+            assert!(
+                at > 0 && lines[at - 1].starts_with('#'),
+                "key {key} has no comment line above it"
+            );
+        }
+        let set = lines
+            .iter()
+            .filter(|l| !l.starts_with('#') && l.contains(" = "))
+            .count();
+        assert_eq!(set, keys.len(), "a key in the file is not in this list");
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults() {
+        assert_eq!(parse_str("").expect("parses"), Settings::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let s = parse_str(
+            r#"
+map = "/sys/fs/bpf/x/cilium_sock_ops"
+interval_min = "1s"
+interval_max = "1m 30s"
+dry_run = false
+rate_limit = 0
+max_deletes = 5
+confirm_after = "0s"
+trail = ""
+metrics_listen = ""
+log_format = "json"
+gateways = ["10.0.0.1", "fd00::1"]
+"#,
+        )
+        .expect("parses");
+        assert_eq!(s.map, Some(PathBuf::from("/sys/fs/bpf/x/cilium_sock_ops")));
+        assert_eq!(s.interval_min, Duration::from_secs(1));
+        assert_eq!(s.interval_max, Duration::from_secs(90));
+        assert!(!s.dry_run);
+        assert_eq!(s.rate_limit, None);
+        assert_eq!(s.max_deletes, 5);
+        assert_eq!(s.confirm_after, Duration::ZERO);
+        assert_eq!(s.trail, None);
+        assert_eq!(s.metrics_listen, None);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.gateways.len(), 2);
+    }
+
+    /// Each bad file and the key its error must name.
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("intervall = \"1s\"", "intervall"),
+            ("dry_run = \"yes\"", "dry_run"),
+            ("rate_limit = -1", "rate_limit"),
+            ("rate_limit = \"fast\"", "rate_limit"),
+            ("max_deletes = 0", "max_deletes"),
+            ("interval_min = \"soon\"", "interval_min"),
+            ("interval_min = \"0s\"", "interval_min"),
+            (
+                "interval_min = \"1m\"\ninterval_max = \"10s\"",
+                "interval_max",
+            ),
+            ("confirm_after = \"1 fortnight\"", "confirm_after"),
+            ("metrics_listen = \"localhost\"", "metrics_listen"),
+            ("log_format = \"xml\"", "log_format"),
+            ("gateways = [\"10.0.0.1\", \"cilium_host\"]", "gateways[1]"),
+            ("trail = \"trail.jsonl\"", "trail"),
+            ("map = \"cilium_sock_ops\"", "map"),
+            ("[daemon]\ndry_run = true", "daemon"),
+            ("dry_run = true\ndry_run = false", "dry_run"),
+        ];
+        for (text, key) in cases {
+            let e = parse_str(text).expect_err(text).to_string();
+            assert!(
+                e.contains(key),
+                "error for {text:?} does not name {key}: {e}"
+            );
+            assert!(e.contains("/etc/test.toml"), "error names no file: {e}");
+            assert!(!e.contains('\n'), "error is not one line: {e}");
+        }
+    }
+
+    #[test]
+    fn overrides_win() {
+        let mut s = Settings::default();
+        Overrides {
+            dry_run: Some(false),
+            map: Some(PathBuf::from("/sys/fs/bpf/m")),
+            metrics_listen: Some(None),
+            log_format: Some(LogFormat::Json),
+        }
+        .apply(&mut s);
+        assert!(!s.dry_run);
+        assert_eq!(s.map, Some(PathBuf::from("/sys/fs/bpf/m")));
+        assert_eq!(s.metrics_listen, None);
+        assert_eq!(s.log_format, LogFormat::Json);
+        let before = Settings::default();
+        let mut same = before.clone();
+        Overrides::default().apply(&mut same);
+        assert_eq!(same, before);
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen(""), Ok(None));
+        assert!(parse_listen("[::1]:9964").expect("v6").is_some());
+        assert!(parse_listen("127.0.0.1").is_err());
+    }
+}

@@ -1,0 +1,440 @@
+//! `sockmap-gc daemon`: guarded sweeps on an adaptive interval, for systemd (`Type=notify`,
+//! watchdog, `STATUS=`), with signals (HUP reload, USR1 sweep now, TERM/INT stop) and metrics.
+//!
+//! The event loop is a single-threaded tokio runtime; each sweep runs the blocking engine on a
+//! thread of its own, which itself starts the threads that `setns` (never a runtime thread).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use sd_notify::NotifyState;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+
+use crate::audit::{self, Filter};
+use crate::config::{self, Overrides, Settings};
+use crate::guard::GuardSettings;
+use crate::map::{Access, SockMap};
+use crate::metrics::{self, Metrics};
+use crate::report::Summary;
+use crate::sweep::{self, SweepReport, SweepSettings, Trail};
+
+/// How old the inventory behind a delete's re-check may be (as for `sockmap-gc sweep`).
+const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
+/// After SIGTERM, how long a running sweep gets to reach its next delete boundary. Leaving
+/// then is safe: each delete is one syscall, and the next start re-observes from scratch.
+const STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// The wait before the next sweep, adapted as Cilium's conntrack GC adapts its interval:
+/// shorter after a sweep that found stale entries (halved), longer after a clean one (1.5x),
+/// always within `[min, max]`.
+pub fn next_wait(prev: Duration, found_stale: bool, min: Duration, max: Duration) -> Duration {
+    let next = if found_stale {
+        prev / 2
+    } else {
+        prev.mul_f64(1.5)
+    };
+    next.clamp(min, max)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; errors only at start-up (bad config, busy port).
+pub fn run(config_path: &Path, overrides: Overrides) -> anyhow::Result<()> {
+    let settings = load(config_path, &overrides)?;
+    settings.log_format.install();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("starting the event loop")?;
+    runtime.block_on(async {
+        let daemon = Daemon::start(config_path.to_path_buf(), overrides, settings).await?;
+        daemon.run().await
+    })
+}
+
+/// Loads and checks the config, including that the trail can be appended to when deleting.
+fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Settings> {
+    let settings = config::load(path, overrides)?;
+    if let (false, Some(trail)) = (settings.dry_run, &settings.trail) {
+        Trail::open(trail).with_context(|| {
+            format!(
+                "config file {}: key trail (set trail = \"\" for no trail)",
+                path.display()
+            )
+        })?;
+    }
+    Ok(settings)
+}
+
+/// What a sweep thread hands back.
+struct Swept {
+    outcome: Result<(SweepReport, PathBuf), String>,
+    took: Duration,
+}
+
+struct Daemon {
+    config_path: PathBuf,
+    overrides: Overrides,
+    settings: Arc<Settings>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    /// The adaptive wait between the end of one sweep and the start of the next.
+    wait: Duration,
+    last_end: Instant,
+    next: Instant,
+    running: bool,
+    done_tx: mpsc::UnboundedSender<Swept>,
+    done_rx: mpsc::UnboundedReceiver<Swept>,
+    signals: Signals,
+    watchdog: Option<tokio::time::Interval>,
+}
+
+impl Daemon {
+    async fn start(
+        config_path: PathBuf,
+        overrides: Overrides,
+        settings: Settings,
+    ) -> anyhow::Result<Daemon> {
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_dry_run(settings.dry_run);
+        metrics.set_interval(settings.interval_max);
+        if let Some(addr) = settings.metrics_listen {
+            let listener = bind(addr).await?;
+            tokio::spawn(metrics::serve(listener, Arc::clone(&metrics)));
+        }
+        let signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1])
+            .context("installing the signal handlers")?;
+        // Pings at half the watchdog period, as sd_watchdog_enabled(3) advises.
+        let watchdog = sd_notify::watchdog_enabled().map(|period| {
+            let mut tick = tokio::time::interval((period / 2).max(Duration::from_millis(100)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
+        tracing::info!(
+            config = %config_path.display(),
+            mode = if settings.dry_run { "dry run (set dry_run = false to delete)" } else { "deleting" },
+            map = %settings.map.as_deref().map_or_else(|| "Cilium's default pins".to_string(), |p| p.display().to_string()),
+            interval_min = %humantime::format_duration(settings.interval_min),
+            interval_max = %humantime::format_duration(settings.interval_max),
+            watchdog = watchdog.is_some(),
+            "sockmap-gc daemon started"
+        );
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let daemon = Daemon {
+            config_path,
+            overrides,
+            wait: settings.interval_max,
+            settings: Arc::new(settings),
+            metrics,
+            stop: Arc::new(AtomicBool::new(false)),
+            last_end: now,
+            next: now,
+            running: false,
+            done_tx,
+            done_rx,
+            signals,
+            watchdog,
+        };
+        notify(&[
+            NotifyState::Ready,
+            NotifyState::Status("first sweep starting"),
+        ]);
+        Ok(daemon)
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            let due = tokio::time::sleep_until(self.next.into());
+            tokio::select! {
+                () = due, if !self.running => self.start_sweep(),
+                Some(swept) = self.done_rx.recv() => self.finish(swept),
+                signal = self.signals.next() => match signal {
+                    Some(SIGHUP) => self.reload(),
+                    Some(SIGUSR1) => self.sweep_now(),
+                    Some(signal) => {
+                        self.shutdown(signal).await;
+                        return Ok(());
+                    }
+                    None => anyhow::bail!("the signal stream ended"),
+                },
+                () = tick(&mut self.watchdog) => notify(&[NotifyState::Watchdog]),
+            }
+        }
+    }
+
+    fn start_sweep(&mut self) {
+        let settings = Arc::clone(&self.settings);
+        let stop = Arc::clone(&self.stop);
+        let done = self.done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sweep".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let outcome = sweep_once(&settings, &stop);
+                // The receiver is gone only when the daemon is exiting.
+                let _ = done.send(Swept {
+                    outcome,
+                    took: started.elapsed(),
+                });
+            });
+        match spawned {
+            Ok(_) => self.running = true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a sweep thread; trying again after the interval");
+                self.metrics.record_error(Duration::ZERO);
+                self.schedule();
+            }
+        }
+    }
+
+    fn finish(&mut self, swept: Swept) {
+        self.running = false;
+        let line = match swept.outcome {
+            Ok((report, path)) => {
+                self.metrics.record_sweep(&report, SystemTime::now());
+                self.wait = next_wait(
+                    self.wait,
+                    report.plan.stale > 0,
+                    self.settings.interval_min,
+                    self.settings.interval_max,
+                );
+                let line = summary_line(&report, &path, self.wait);
+                tracing::info!("{line}");
+                line
+            }
+            Err(e) => {
+                self.metrics.record_error(swept.took);
+                let line = format!(
+                    "sweep failed: {e}; next in {}",
+                    humantime::format_duration(self.wait)
+                );
+                tracing::error!("{line}");
+                line
+            }
+        };
+        notify(&[NotifyState::Status(&line)]);
+        self.schedule();
+    }
+
+    fn schedule(&mut self) {
+        self.last_end = Instant::now();
+        self.next = self.last_end + self.wait;
+        self.metrics.set_interval(self.wait);
+    }
+
+    fn sweep_now(&mut self) {
+        if self.running {
+            tracing::info!("SIGUSR1: a sweep is running already");
+        } else {
+            tracing::info!("SIGUSR1: sweeping now");
+            self.next = Instant::now();
+        }
+    }
+
+    fn reload(&mut self) {
+        // systemd 253+ wants the monotonic time with RELOADING=1.
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => notify(&[NotifyState::Reloading, now]),
+            Err(_) => notify(&[NotifyState::Reloading]),
+        }
+        match load(&self.config_path, &self.overrides) {
+            Err(e) => tracing::error!("SIGHUP: config not reloaded, the running one stays: {e:#}"),
+            Ok(mut new) => {
+                let old = &self.settings;
+                // Both are set up once, at start.
+                if new.metrics_listen != old.metrics_listen {
+                    tracing::warn!(
+                        "SIGHUP: metrics_listen changed; restart the daemon to apply it"
+                    );
+                    new.metrics_listen = old.metrics_listen;
+                }
+                if new.log_format != old.log_format {
+                    tracing::warn!("SIGHUP: log_format changed; restart the daemon to apply it");
+                    new.log_format = old.log_format;
+                }
+                self.wait = self.wait.clamp(new.interval_min, new.interval_max);
+                if !self.running {
+                    self.next = self.last_end + self.wait;
+                }
+                self.metrics.set_dry_run(new.dry_run);
+                self.metrics.set_interval(self.wait);
+                tracing::info!(
+                    mode = if new.dry_run { "dry run" } else { "deleting" },
+                    interval_min = %humantime::format_duration(new.interval_min),
+                    interval_max = %humantime::format_duration(new.interval_max),
+                    next_in = %humantime::format_duration(self.wait),
+                    "SIGHUP: config reloaded"
+                );
+                self.settings = Arc::new(new);
+            }
+        }
+        notify(&[NotifyState::Ready]);
+    }
+
+    async fn shutdown(&mut self, signal: i32) {
+        let name = if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        notify(&[NotifyState::Stopping]);
+        self.stop.store(true, Ordering::Relaxed);
+        if !self.running {
+            tracing::info!("{name}: stopping");
+            return;
+        }
+        tracing::info!("{name}: stopping the running sweep between two deletes");
+        match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
+            Ok(Some(swept)) => self.finish(swept),
+            _ => tracing::warn!(
+                "{name}: the sweep is still observing; leaving without it (no delete is half-done)"
+            ),
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for metrics; change metrics_listen, or set it to \"\" for no metrics")
+    })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!("serving metrics on http://{bound}/metrics");
+    Ok(listener)
+}
+
+/// Resolves when the watchdog is due; never when there is none.
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Tells systemd; outside systemd (`NOTIFY_SOCKET` unset) it does nothing.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// One sweep, on the calling (dedicated) thread: opens the map afresh, since an agent may
+/// have re-created it since the last sweep.
+fn sweep_once(settings: &Settings, stop: &AtomicBool) -> Result<(SweepReport, PathBuf), String> {
+    let access = if settings.dry_run {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let map = SockMap::open_default(settings.map.as_deref(), access).map_err(|e| e.to_string())?;
+    let mut trail = match (&settings.trail, settings.dry_run) {
+        (Some(path), false) => Some(Trail::open(path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let sweep_settings = SweepSettings {
+        guards: GuardSettings {
+            dry_run: settings.dry_run,
+            rate_limit: settings.rate_limit,
+            max_deletes: settings.max_deletes,
+            confirm_after: settings.confirm_after,
+            ..GuardSettings::default()
+        },
+        filter: Filter::default(),
+        gateways: gateways(settings),
+        proc_root: PathBuf::from("/"),
+        recheck_max_age: RECHECK_MAX_AGE,
+    };
+    let report = sweep::sweep(&map, &sweep_settings, stop, trail.as_mut(), &mut |_| {})
+        .map_err(|e| e.to_string())?;
+    Ok((report, map.path().to_path_buf()))
+}
+
+fn gateways(settings: &Settings) -> Vec<std::net::IpAddr> {
+    if !settings.gateways.is_empty() {
+        return settings.gateways.clone();
+    }
+    let found = audit::cilium_host_addresses();
+    if found.is_empty() {
+        static WARN: Once = Once::new();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "no cilium_host interface here: L7-proxy entries cannot be recognised; set gateways in the config if Cilium's proxy is in use"
+            );
+        });
+    }
+    found
+}
+
+/// The sweep's one-line summary: the log line and systemd's `STATUS=`.
+fn summary_line(r: &SweepReport, map: &Path, next: Duration) -> String {
+    let s = Summary::of(&r.second.entries);
+    let mut line = format!(
+        "sweep {}: {} (id {}): {} entries, {} live, {} stale, {} unknown; ",
+        metrics::sweep_result(r),
+        map.display(),
+        r.map_id,
+        s.entries,
+        s.live,
+        s.stale,
+        s.unknown
+    );
+    if r.dry_run {
+        line += &format!(
+            "dry run, {} would be deleted",
+            r.plan.delete.len() + r.plan.over_cap
+        );
+    } else {
+        line += &format!(
+            "deleted {}, already gone {}, spared {}, failed {}",
+            r.deleted.len(),
+            r.already_gone.len(),
+            r.spared.len(),
+            r.failed.len()
+        );
+    }
+    line += &format!("; {} left behind", r.left_behind());
+    if r.plan.unconfirmed > 0 {
+        line += &format!(" ({} await confirmation)", r.plan.unconfirmed);
+    }
+    if let Some(hold) = &r.plan.hold {
+        line += &format!("; held by {}: {hold}", hold.guard());
+    }
+    line += &format!(
+        "; took {:.1}s; next in {}",
+        r.took.as_secs_f64(),
+        humantime::format_duration(next)
+    );
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn the_wait_shrinks_after_stale_and_grows_after_clean_within_bounds() {
+        assert_eq!(next_wait(S(600), true, S(30), S(600)), S(300));
+        assert_eq!(next_wait(S(40), true, S(30), S(600)), S(30));
+        assert_eq!(next_wait(S(30), false, S(30), S(600)), S(45));
+        assert_eq!(next_wait(S(500), false, S(30), S(600)), S(600));
+        assert_eq!(next_wait(S(1), true, S(1), S(1)), S(1));
+        // From the floor back to the ceiling in a handful of clean sweeps.
+        let mut w = S(30);
+        let mut sweeps = 0;
+        while w < S(600) {
+            w = next_wait(w, false, S(30), S(600));
+            sweeps += 1;
+        }
+        assert_eq!(sweeps, 8);
+    }
+}
