@@ -139,6 +139,7 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
             local: p.local,
             remote: p.remote,
             kind: p.state.kind(),
+            cookie: None,
         }));
     Ok(Sockets {
         index: SocketIndex::build(seen),
@@ -191,7 +192,7 @@ pub fn observe(
         .into_iter()
         .map(|raw| {
             let key = SockKey::decode(&raw);
-            let verdict = classify(&key, &evidence);
+            let verdict = classify(&key, None, &evidence);
             Judged { raw, key, verdict }
         })
         .collect();

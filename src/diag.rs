@@ -175,6 +175,7 @@ impl LiveSocket {
             local: self.local,
             remote: self.remote,
             kind: self.state.kind(),
+            cookie: Some(self.cookie),
         }
     }
 }

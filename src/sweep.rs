@@ -261,7 +261,7 @@ fn delete_phase(
             break;
         };
         let key = SockKey::decode(raw);
-        let verdict = classify(&key, &sockets.evidence(&settings.gateways));
+        let verdict = classify(&key, None, &sockets.evidence(&settings.gateways));
         if !verdict.is_stale() {
             tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
             report.spared.push(*raw);

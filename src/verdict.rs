@@ -15,6 +15,19 @@ pub struct SeenSocket {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub kind: SocketKind,
+    /// The socket cookie; `None` where the source has none (procfs tables).
+    pub cookie: Option<u64>,
+}
+
+/// The socket an entry actually holds, as the sockmap iterator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldView {
+    pub cookie: u64,
+    /// The held socket's own ends.
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// TCP_CLOSE: since Linux 5.16 such a socket stays in the map while its app keeps the fd.
+    pub closed: bool,
 }
 
 /// The socket's TCP state, reduced to what matters for a verdict.
@@ -36,6 +49,8 @@ pub enum SocketKind {
 pub struct SocketIndex {
     tuples: HashMap<(SocketAddr, SocketAddr), Owners>,
     local_ends: HashSet<SocketAddr>,
+    /// Cookies of every connection socket seen.
+    live_cookies: HashSet<u64>,
     sockets: usize,
 }
 
@@ -59,6 +74,9 @@ impl SocketIndex {
             match s.kind {
                 SocketKind::Connection => {
                     owners.connection = true;
+                    if let Some(c) = s.cookie {
+                        index.live_cookies.insert(c);
+                    }
                     index.local_ends.insert(local);
                 }
                 SocketKind::TimeWait => owners.time_wait = true,
@@ -87,6 +105,10 @@ impl SocketIndex {
 
     fn local_end_owned(&self, local: SocketAddr) -> bool {
         self.local_ends.contains(&unmap(local))
+    }
+
+    fn is_live_cookie(&self, cookie: u64) -> bool {
+        self.live_cookies.contains(&cookie)
     }
 }
 
@@ -127,6 +149,10 @@ pub enum LiveReason {
     TupleOwned,
     /// An L7-proxy entry whose local end a live connection owns.
     ProxyLocalEndOwned,
+    /// Identity: the held socket itself is the live connection that owns the tuple.
+    HeldIsOwner,
+    /// Identity: an L7-proxy entry whose held socket is a live connection.
+    ProxyHeldIsLive,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +163,19 @@ pub enum StaleReason {
     OnlyTimeWait,
     /// Only a handshake in progress has the tuple: the entry will poison that connection.
     OnlySynRequest,
+    /// Identity: the held socket is closed (TCP_CLOSE), kept only by its app's open fd.
+    HeldClosed,
+    /// Identity: the held socket's own ends are not the ends the key files it under.
+    HeldElsewhere {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// Identity: the held socket is another one, and a live connection owns the key's tuple:
+    /// that connection's payload goes to the wrong socket (the request stuck right now).
+    TupleOwnedByAnother {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +187,9 @@ pub enum UnknownReason {
     },
     /// An L7-proxy entry whose local end no live connection owns.
     ProxyLocalEndNotFound,
+    /// Identity: the held socket is alive with the key's ends, but no inventoried
+    /// connection has its cookie (its namespace may not have been read).
+    HeldAliveUnconfirmed,
 }
 
 impl Verdict {
@@ -165,6 +207,12 @@ impl Verdict {
         match self {
             Verdict::Live(LiveReason::TupleOwned) => "tuple-owned",
             Verdict::Live(LiveReason::ProxyLocalEndOwned) => "proxy-local-end-owned",
+            Verdict::Live(LiveReason::HeldIsOwner) => "held-is-owner",
+            Verdict::Live(LiveReason::ProxyHeldIsLive) => "proxy-held-is-live",
+            Verdict::Stale(StaleReason::HeldClosed) => "held-closed",
+            Verdict::Stale(StaleReason::HeldElsewhere { .. }) => "held-elsewhere",
+            Verdict::Stale(StaleReason::TupleOwnedByAnother { .. }) => "tuple-owned-by-another",
+            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => "held-alive-unconfirmed",
             Verdict::Stale(StaleReason::NoSocket { .. }) => "no-socket",
             Verdict::Stale(StaleReason::OnlyTimeWait) => "only-time-wait",
             Verdict::Stale(StaleReason::OnlySynRequest) => "only-syn-request",
@@ -198,6 +246,26 @@ impl fmt::Display for Verdict {
             Verdict::Stale(StaleReason::OnlySynRequest) => f.write_str(
                 "only a handshake in progress has this tuple: the entry will hang that connection",
             ),
+            Verdict::Live(LiveReason::HeldIsOwner) => f.write_str(
+                "the held socket itself is the live connection with this local and remote end",
+            ),
+            Verdict::Live(LiveReason::ProxyHeldIsLive) => f.write_str(
+                "L7-proxy entry (A side is the gateway) whose held socket is a live connection",
+            ),
+            Verdict::Stale(StaleReason::HeldClosed) => f.write_str(
+                "the held socket is closed (TCP_CLOSE); only its application's open fd keeps it in the map",
+            ),
+            Verdict::Stale(StaleReason::HeldElsewhere { local, remote }) => write!(
+                f,
+                "the held socket is another one: its own ends are local {local} remote {remote}"
+            ),
+            Verdict::Stale(StaleReason::TupleOwnedByAnother { local, remote }) => write!(
+                f,
+                "the held socket is another one (own ends local {local} remote {remote}) while a live connection owns this tuple: its payload goes to the wrong socket"
+            ),
+            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => f.write_str(
+                "the held socket is alive with these ends, but no inventoried connection has its cookie: not judged",
+            ),
             Verdict::Unknown(UnknownReason::Undecodable(e)) => {
                 write!(f, "key does not decode: {e}")
             }
@@ -212,25 +280,38 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// The verdict on one entry.
-pub fn classify(key: &Result<SockKey, KeyError>, evidence: &Evidence<'_>) -> Verdict {
+/// The verdict on one entry, from tuple evidence and, when the sockmap iterator could be
+/// used, from the socket the entry actually holds.
+pub fn classify(
+    key: &Result<SockKey, KeyError>,
+    held: Option<&HeldView>,
+    evidence: &Evidence<'_>,
+) -> Verdict {
     let key = match key {
         Ok(key) => key,
         Err(e) => return Verdict::Unknown(UnknownReason::Undecodable(e.clone())),
     };
-    let index = evidence.sockets;
-    if evidence
+    let proxy = evidence
         .gateways
         .iter()
-        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip())
-    {
-        return if index.local_end_owned(key.local) {
-            Verdict::Live(LiveReason::ProxyLocalEndOwned)
-        } else {
-            Verdict::Unknown(UnknownReason::ProxyLocalEndNotFound)
-        };
+        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip());
+    match held {
+        Some(held) => by_identity(key, held, proxy, evidence),
+        None if proxy => proxy_by_tuple(key, evidence),
+        None => by_tuple(key, evidence),
     }
-    let owners = index.owners(key.local, key.remote);
+}
+
+fn proxy_by_tuple(key: &SockKey, evidence: &Evidence<'_>) -> Verdict {
+    if evidence.sockets.local_end_owned(key.local) {
+        Verdict::Live(LiveReason::ProxyLocalEndOwned)
+    } else {
+        Verdict::Unknown(UnknownReason::ProxyLocalEndNotFound)
+    }
+}
+
+fn by_tuple(key: &SockKey, evidence: &Evidence<'_>) -> Verdict {
+    let owners = evidence.sockets.owners(key.local, key.remote);
     if owners.connection {
         return Verdict::Live(LiveReason::TupleOwned);
     }
@@ -250,6 +331,32 @@ pub fn classify(key: &Result<SockKey, KeyError>, evidence: &Evidence<'_>) -> Ver
     }
 }
 
+/// The held socket's own state and ends are proof on their own. A held socket that is alive
+/// with the key's ends is the connection the entry serves: it is never judged stale, only
+/// `live` once the inventory confirms it by cookie.
+fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<'_>) -> Verdict {
+    if held.closed {
+        return Verdict::Stale(StaleReason::HeldClosed);
+    }
+    let index = evidence.sockets;
+    let local_matches = unmap(held.local) == unmap(key.local);
+    let remote_matches = proxy || unmap(held.remote) == unmap(key.remote);
+    if !local_matches || !remote_matches {
+        let (local, remote) = (held.local, held.remote);
+        return if !proxy && index.owners(key.local, key.remote).connection {
+            Verdict::Stale(StaleReason::TupleOwnedByAnother { local, remote })
+        } else {
+            Verdict::Stale(StaleReason::HeldElsewhere { local, remote })
+        };
+    }
+    match (index.is_live_cookie(held.cookie), proxy) {
+        (true, true) => Verdict::Live(LiveReason::ProxyHeldIsLive),
+        (true, false) => Verdict::Live(LiveReason::HeldIsOwner),
+        (false, true) => proxy_by_tuple(key, evidence),
+        (false, false) => Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,10 +366,15 @@ mod tests {
     }
 
     fn sock(local: &str, remote: &str, kind: SocketKind) -> SeenSocket {
+        cookied(local, remote, kind, 0)
+    }
+
+    fn cookied(local: &str, remote: &str, kind: SocketKind, cookie: u64) -> SeenSocket {
         SeenSocket {
             local: sa(local),
             remote: sa(remote),
             kind,
+            cookie: (cookie != 0).then_some(cookie),
         }
     }
 
@@ -280,9 +392,20 @@ mod tests {
         unreadable: usize,
         gateways: &[IpAddr],
     ) -> Verdict {
+        judge_held(k, None, sockets, unreadable, gateways)
+    }
+
+    fn judge_held(
+        k: &Result<SockKey, KeyError>,
+        held: Option<&HeldView>,
+        sockets: &[SeenSocket],
+        unreadable: usize,
+        gateways: &[IpAddr],
+    ) -> Verdict {
         let index = SocketIndex::build(sockets.iter().copied());
         classify(
             k,
+            held,
             &Evidence {
                 sockets: &index,
                 unreadable_namespaces: unreadable,
@@ -468,6 +591,156 @@ mod tests {
         assert!(judge(&k, &[]).is_stale());
     }
 
+    fn held(local: &str, remote: &str, cookie: u64, closed: bool) -> HeldView {
+        HeldView {
+            cookie,
+            local: sa(local),
+            remote: sa(remote),
+            closed,
+        }
+    }
+
+    #[test]
+    fn identity_live_only_when_the_held_socket_is_the_owner() {
+        let k = key(SERVER, CLIENT);
+        let owner = cookied(SERVER, CLIENT, SocketKind::Connection, 77);
+        let h = held(SERVER, CLIENT, 77, false);
+        assert_eq!(
+            judge_held(&k, Some(&h), &[owner], 0, &[]),
+            Verdict::Live(LiveReason::HeldIsOwner)
+        );
+    }
+
+    #[test]
+    fn identity_closed_held_socket_is_stale_whatever_the_tuple_says() {
+        let k = key(SERVER, CLIENT);
+        // Natural stale entry: reset, fd kept, local port reads 0.
+        let h = held("10.0.1.2:0", CLIENT, 5, true);
+        for sockets in [
+            vec![],
+            vec![cookied(SERVER, CLIENT, SocketKind::Connection, 9)],
+        ] {
+            for unreadable in [0, 3] {
+                assert_eq!(
+                    judge_held(&k, Some(&h), &sockets, unreadable, &[]),
+                    Verdict::Stale(StaleReason::HeldClosed)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn identity_sees_the_request_stuck_right_now() {
+        // A stale key planted for the server end of a future connection; that connection is
+        // live now, so tuple evidence alone calls the entry live.
+        let k = key(SERVER, CLIENT);
+        let new_conn = cookied(SERVER, CLIENT, SocketKind::Connection, 100);
+        assert_eq!(
+            judge(&k, &[new_conn]),
+            Verdict::Live(LiveReason::TupleOwned),
+            "the blind spot of tuple evidence"
+        );
+        let planted = held("127.0.0.1:33000", "127.0.0.1:44000", 7, false);
+        assert_eq!(
+            judge_held(&k, Some(&planted), &[new_conn], 0, &[]),
+            Verdict::Stale(StaleReason::TupleOwnedByAnother {
+                local: sa("127.0.0.1:33000"),
+                remote: sa("127.0.0.1:44000"),
+            })
+        );
+        // Without a live owner of the tuple the same mismatch is HeldElsewhere.
+        assert_eq!(
+            judge_held(&k, Some(&planted), &[], 2, &[]),
+            Verdict::Stale(StaleReason::HeldElsewhere {
+                local: sa("127.0.0.1:33000"),
+                remote: sa("127.0.0.1:44000"),
+            })
+        );
+    }
+
+    #[test]
+    fn identity_alive_held_socket_is_never_stale() {
+        let k = key(SERVER, CLIENT);
+        let h = held(SERVER, CLIENT, 77, false);
+        for (sockets, unreadable) in [
+            (vec![], 0),
+            (vec![], 1),
+            (vec![cookied(SERVER, CLIENT, SocketKind::Connection, 78)], 0),
+            (vec![sock(SERVER, CLIENT, SocketKind::Connection)], 0),
+            (vec![cookied(SERVER, CLIENT, SocketKind::TimeWait, 77)], 0),
+        ] {
+            let v = judge_held(&k, Some(&h), &sockets, unreadable, &[]);
+            assert_eq!(
+                v,
+                Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
+                "{sockets:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn identity_matches_dual_stack_held_sockets() {
+        let k = key(SERVER, CLIENT);
+        let h = held(
+            "[::ffff:10.0.1.2]:8080",
+            "[::ffff:10.0.1.1]:40000",
+            3,
+            false,
+        );
+        let owner = cookied(SERVER, CLIENT, SocketKind::Connection, 3);
+        assert_eq!(
+            judge_held(&k, Some(&h), &[owner], 0, &[]),
+            Verdict::Live(LiveReason::HeldIsOwner)
+        );
+    }
+
+    #[test]
+    fn identity_proxy_entries_compare_only_the_local_end() {
+        let gateway: IpAddr = "10.0.0.1".parse().expect("ip");
+        let k = key("10.0.1.2:33000", "10.0.0.1:15001");
+        let conn = cookied("10.0.1.2:33000", "10.0.9.9:80", SocketKind::Connection, 11);
+        let h = held("10.0.1.2:33000", "10.0.9.9:80", 11, false);
+        assert_eq!(
+            judge_held(&k, Some(&h), &[conn], 0, &[gateway]),
+            Verdict::Live(LiveReason::ProxyHeldIsLive)
+        );
+        // Not confirmed by cookie: the tuple rule for proxies, never stale.
+        let h2 = held("10.0.1.2:33000", "10.0.9.9:80", 12, false);
+        assert_eq!(
+            judge_held(&k, Some(&h2), &[conn], 0, &[gateway]),
+            Verdict::Live(LiveReason::ProxyLocalEndOwned)
+        );
+        assert_eq!(
+            judge_held(&k, Some(&h2), &[], 0, &[gateway]),
+            Verdict::Unknown(UnknownReason::ProxyLocalEndNotFound)
+        );
+        // Identity proof still applies to proxy entries.
+        let elsewhere = held("10.0.1.3:1", "10.0.9.9:80", 11, false);
+        assert!(judge_held(&k, Some(&elsewhere), &[conn], 0, &[gateway]).is_stale());
+        let closed = held("10.0.1.2:0", "10.0.9.9:80", 11, true);
+        assert_eq!(
+            judge_held(&k, Some(&closed), &[conn], 0, &[gateway]),
+            Verdict::Stale(StaleReason::HeldClosed)
+        );
+    }
+
+    #[test]
+    fn identity_off_equals_the_tuple_path() {
+        let k = key(SERVER, CLIENT);
+        for sockets in [
+            vec![],
+            vec![sock(SERVER, CLIENT, SocketKind::Connection)],
+            vec![sock(SERVER, CLIENT, SocketKind::TimeWait)],
+        ] {
+            for unreadable in [0, 1] {
+                assert_eq!(
+                    judge_held(&k, None, &sockets, unreadable, &[]),
+                    judge_with(&k, &sockets, unreadable, &[])
+                );
+            }
+        }
+    }
+
     #[test]
     fn index_counts_every_socket() {
         let index = SocketIndex::build([
@@ -489,6 +762,18 @@ mod tests {
             Verdict::Unknown(UnknownReason::Undecodable(KeyError::Family(0))),
             Verdict::Unknown(UnknownReason::InventoryIncomplete { unreadable: 1 }),
             Verdict::Unknown(UnknownReason::ProxyLocalEndNotFound),
+            Verdict::Live(LiveReason::HeldIsOwner),
+            Verdict::Live(LiveReason::ProxyHeldIsLive),
+            Verdict::Stale(StaleReason::HeldClosed),
+            Verdict::Stale(StaleReason::HeldElsewhere {
+                local: sa(SERVER),
+                remote: sa(CLIENT),
+            }),
+            Verdict::Stale(StaleReason::TupleOwnedByAnother {
+                local: sa(SERVER),
+                remote: sa(CLIENT),
+            }),
+            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
         ];
         let codes: HashSet<_> = verdicts.iter().map(Verdict::reason_code).collect();
         assert_eq!(codes.len(), verdicts.len());
