@@ -397,3 +397,67 @@ mod tests {
         }
     }
 }
+
+/// Bad input never panics: arbitrary bytes and text through the decoder and the parser.
+/// Failing cases are kept in `proptest-regressions/` and replayed first on every run.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn endpoint() -> impl Strategy<Value = (IpAddr, u16)> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| IpAddr::V4(Ipv4Addr::from(o))),
+            any::<[u8; 16]>().prop_map(|o| IpAddr::V6(Ipv6Addr::from(o))),
+        ]
+        .prop_flat_map(|ip| (Just(ip), any::<u16>()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
+            if let Ok(raw) = RawKey::try_from(bytes.as_slice()) {
+                let _ = SockKey::decode(&raw);
+            }
+        }
+
+        #[test]
+        fn decoded_keys_encode_to_the_same_bytes(bytes in any::<[u8; KEY_LEN]>()) {
+            let raw = RawKey(bytes);
+            if let Ok(key) = SockKey::decode(&raw) {
+                prop_assert_eq!(key.encode(), raw);
+            }
+        }
+
+        #[test]
+        fn every_key_round_trips(
+            (local_ip, local_port) in endpoint(),
+            (remote_ip, remote_port) in endpoint(),
+        ) {
+            let local = SocketAddr::new(local_ip, local_port);
+            let remote = SocketAddr::new(remote_ip, remote_port);
+            match SockKey::for_socket(local, remote) {
+                Some(key) => {
+                    let raw = key.encode();
+                    prop_assert_eq!(SockKey::decode(&raw), Ok(key));
+                    prop_assert_eq!(parse_hex(&raw.to_hex()), Ok(raw));
+                    prop_assert_eq!(parse_hex(&raw.to_bpftool_hex()), Ok(raw));
+                }
+                None => prop_assert!(local.is_ipv4() != remote.is_ipv4()),
+            }
+        }
+
+        #[test]
+        fn parsers_never_panic(text in ".{0,300}") {
+            let _ = parse_hex(&text);
+            let _ = parse_hex_keys(&text);
+        }
+
+        #[test]
+        fn hexish_text_never_panics(text in "[0-9a-fA-Fx \n\t]{0,300}") {
+            let _ = parse_hex_keys(&text);
+        }
+    }
+}
