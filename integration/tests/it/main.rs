@@ -1,6 +1,7 @@
 //! Integration tests on the real kernel (run as root): one test binary, one module per area.
 
 mod audit;
+mod daemon;
 mod inventory;
 mod lab;
 mod support;

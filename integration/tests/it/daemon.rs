@@ -1,0 +1,662 @@
+//! `sockmap-gc daemon` on the real kernel: deletes stale entries planted while it runs and never
+//! a live one; a dry run deletes nothing and says so in its metrics; SIGHUP, SIGUSR1 and
+//! SIGTERM; the systemd unit's capabilities and hardening score; `promtool` on a real scrape.
+//! Each test has its own lab id, scratch directory and metrics port.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::{sys, ClientOpts, Lab};
+
+use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, HANG};
+
+/// The unit file the tests read the capability set and the hardening from.
+fn unit_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("systemd/sockmap-gc.service")
+}
+
+/// A directory for one test's config and trail, removed afterwards.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(id: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("sockmap-gc-{id}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config for the lab's map: metrics on an ephemeral loopback port, the trail in `scratch`,
+/// and `extra` lines last (a later duplicate key would be an error, so callers add only new
+/// keys).
+fn write_config(scratch: &Scratch, lab: &Lab, extra: &str) -> PathBuf {
+    let path = scratch.path("sockmap-gc.toml");
+    let text = format!(
+        "map = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ntrail = \"{}\"\n{extra}\n",
+        lab.map_path().display(),
+        scratch.path("trail.jsonl").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A running daemon; killed on drop if a test failed before stopping it, and its log shown.
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    metrics: SocketAddr,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        Daemon::start_with(&mut Command::new(product()), config)
+    }
+
+    /// Starts `cmd` (the product, or a wrapper such as setpriv ending in it) as a daemon.
+    fn start_with(cmd: &mut Command, config: &Path) -> Daemon {
+        let mut child = cmd
+            .arg("daemon")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .spawn()
+            .expect("start the daemon");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            lines,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let line = daemon
+            .wait_line(Duration::from_secs(10), |l| {
+                l.contains("serving metrics on")
+            })
+            .unwrap_or_else(|| panic!("the daemon never served metrics:\n{}", daemon.log()));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        daemon.metrics = addr;
+        daemon
+    }
+
+    fn log(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let mut found = None;
+        sys::wait_until(timeout, || {
+            found = self
+                .lines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|l| pred(l))
+                .cloned();
+            found.is_some()
+        });
+        found
+    }
+
+    fn scrape(&self) -> String {
+        let timeout = Duration::from_secs(5);
+        let mut stream =
+            TcpStream::connect_timeout(&self.metrics, timeout).expect("connect to metrics");
+        stream.set_read_timeout(Some(timeout)).expect("timeout");
+        stream.set_write_timeout(Some(timeout)).expect("timeout");
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send the request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read the response");
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("not HTTP: {response}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        body.to_string()
+    }
+
+    /// The value of the sample `series` (name with labels, as exposed), if present.
+    fn metric(&self, series: &str) -> Option<f64> {
+        sample(&self.scrape(), series)
+    }
+
+    /// Sweeps finished so far, by every result.
+    fn sweeps(&self) -> f64 {
+        let text = self.scrape();
+        ["ok", "held", "interrupted", "error"]
+            .iter()
+            .filter_map(|r| sample(&text, &format!("sockmap_gc_sweeps_total{{result=\"{r}\"}}")))
+            .sum()
+    }
+
+    fn wait_sweeps(&self, at_least: f64, timeout: Duration) -> f64 {
+        let mut n = 0.0;
+        sys::wait_until(timeout, || {
+            n = self.sweeps();
+            n >= at_least
+        });
+        assert!(
+            n >= at_least,
+            "only {n} sweeps, wanted {at_least}, within {timeout:?}:\n{}",
+            self.log()
+        );
+        n
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the daemon");
+    }
+
+    /// SIGTERM, then waits (at most 5 s) for the exit: its status and how long it took.
+    fn terminate(mut self) -> (ExitStatus, Duration) {
+        let sent = Instant::now();
+        self.signal(Signal::SIGTERM);
+        let mut status = None;
+        sys::wait_until(Duration::from_secs(5), || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        let took = sent.elapsed();
+        let status = status.unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", self.log()));
+        (status, took)
+    }
+
+    /// SIGTERM must end the daemon with status 0 within two seconds.
+    fn stop_promptly(self) -> String {
+        let log_handle = Arc::clone(&self.lines);
+        let (status, took) = self.terminate();
+        let log = log_handle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n");
+        assert!(
+            status.success(),
+            "exit status {status} after SIGTERM:\n{log}"
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "took {took:?} to exit:\n{log}"
+        );
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            evidence(&format!("daemon log:\n{}", self.log()));
+        }
+    }
+}
+
+/// One sample's value from a Prometheus text page.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `promtool check metrics` on a real scrape must find nothing.
+fn promtool_clean(page: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs (Debian package prometheus; scripts/setup.sh installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(page.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool finishes");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\non:\n{page}"
+    );
+}
+
+fn trail_keys(path: &Path) -> HashSet<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("trail line is JSON");
+            v["key"].as_str().expect("key").to_string()
+        })
+        .collect()
+}
+
+fn node_end(lab: &Lab, port: u16) -> SocketAddr {
+    SocketAddr::new(lab.node_ip(0).into(), port)
+}
+
+/// Stale keys as the incident makes them: filed for the server end of a future connection
+/// from `port`.
+fn plant_for_ports(lab: &Lab, server: SocketAddr, ports: &[u16]) -> Vec<SockKey> {
+    ports
+        .iter()
+        .map(|&p| {
+            let key = SockKey::for_socket(server, node_end(lab, p)).expect("one family");
+            lab.plant(key).expect("plant");
+            key
+        })
+        .collect()
+}
+
+#[test]
+fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
+    let id = "dmn-del";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(
+            &ClientOpts::to(server.addr())
+                .from_port(45000)
+                .from_port(45001),
+        )
+        .expect("hold two connections");
+    let live = live_keys(&lab, &[&held]);
+    let config = write_config(
+        &scratch,
+        &lab,
+        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"200ms\"",
+    );
+    let daemon = Daemon::start(&config);
+    daemon.wait_sweeps(1.0, Duration::from_secs(15));
+
+    // Planted while it runs: one natural (reset client, busy server), two planted.
+    let ok_before = daemon
+        .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
+        .unwrap_or(0.0);
+    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45010))];
+    stale.extend(plant_for_ports(&lab, server.addr(), &[45020, 45021]));
+    let planted = Instant::now();
+    let gone = sys::wait_until(Duration::from_secs(30), || {
+        stale.iter().all(|k| !lab.contains(k))
+    });
+    let ok_after = daemon
+        .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
+        .unwrap_or(0.0);
+    assert!(gone, "stale keys left after 30 s:\n{}", daemon.log());
+    // The sweep running when they were planted may miss them, the next confirms and deletes.
+    assert!(
+        ok_after - ok_before <= 3.0,
+        "took {} sweeps of 1 s (at most three intervals allowed)",
+        ok_after - ok_before
+    );
+    evidence(&format!(
+        "daemon deleted {} stale entries {:.1} s after they appeared ({} sweeps)",
+        stale.len(),
+        planted.elapsed().as_secs_f64(),
+        ok_after - ok_before
+    ));
+
+    // More sweeps pass; the live connections' keys stay, and only the stale keys were touched.
+    let n = daemon.sweeps();
+    daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
+    for k in &live {
+        assert!(
+            lab.contains(k),
+            "live key {k} was deleted:\n{}",
+            daemon.log()
+        );
+    }
+    let want: HashSet<String> = stale.iter().map(hex).collect();
+    assert_eq!(trail_keys(&scratch.path("trail.jsonl")), want);
+    let page = daemon.scrape();
+    assert_eq!(
+        sample(&page, "sockmap_gc_deletions_total{outcome=\"deleted\"}"),
+        Some(3.0)
+    );
+    assert_eq!(sample(&page, "sockmap_gc_dry_run"), Some(0.0));
+    assert_eq!(
+        sample(&page, "sockmap_gc_map_id").map(|v| v as u32),
+        lab.map_id()
+    );
+    assert!(sample(&page, "sockmap_gc_last_success_timestamp_seconds").is_some_and(|t| t > 0.0));
+    promtool_clean(&page);
+
+    // The cure: the request that hung on the planted key works.
+    let cured = lab
+        .request_from(server.addr(), 45020, HANG)
+        .expect("client runs");
+    assert!(cured.is_replied(), "{cured}");
+    let log = daemon.stop_promptly();
+    assert!(log.contains("deleted stale entry"), "{log}");
+    assert!(log.contains("sweep ok:"), "{log}");
+    held.release().expect("graceful close");
+}
+
+#[test]
+fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
+    let id = "dmn-dry";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).from_port(46000))
+        .expect("hold a connection");
+    let live = live_keys(&lab, &[&held]);
+    let stale = plant_for_ports(&lab, server.addr(), &[46010, 46011, 46012]);
+    // dry_run left at its default; JSON logs.
+    let config = write_config(
+        &scratch,
+        &lab,
+        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
+    );
+    let daemon = Daemon::start(&config);
+    let counted = sys::wait_until(Duration::from_secs(15), || {
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\"}") == Some(3.0)
+    });
+    assert!(counted, "stale count never reached 3:\n{}", daemon.log());
+    let n = daemon.sweeps();
+    daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
+    for k in stale.iter().chain(&live) {
+        assert!(lab.contains(k), "{k} deleted in a dry run");
+    }
+    let page = daemon.scrape();
+    assert_eq!(sample(&page, "sockmap_gc_dry_run"), Some(1.0));
+    assert_eq!(
+        sample(&page, "sockmap_gc_entries{verdict=\"live\"}"),
+        Some(live.len() as f64)
+    );
+    assert_eq!(
+        sample(&page, "sockmap_gc_deletions_total{outcome=\"deleted\"}"),
+        Some(0.0)
+    );
+    promtool_clean(&page);
+    assert!(
+        !scratch.path("trail.jsonl").exists(),
+        "a dry run writes no trail"
+    );
+    let log = daemon.stop_promptly();
+    // JSON lines, no colour codes (stderr is a pipe here), one summary per sweep.
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+        assert!(!line.contains('\u{1b}'), "colour code in {line}");
+    }
+    assert!(
+        log.contains("dry run, 3 would be deleted"),
+        "no summary line:\n{log}"
+    );
+    held.release().expect("graceful close");
+}
+
+#[test]
+fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_sweeps_now() {
+    let id = "dmn-hup";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let slow = "interval_min = \"1h\"\ninterval_max = \"1h\"\nconfirm_after = \"0s\"";
+    let config = write_config(&scratch, &lab, slow);
+    let daemon = Daemon::start(&config);
+    // The first sweep runs at once; the next would be an hour away.
+    daemon.wait_sweeps(1.0, Duration::from_secs(15));
+    assert_eq!(daemon.metric("sockmap_gc_interval_seconds"), Some(3600.0));
+
+    daemon.signal(Signal::SIGUSR1);
+    daemon.wait_sweeps(2.0, Duration::from_secs(10));
+
+    write_config(
+        &scratch,
+        &lab,
+        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
+    );
+    daemon.signal(Signal::SIGHUP);
+    let reloaded = Instant::now();
+    daemon.wait_sweeps(5.0, Duration::from_secs(15));
+    assert_eq!(daemon.metric("sockmap_gc_interval_seconds"), Some(1.0));
+    evidence(&format!(
+        "SIGHUP to 1 s: three more sweeps within {:.1} s",
+        reloaded.elapsed().as_secs_f64()
+    ));
+
+    std::fs::write(
+        &config,
+        "interval_min = \"1h\"\ninterval_max = \"1h\"\nbogus_key = 1\n",
+    )
+    .expect("write a broken config");
+    daemon.signal(Signal::SIGHUP);
+    let refused = daemon
+        .wait_line(Duration::from_secs(5), |l| {
+            l.contains("config not reloaded")
+        })
+        .unwrap_or_else(|| panic!("no refusal logged:\n{}", daemon.log()));
+    assert!(refused.contains("bogus_key"), "{refused}");
+    // The old config (1 s) stays.
+    let n = daemon.sweeps();
+    daemon.wait_sweeps(n + 2.0, Duration::from_secs(10));
+    assert_eq!(daemon.metric("sockmap_gc_interval_seconds"), Some(1.0));
+    daemon.stop_promptly();
+}
+
+#[test]
+fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
+    let id = "dmn-term";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let ports: Vec<u16> = (47000..47012).collect();
+    let stale = plant_for_ports(&lab, server.addr(), &ports);
+    // One delete a second: the delete phase takes 12 s.
+    let config = write_config(
+        &scratch,
+        &lab,
+        "dry_run = false\nrate_limit = 1\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
+    );
+    let daemon = Daemon::start(&config);
+    let deleting = sys::wait_until(Duration::from_secs(15), || {
+        stale.iter().any(|k| !lab.contains(k))
+    });
+    assert!(deleting, "no delete began:\n{}", daemon.log());
+    let log = daemon.stop_promptly();
+    let left = stale.iter().filter(|k| lab.contains(k)).count();
+    assert!(
+        left >= 6,
+        "only {left} of 12 left: the stop came late\n{log}"
+    );
+    assert!(
+        log.contains("stopping the running sweep between two deletes"),
+        "{log}"
+    );
+    assert_eq!(
+        trail_keys(&scratch.path("trail.jsonl")).len(),
+        stale.len() - left,
+        "the trail lists exactly the deletes done"
+    );
+}
+
+/// The unit's `CapabilityBoundingSet=` as setpriv spells it: `-all,+sys_admin,...`.
+fn unit_capabilities() -> String {
+    let unit = std::fs::read_to_string(unit_file()).expect("read the unit");
+    let caps: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .flat_map(|v| v.split_whitespace())
+        .map(|c| {
+            assert!(
+                unit.contains(&format!("#   {c} ")),
+                "{c} has no comment saying why"
+            );
+            format!("+{}", c.trim_start_matches("CAP_").to_lowercase())
+        })
+        .collect();
+    assert!(!caps.is_empty(), "the unit names no capabilities");
+    format!("-all,{}", caps.join(","))
+}
+
+#[test]
+fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
+    let id = "dmn-caps";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).from_port(48000))
+        .expect("hold a connection");
+    let live = live_keys(&lab, &[&held]);
+    let stale = natural_stale(&lab, server.addr(), node_end(&lab, 48010));
+    let planted = plant_for_ports(&lab, server.addr(), &[48020]);
+    let config = write_config(
+        &scratch,
+        &lab,
+        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
+    );
+    let caps = unit_capabilities();
+    let mut setpriv = Command::new("setpriv");
+    setpriv
+        .args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
+        .arg("--inh-caps=-all")
+        .arg("--ambient-caps=-all")
+        .arg(format!("--bounding-set={caps}"))
+        .arg("--")
+        .arg(product());
+    let daemon = Daemon::start_with(&mut setpriv, &config);
+    // The daemon really runs with only those: its effective set is the bounding set.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
+        .expect("daemon status");
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(eff, bnd, "effective capabilities beyond the bounding set");
+    assert_ne!(eff, "000001ffffffffff", "still every capability");
+    let gone = sys::wait_until(Duration::from_secs(20), || {
+        !lab.contains(&stale) && !lab.contains(&planted[0])
+    });
+    assert!(gone, "stale keys left with {caps}:\n{}", daemon.log());
+    for k in &live {
+        assert!(lab.contains(k), "live key {k} deleted");
+    }
+    evidence(&format!(
+        "the daemon with only {caps} (CapEff {eff}) deleted the stale entries"
+    ));
+    let log = daemon.stop_promptly();
+    assert!(
+        !log.contains("could not read"),
+        "incomplete inventory:\n{log}"
+    );
+    held.release().expect("graceful close");
+}
+
+#[test]
+fn the_unit_scores_at_most_3_in_systemd_analyze_security() {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(unit_file())
+        .output()
+        .expect("systemd-analyze runs (Debian package systemd)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("→ Overall exposure level for sockmap-gc.service: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no score in:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    evidence(&format!("systemd-analyze security --offline=true: {score}"));
+    assert!(score <= 3.0, "exposure {score} > 3.0:\n{text}");
+}
+
+#[test]
+fn a_bad_config_at_start_exits_2_naming_the_key() {
+    let scratch = Scratch::new("dmn-badcfg");
+    let config = scratch.path("bad.toml");
+    std::fs::write(&config, "dry_run = false\nrate_limt = 5\n").expect("write");
+    let mut child = Command::new(product())
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut status = None;
+    sys::wait_until(Duration::from_secs(5), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("rate_limt"), "{stderr}");
+    assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+}
