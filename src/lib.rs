@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod diag;
 pub mod guard;
+pub mod identity;
 pub mod key;
 pub mod map;
 pub mod metrics;

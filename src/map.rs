@@ -147,6 +147,11 @@ impl SockMap {
         self.map_type
     }
 
+    /// The map's fd, for attaching programs to it (the identity iterator).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.handle.as_fd()
+    }
+
     /// Walks every key with `get_next_key`.
     ///
     /// Unlike libbpf-rs's `keys()`, a syscall error is an error, not a silent end. A key

@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Sees the socket behind every entry of a sockhash with 44-byte keys (Cilium's
+ * cilium_sock_ops), and deletes an entry only while it still holds a given socket.
+ *
+ * Two iter/sockmap programs; userspace attaches them to the map at run time:
+ *  - identity: one struct identity_rec per entry: the raw key and, for the socket it holds,
+ *    the cookie, family, own local and remote end, TCP state and network namespace inode.
+ *    Only direct BTF reads and bpf_get_socket_cookie: no fentry, no bpf_probe_read_kernel,
+ *    so it loads under lockdown's confidentiality mode.
+ *  - compare_and_delete: for each entry whose key is in `targets` and whose socket's cookie
+ *    equals the target's, deletes the entry from `held` (userspace makes `held` the iterated
+ *    map with bpf_map__reuse_fd before load) and emits one struct cad_rec.
+ *
+ * The layouts of both records are mirrored in src/identity.rs; both sides assert the sizes.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "vmlinux_min.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define EIO 5
+
+#define KEY_LEN 44
+/* Targets per compare-and-delete pass; userspace sends larger batches in chunks. */
+#define CAD_BATCH 8192
+
+/* Outcomes stored in struct cad_target and emitted in struct cad_rec; a negative outcome
+ * is the error bpf_map_delete_elem returned. */
+#define CAD_PENDING 0
+#define CAD_DELETED 1
+#define CAD_COOKIE_CHANGED 2
+
+struct raw_key {
+	__u8 bytes[KEY_LEN];
+};
+
+struct identity_rec {
+	struct raw_key key;     /* 0: the entry's key, as the map holds it */
+	__u16 family;           /* 44: AF_INET or AF_INET6 (the held socket's skc_family) */
+	__u8 state;             /* 46: skc_state (TCP_ESTABLISHED 1 ... TCP_CLOSE 7) */
+	__u8 pad;               /* 47 */
+	__u64 cookie;           /* 48: bpf_get_socket_cookie, what sock_diag calls idiag_cookie */
+	__u8 local_addr[16];    /* 56: skc_rcv_saddr (first 4 bytes) or skc_v6_rcv_saddr */
+	__u8 remote_addr[16];   /* 72: skc_daddr (first 4 bytes) or skc_v6_daddr */
+	__u16 local_port;       /* 88: skc_num, host order */
+	__u16 remote_port;      /* 90: skc_dport converted to host order */
+	__u32 netns_inode;      /* 92: skc_net.net->ns.inum */
+};
+_Static_assert(sizeof(struct identity_rec) == 96, "identity_rec layout is shared with Rust");
+
+struct cad_target {
+	__u64 cookie;           /* the cookie of the socket that was judged stale */
+	__s32 outcome;          /* CAD_PENDING until the entry is met, then its outcome */
+	__u32 pad;
+};
+
+struct cad_rec {
+	struct raw_key key;     /* 0 */
+	__s32 outcome;          /* 44: CAD_DELETED, CAD_COOKIE_CHANGED or -errno */
+	__u64 cookie;           /* 48: the cookie of the socket the entry held when met */
+};
+_Static_assert(sizeof(struct cad_rec) == 56, "cad_rec layout is shared with Rust");
+
+/* Replaced by the iterated sockhash (bpf_map__reuse_fd) before load: a helper needs a map
+ * the verifier knows, and the iterator's ctx->map is no such map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, struct raw_key);
+	__type(value, __u32);
+} held SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CAD_BATCH);
+	__type(key, struct raw_key);
+	__type(value, struct cad_target);
+} targets SEC(".maps");
+
+SEC("iter/sockmap")
+int identity(struct bpf_iter__sockmap *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct sock *sk = ctx->sk;
+	void *key = ctx->key;
+	struct identity_rec rec;
+	struct net *net;
+	__u16 family;
+
+	if (!key || !sk)
+		return 0;
+	__builtin_memset(&rec, 0, sizeof(rec));
+	__builtin_memcpy(&rec.key, key, sizeof(rec.key));
+	family = sk->__sk_common.skc_family;
+	rec.family = family;
+	rec.state = sk->__sk_common.skc_state;
+	rec.cookie = bpf_get_socket_cookie(sk);
+	if (family == AF_INET6) {
+		__u32 *local = (__u32 *)rec.local_addr;
+		__u32 *remote = (__u32 *)rec.remote_addr;
+
+		local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
+		remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
+		remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
+		remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+	} else {
+		*(__u32 *)rec.local_addr = sk->__sk_common.skc_rcv_saddr;
+		*(__u32 *)rec.remote_addr = sk->__sk_common.skc_daddr;
+	}
+	rec.local_port = sk->__sk_common.skc_num;
+	rec.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	net = sk->__sk_common.skc_net.net;
+	if (net)
+		rec.netns_inode = net->ns.inum;
+	bpf_seq_write(seq, &rec, sizeof(rec));
+	return 0;
+}
+
+SEC("iter/sockmap")
+int compare_and_delete(struct bpf_iter__sockmap *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct sock *sk = ctx->sk;
+	void *ctx_key = ctx->key;
+	struct cad_target *target;
+	struct raw_key key;
+	struct cad_rec rec;
+	__u64 cookie;
+	long err;
+
+	if (!ctx_key || !sk)
+		return 0;
+	/* Helpers take keys from the stack, not from the context's buffer. */
+	__builtin_memcpy(&key, ctx_key, sizeof(key));
+	target = bpf_map_lookup_elem(&targets, &key);
+	if (!target)
+		return 0;
+	cookie = bpf_get_socket_cookie(sk);
+	/* The outcome is kept in the target, so an entry shown again (the sockhash iterator
+	 * restarts its current bucket after each read) is judged and deleted at most once. */
+	if (target->outcome == CAD_PENDING) {
+		if (cookie != target->cookie) {
+			target->outcome = CAD_COOKIE_CHANGED;
+		} else {
+			err = bpf_map_delete_elem(&held, &key);
+			target->outcome = err == 0 ? CAD_DELETED : (err < 0 ? (__s32)err : -EIO);
+		}
+	}
+	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.key = key;
+	rec.outcome = target->outcome;
+	rec.cookie = cookie;
+	bpf_seq_write(seq, &rec, sizeof(rec));
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

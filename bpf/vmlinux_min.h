@@ -1,0 +1,73 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The few kernel types bpf/sockmap_identity.bpf.c reads, declared for CO-RE instead of a
+ * generated vmlinux.h, so the product builds on a machine without /sys/kernel/btf/vmlinux
+ * (a Debian build host). Only the fields read are declared; every struct carries
+ * preserve_access_index, so libbpf relocates each field offset at load time against the
+ * running kernel's BTF, matching fields by name (also through the kernel's anonymous unions:
+ * skc_addrpair, skc_portpair, ...). Layouts here need not match any kernel.
+ */
+#ifndef SOCKMAP_GC_VMLINUX_MIN_H
+#define SOCKMAP_GC_VMLINUX_MIN_H
+
+#include <linux/types.h>
+
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+
+struct seq_file;
+struct bpf_map;
+
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	__u64 session_id;
+	__u64 seq_num;
+};
+
+/* net/core/sock_map.c: the context of an iter/sockmap program. Pointers are 8 bytes on
+ * the BPF target, as the kernel's __bpf_md_ptr makes them. */
+struct bpf_iter__sockmap {
+	struct bpf_iter_meta *meta;
+	struct bpf_map *map;
+	void *key;
+	struct sock *sk;
+};
+
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+		__be16 u6_addr16[8];
+		__be32 u6_addr32[4];
+	} in6_u;
+};
+
+struct ns_common {
+	unsigned int inum;
+};
+
+struct net {
+	struct ns_common ns;
+};
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct sock_common {
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	__u16 skc_num;
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	possible_net_t skc_net;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+};
+
+struct sock {
+	struct sock_common __sk_common;
+};
+
+#pragma clang attribute pop
+
+#endif
