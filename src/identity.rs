@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Iter, MapCore, MapFlags, OpenObject};
+use libbpf_rs::{Iter, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
 
 use crate::diag::TcpState;
 use crate::key::{RawKey, KEY_LEN};
@@ -82,6 +82,12 @@ trait Record: Copy {}
 impl Record for IdentityRecord {}
 impl Record for CadRecord {}
 impl Record for CadTarget {}
+
+/// The compiled BPF object (the skeleton embeds the same bytes).
+const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap_identity.bpf.o"));
+const CAD_PROGRAM: &str = "compare_and_delete";
+const HELD_MAP: &str = "held";
+const TARGETS_MAP: &str = "targets";
 
 /// Targets per pass: the `targets` map's max_entries in the BPF program (CAD_BATCH).
 const CAD_BATCH: usize = 8192;
@@ -288,7 +294,7 @@ impl Drop for Loaded {
 pub struct IdentityReader {
     identity: Loaded,
     /// The compare-and-delete program, loaded for one map (by id) on first use.
-    cad: Option<(u32, Loaded)>,
+    cad: Option<(u32, Object)>,
 }
 
 impl IdentityReader {
@@ -297,6 +303,7 @@ impl IdentityReader {
     pub fn new() -> Result<IdentityReader, IdentityError> {
         let identity = Loaded::load(|open| {
             open.progs.compare_and_delete.set_autoload(false);
+            // Made only by the compare-and-delete object.
             open.maps.held.set_autocreate(false)?;
             open.maps.targets.set_autocreate(false)
         })
@@ -360,31 +367,35 @@ impl IdentityReader {
             return Ok(Vec::new());
         }
         require_writable(map)?;
-        let loaded = self.cad_for(map)?;
+        let object = self.cad_for(map)?;
+        let program = find_program(object, CAD_PROGRAM, map.id())?;
+        let table = object
+            .maps()
+            .find(|m| m.name() == TARGETS_MAP)
+            .ok_or_else(|| IdentityError::Malformed {
+                map_id: map.id(),
+                what: format!("the BPF object has no map {TARGETS_MAP}"),
+            })?;
         let mut results = Vec::with_capacity(targets.len());
         for chunk in chunks(targets) {
-            results.extend(cad_pass(loaded, map, chunk)?);
+            results.extend(cad_pass(&program, &table, map, chunk)?);
         }
         Ok(results)
     }
 
-    fn cad_for(&mut self, map: &SockMap) -> Result<&Loaded, IdentityError> {
+    fn cad_for(&mut self, map: &SockMap) -> Result<&Object, IdentityError> {
         if !matches!(&self.cad, Some((id, _)) if *id == map.id()) {
             // Drop the program of a replaced map before loading the next one.
             self.cad = None;
-            let loaded = Loaded::load(|open| {
-                open.progs.identity.set_autoload(false);
-                open.maps.held.reuse_fd(map.fd())
-            })
-            .map_err(|e| IdentityError::CompareAndDeleteRefused {
+            let object = load_cad(map).map_err(|e| IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
                 errno: errno_of(&e),
                 error: format!("{e:#}"),
             })?;
-            self.cad = Some((map.id(), loaded));
+            self.cad = Some((map.id(), object));
         }
         match &self.cad {
-            Some((_, loaded)) => Ok(loaded),
+            Some((_, object)) => Ok(object),
             None => Err(IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
                 errno: None,
@@ -392,6 +403,44 @@ impl IdentityReader {
             }),
         }
     }
+}
+
+/// Opens the object without its skeleton: `bpf_map__reuse_fd` renames `held` after the
+/// reused map (e.g. `cilium_sock_ops`), a name the generated skeleton does not know.
+fn load_cad(map: &SockMap) -> libbpf_rs::Result<Object> {
+    let mut open = ObjectBuilder::default().open_memory(OBJECT)?;
+    for mut prog in open.progs_mut() {
+        if prog.name() != CAD_PROGRAM {
+            prog.set_autoload(false);
+        }
+    }
+    let mut reused = false;
+    for mut m in open.maps_mut() {
+        if m.name() == HELD_MAP {
+            m.reuse_fd(map.fd())?;
+            reused = true;
+        }
+    }
+    if !reused {
+        return Err(libbpf_rs::Error::from(io::Error::other(format!(
+            "the BPF object has no map {HELD_MAP}"
+        ))));
+    }
+    open.load()
+}
+
+fn find_program<'obj>(
+    object: &'obj Object,
+    name: &str,
+    map_id: u32,
+) -> Result<libbpf_rs::ProgramMut<'obj>, IdentityError> {
+    object
+        .progs_mut()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| IdentityError::Malformed {
+            map_id,
+            what: format!("the BPF object has no program {name}"),
+        })
 }
 
 fn attach_refused(map: &SockMap, e: &libbpf_rs::Error) -> IdentityError {
@@ -431,12 +480,12 @@ fn chunks(targets: &[(RawKey, u64)]) -> Vec<&[(RawKey, u64)]> {
 
 /// One pass: fill `targets`, run the iterator once, collect outcomes, empty `targets`.
 fn cad_pass(
-    loaded: &Loaded,
+    program: &libbpf_rs::ProgramMut<'_>,
+    table: &libbpf_rs::Map<'_>,
     map: &SockMap,
     chunk: &[(RawKey, u64)],
 ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
     let id = map.id();
-    let table = &loaded.skel.maps.targets;
     let fill_error = |e: libbpf_rs::Error| IdentityError::Targets {
         map_id: id,
         error: format!("{e:#}"),
@@ -456,16 +505,14 @@ fn cad_pass(
             .update(&key.0, record_bytes(&value), MapFlags::ANY)
             .map_err(fill_error)?;
     }
-    let link = loaded
-        .skel
-        .progs
-        .compare_and_delete
-        .attach_iter(map.fd())
-        .map_err(|e| IdentityError::CompareAndDeleteRefused {
-            map_id: id,
-            errno: errno_of(&e),
-            error: format!("{e:#}"),
-        })?;
+    let link =
+        program
+            .attach_iter(map.fd())
+            .map_err(|e| IdentityError::CompareAndDeleteRefused {
+                map_id: id,
+                errno: errno_of(&e),
+                error: format!("{e:#}"),
+            })?;
     let read = read_iter(id, &link);
     drop(link);
     let records: Vec<CadRecord> = parse_records(id, &read?)?;

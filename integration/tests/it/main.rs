@@ -2,6 +2,7 @@
 
 mod audit;
 mod daemon;
+mod identity;
 mod inventory;
 mod lab;
 mod support;

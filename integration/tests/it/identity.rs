@@ -1,0 +1,272 @@
+//! The socket-identity iterator on the real kernel: the socket behind held, planted and
+//! naturally stale entries; in-kernel compare-and-delete; the cost of one read against a
+//! `get_next_key` walk.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use sockmap_gc::diag::{inventory, LiveSocket, TcpState};
+use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader};
+use sockmap_gc::key::{RawKey, SockKey};
+use sockmap_gc::map::{Access, SockMap};
+use sockmap_gc::netns::Netns;
+use sockmap_gc_lab::{ClientOpts, Lab, LabConfig};
+
+use crate::support::{evidence, lab, lab_with, live_keys, natural_stale, PEER};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn reader() -> IdentityReader {
+    IdentityReader::new().unwrap_or_else(|e| {
+        panic!("this kernel runs iter/sockmap programs (KERNEL-FACTS); loading failed: {e}")
+    })
+}
+
+fn open(lab: &Lab) -> SockMap {
+    SockMap::open(&lab.map_path(), Access::ReadWrite).expect("the lab's map opens")
+}
+
+fn identities(reader: &mut IdentityReader, map: &SockMap) -> HashMap<RawKey, HeldSocket> {
+    let ids = reader.read(map).expect("identity read");
+    assert_eq!(ids.map_id, map.id());
+    let by_key: HashMap<RawKey, HeldSocket> = ids.entries.iter().copied().collect();
+    assert_eq!(by_key.len(), ids.entries.len(), "one entry per key");
+    by_key
+}
+
+/// The sockets of the lab's node and pod namespaces, from sock_diag.
+fn lab_sockets(lab: &Lab) -> Vec<LiveSocket> {
+    let mut spaces =
+        vec![Netns::from_path(&lab.node_netns_path(), "node").expect("node namespace")];
+    for pod in 0..lab.pods() {
+        spaces.push(Netns::from_path(&lab.pod_netns_path(pod), "pod").expect("pod namespace"));
+    }
+    let inv = inventory(&spaces);
+    assert!(inv.is_complete(), "every lab namespace read");
+    inv.sockets
+}
+
+#[test]
+fn identity_sees_held_planted_and_naturally_stale_sockets() {
+    let mut config = LabConfig::new("id-read", 1, PEER);
+    config.ipv6 = true;
+    let lab = lab_with(config);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).count(3))
+        .expect("hold");
+    let live = live_keys(&lab, &[&held]);
+    let natural = natural_stale(&lab, server.addr(), sa(lab.node_ip(0), 42000));
+    let planted4 = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
+    let pod6 = lab.pod_ip6(0).expect("ipv6 lab");
+    let node6 = lab.node_ip6(0).expect("ipv6 lab");
+    let planted6 = SockKey::for_socket(sa(pod6, 8080), sa(node6, 40001)).expect("v6");
+    lab.plant(planted4).expect("plant v4");
+    lab.plant(planted6).expect("plant v6");
+
+    let map = open(&lab);
+    let by_key = identities(&mut reader(), &map);
+    let keys: HashSet<RawKey> = lab.raw_keys().into_iter().collect();
+    assert_eq!(
+        by_key.keys().copied().collect::<HashSet<_>>(),
+        keys,
+        "one identity per map entry"
+    );
+
+    let sockets = lab_sockets(&lab);
+    let node_inode = Netns::from_path(&lab.node_netns_path(), "node")
+        .expect("node")
+        .id
+        .inode;
+    let pod_inode = Netns::from_path(&lab.pod_netns_path(0), "pod")
+        .expect("pod")
+        .id
+        .inode;
+    for key in &live {
+        let h = by_key[&key.encode()];
+        assert_eq!(
+            h.local, key.local,
+            "held socket's own local end is B: {key}"
+        );
+        assert_eq!(
+            h.remote, key.remote,
+            "held socket's own remote end is A: {key}"
+        );
+        assert_eq!(h.state, TcpState::Established, "{key}");
+        let owner = sockets
+            .iter()
+            .find(|s| s.local == h.local && s.remote == h.remote)
+            .unwrap_or_else(|| panic!("sock_diag sees the socket of {key}"));
+        assert_eq!(h.cookie, owner.cookie, "cookie = idiag_cookie: {key}");
+        assert_eq!(h.netns_inode, owner.netns.inode, "{key}");
+        let expected = if key.local.ip() == IpAddr::from(lab.pod_ip(0)) {
+            pod_inode
+        } else {
+            node_inode
+        };
+        assert_eq!(h.netns_inode, expected, "the end's own namespace: {key}");
+    }
+
+    for planted in [planted4, planted6] {
+        let h = by_key[&planted.encode()];
+        assert_ne!(
+            (h.local, h.remote),
+            (planted.local, planted.remote),
+            "a planted key holds another socket: {planted}"
+        );
+        assert!(
+            h.local.ip().is_loopback() && h.remote.ip().is_loopback(),
+            "the planter's loopback socket: {h:?}"
+        );
+        assert_eq!(h.state, TcpState::Established);
+        assert_eq!(
+            h.netns_inode, node_inode,
+            "the planter works in the node namespace"
+        );
+        assert!(
+            sockets.iter().any(|s| s.cookie == h.cookie),
+            "the planter's socket is live in sock_diag"
+        );
+    }
+
+    let h = by_key[&natural.encode()];
+    assert_eq!(h.state, TcpState::Close, "reset, fd kept: TCP_CLOSE");
+    assert_eq!(h.local.port(), 0, "unhashed: its local port reads 0");
+    assert!(
+        !sockets
+            .iter()
+            .any(|s| s.cookie == h.cookie && s.state != TcpState::Close),
+        "no live connection is the naturally stale entry's socket"
+    );
+    evidence(&format!(
+        "identity on the real kernel: {} entries; planted {} holds {} -> {}; natural stale {} holds a {:?} socket, local port {}",
+        by_key.len(),
+        planted4,
+        by_key[&planted4.encode()].local,
+        by_key[&planted4.encode()].remote,
+        natural,
+        h.state,
+        h.local.port()
+    ));
+    drop(held);
+}
+
+#[test]
+fn compare_and_delete_deletes_only_the_judged_socket() {
+    let lab = lab("id-cad", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).count(2))
+        .expect("hold");
+    let live = live_keys(&lab, &[&held]);
+    let node = lab.node_ip(0);
+    let right = SockKey::for_socket(server.addr(), sa(node, 40000)).expect("v4");
+    let wrong = SockKey::for_socket(server.addr(), sa(node, 40001)).expect("v4");
+    let absent = SockKey::for_socket(server.addr(), sa(node, 40002)).expect("v4");
+    lab.plant(right).expect("plant");
+    lab.plant(wrong).expect("plant");
+
+    let map = open(&lab);
+    let mut reader = reader();
+    let by_key = identities(&mut reader, &map);
+    let right_cookie = by_key[&right.encode()].cookie;
+    let wrong_cookie = by_key[&wrong.encode()].cookie ^ 1;
+    let targets = [
+        (right.encode(), right_cookie),
+        (wrong.encode(), wrong_cookie),
+        (absent.encode(), 1),
+    ];
+    let outcomes = reader
+        .compare_and_delete(&map, &targets)
+        .unwrap_or_else(|e| panic!("KERNEL-FACTS: the verifier accepts the delete: {e}"));
+    assert_eq!(
+        outcomes,
+        vec![
+            (right.encode(), CadOutcome::Deleted),
+            (wrong.encode(), CadOutcome::CookieChanged),
+            (absent.encode(), CadOutcome::Gone),
+        ]
+    );
+    let after: HashSet<RawKey> = lab.raw_keys().into_iter().collect();
+    assert!(!after.contains(&right.encode()), "the judged entry is gone");
+    assert!(
+        after.contains(&wrong.encode()),
+        "another socket's entry stays"
+    );
+    for k in &live {
+        assert!(after.contains(&k.encode()), "live entry {k} untouched");
+    }
+
+    // The same program again (loaded once per map): the deleted key is now gone.
+    let again = reader
+        .compare_and_delete(&map, &[(right.encode(), right_cookie)])
+        .expect("second pass");
+    assert_eq!(again, vec![(right.encode(), CadOutcome::Gone)]);
+    // A reread still works after the deletes.
+    assert_eq!(identities(&mut reader, &map).len(), after.len());
+
+    let read_only = SockMap::open(&lab.map_path(), Access::ReadOnly).expect("open read-only");
+    assert!(matches!(
+        reader.compare_and_delete(&read_only, &[(wrong.encode(), wrong_cookie)]),
+        Err(IdentityError::ReadOnlyMap { .. })
+    ));
+    assert!(
+        reader.read(&read_only).is_ok(),
+        "reading needs no write access"
+    );
+    drop(held);
+}
+
+#[test]
+fn identity_read_against_a_key_walk_at_scale() {
+    const PLANTED: u16 = 8000;
+    let lab = lab("id-scale", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let node = lab.node_ip(0);
+    let planted: Vec<SockKey> = (20000..20000 + PLANTED)
+        .map(|port| {
+            let k = SockKey::for_socket(server.addr(), sa(node, port)).expect("v4");
+            lab.plant(k).expect("plant");
+            k
+        })
+        .collect();
+    let map = open(&lab);
+    let mut reader = reader();
+
+    const ROUNDS: u32 = 5;
+    let mut walk = f64::MAX;
+    let mut read = f64::MAX;
+    let mut keys = 0;
+    let mut ids = 0;
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        keys = map.snapshot().expect("walk").keys.len();
+        walk = walk.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        ids = reader.read(&map).expect("identity read").entries.len();
+        read = read.min(t.elapsed().as_secs_f64());
+    }
+    assert_eq!(keys, usize::from(PLANTED));
+    assert_eq!(ids, usize::from(PLANTED));
+
+    let by_key = identities(&mut reader, &map);
+    let targets: Vec<(RawKey, u64)> = planted
+        .iter()
+        .map(|k| (k.encode(), by_key[&k.encode()].cookie))
+        .collect();
+    let t = Instant::now();
+    let outcomes = reader.compare_and_delete(&map, &targets).expect("cad");
+    let cad = t.elapsed().as_secs_f64();
+    assert!(outcomes.iter().all(|(_, o)| *o == CadOutcome::Deleted));
+    assert!(lab.raw_keys().is_empty(), "every planted entry deleted");
+    evidence(&format!(
+        "identity scale ({PLANTED} entries, best of {ROUNDS}): get_next_key walk {:.2} ms (keys only), \
+         iterator read {:.2} ms (keys and held sockets); in-kernel compare-and-delete of all {PLANTED}: {:.2} ms",
+        walk * 1e3,
+        read * 1e3,
+        cad * 1e3
+    ));
+}
