@@ -6,18 +6,37 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::diag;
+use crate::identity::{HeldSocket, IdentityError, IdentitySource};
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
 use crate::procnet;
-use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, Verdict};
+use crate::verdict::{classify, Evidence, HeldView, SeenSocket, SocketIndex, Verdict};
 
 /// One map entry with its decoding and verdict.
 #[derive(Debug, Clone)]
 pub struct Judged {
     pub raw: RawKey,
     pub key: Result<SockKey, KeyError>,
+    /// The socket the entry holds, when identity is in use.
+    pub held: Option<HeldSocket>,
     pub verdict: Verdict,
+}
+
+impl Judged {
+    /// The held socket as the classifier weighs it.
+    pub fn held_view(&self) -> Option<HeldView> {
+        self.held.as_ref().map(held_view)
+    }
+}
+
+pub fn held_view(h: &HeldSocket) -> HeldView {
+    HeldView {
+        cookie: h.cookie,
+        local: h.local,
+        remote: h.remote,
+        closed: h.state == diag::TcpState::Close,
+    }
 }
 
 /// A namespace that could not be read, with why.
@@ -31,6 +50,8 @@ pub struct Unreadable {
 #[derive(Debug, Clone)]
 pub struct Observation {
     pub map_id: u32,
+    /// Whether the socket behind each entry was seen (the sockmap iterator).
+    pub identity: bool,
     pub entries: Vec<Judged>,
     pub namespaces_read: usize,
     pub namespaces_vanished: usize,
@@ -76,6 +97,8 @@ pub enum ObserveError {
     Map(#[from] MapError),
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// The live sockets of every namespace, indexed for the classifier.
@@ -115,13 +138,15 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
         .collect();
     let mut via_procfs = Vec::new();
     let mut procfs_tables = 0;
+    let mut gone = 0;
     for e in &inventory.unreadable {
         match read_denied_netns(e) {
-            Some(rows) => {
+            Denied::Read(rows) => {
                 procfs_tables += 1;
                 via_procfs.extend(rows);
             }
-            None => unreadable.push(Unreadable {
+            Denied::Gone => gone += 1,
+            Denied::Unreadable => unreadable.push(Unreadable {
                 what: e.path().display().to_string(),
                 error: e.to_string(),
             }),
@@ -144,31 +169,49 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
     Ok(Sockets {
         index: SocketIndex::build(seen),
         namespaces_read: inventory.read,
-        namespaces_vanished: inventory.vanished.len(),
+        namespaces_vanished: inventory.vanished.len() + gone,
         procfs_tables,
         unreadable,
         per_netns,
     })
 }
 
+/// What became of a namespace path discovery could not examine.
+enum Denied {
+    /// Its TCP table, read from `/proc/PID/net` instead.
+    Read(Vec<procnet::ProcSocket>),
+    /// The process exited meanwhile: its namespace is gone, or reached through another path.
+    Gone,
+    Unreadable,
+}
+
 /// A process whose namespace file is denied to us (ptrace rules, an LSM) still shows its
 /// namespace's TCP table in `/proc/PID/net`: read it there instead of leaving a hole.
-fn read_denied_netns(e: &netns::NetnsError) -> Option<Vec<procnet::ProcSocket>> {
+fn read_denied_netns(e: &netns::NetnsError) -> Denied {
     let netns::NetnsError::Stat { path, source } = e else {
-        return None;
+        return Denied::Unreadable;
     };
-    if source.kind() != std::io::ErrorKind::PermissionDenied || !path.ends_with("ns/net") {
-        return None;
-    }
-    let dir = path.parent()?.parent()?;
+    let dir = path.parent().and_then(Path::parent);
+    let (true, Some(dir)) = (
+        source.kind() == std::io::ErrorKind::PermissionDenied && path.ends_with("ns/net"),
+        dir,
+    ) else {
+        return Denied::Unreadable;
+    };
     match procnet::read(dir) {
         Ok(rows) => {
             tracing::debug!(path = %path.display(), sockets = rows.len(), "namespace file denied; read its TCP table from procfs");
-            Some(rows)
+            Denied::Read(rows)
+        }
+        Err(err)
+            if err.kind() == std::io::ErrorKind::NotFound
+                || err.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            Denied::Gone
         }
         Err(err) => {
             tracing::debug!(path = %path.display(), %err, "procfs fallback failed");
-            None
+            Denied::Unreadable
         }
     }
 }
@@ -182,22 +225,43 @@ pub fn observe(
     map: &SockMap,
     proc_root: &Path,
     gateways: &[IpAddr],
+    identity: &mut IdentitySource,
 ) -> Result<Observation, ObserveError> {
     let started = Instant::now();
-    let snapshot = map.snapshot()?;
+    // One iterator pass gives the keys and their sockets; without it, walk the keys.
+    let (map_id, keyed): (u32, Vec<(RawKey, Option<HeldSocket>)>) = match identity.read(map)? {
+        Some(ids) => (
+            ids.map_id,
+            ids.entries.into_iter().map(|(k, h)| (k, Some(h))).collect(),
+        ),
+        None => {
+            let snapshot = map.snapshot()?;
+            (
+                snapshot.map_id,
+                snapshot.keys.into_iter().map(|k| (k, None)).collect(),
+            )
+        }
+    };
+    let with_identity = identity.is_active();
     let sockets = gather_sockets(proc_root)?;
     let evidence = sockets.evidence(gateways);
-    let entries = snapshot
-        .keys
+    let entries = keyed
         .into_iter()
-        .map(|raw| {
+        .map(|(raw, held)| {
             let key = SockKey::decode(&raw);
-            let verdict = classify(&key, None, &evidence);
-            Judged { raw, key, verdict }
+            let view = held.as_ref().map(held_view);
+            let verdict = classify(&key, view.as_ref(), &evidence);
+            Judged {
+                raw,
+                key,
+                held,
+                verdict,
+            }
         })
         .collect();
     Ok(Observation {
-        map_id: snapshot.map_id,
+        map_id,
+        identity: with_identity,
         entries,
         namespaces_read: sockets.namespaces_read,
         namespaces_vanished: sockets.namespaces_vanished,

@@ -14,6 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::audit::{self, Filter};
 use crate::guard::GuardSettings;
+use crate::identity::{IdentityMode, IdentitySource};
 use crate::key::{self, SockKey};
 use crate::map::{Access, SockMap};
 use crate::report::{self, MapSource};
@@ -87,6 +88,10 @@ pub struct MapArgs {
     /// stale on tuple evidence; repeatable [default: the addresses of the cilium_host interface]
     #[arg(long, value_name = "IP")]
     pub gateway: Vec<IpAddr>,
+    /// See the socket behind each entry through a BPF sockmap iterator: `auto` uses it when
+    /// the kernel allows and warns once otherwise, `on` makes a refusal an error
+    #[arg(long, value_enum, default_value_t = IdentityMode::Auto)]
+    pub identity: IdentityMode,
     /// Root under which /proc and /run are read (for tests and chroots)
     #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
     pub root: PathBuf,
@@ -173,8 +178,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     pub map: Option<PathBuf>,
     /// Serve metrics on IP:PORT instead of the config's metrics_listen; "" for none
-    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen)]
-    pub metrics_listen: Option<Option<std::net::SocketAddr>>,
+    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen_flag)]
+    pub metrics_listen: Option<crate::config::Listen>,
     /// Log format, instead of the config's log_format
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<crate::config::LogFormat>,
@@ -208,7 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let overrides = crate::config::Overrides {
                 dry_run: (args.dry_run || args.execute).then_some(args.dry_run),
                 map: args.map,
-                metrics_listen: args.metrics_listen,
+                metrics_listen: args.metrics_listen.map(|l| l.0),
                 log_format: args.log_format,
             };
             crate::daemon::run(&args.config, overrides).map(|()| Outcome::Clean)
@@ -280,7 +285,8 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     };
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
     let gateways = gateways(&args.map);
-    let observation = audit::observe(&map, &args.map.root, &gateways)?;
+    let mut identity = IdentitySource::new(args.map.identity)?;
+    let observation = audit::observe(&map, &args.map.root, &gateways, &mut identity)?;
     let source = map_source(&map);
     let selected = report::selected(&observation, &filter);
     let stale = selected.iter().any(|e| e.verdict.is_stale());
@@ -318,9 +324,15 @@ fn sweep(args: SweepArgs) -> anyhow::Result<Outcome> {
             .context("installing the signal handler")?;
     }
     let mut display = ProgressDisplay::new();
-    let report = sweep::sweep(&map, &settings, &stop, trail.as_mut(), &mut |p| {
-        display.update(p)
-    })?;
+    let mut identity = IdentitySource::new(args.map.identity)?;
+    let report = sweep::sweep(
+        &map,
+        &settings,
+        &mut identity,
+        &stop,
+        trail.as_mut(),
+        &mut |p| display.update(p),
+    )?;
     display.finish();
     let source = map_source(&map);
     let text = match args.output {

@@ -270,6 +270,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     Ok(s)
 }
 
+/// `--metrics-listen` as given: `Listen(None)` turns the listener off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+/// Parses `--metrics-listen` (clap needs one value type, not a nested `Option`).
+pub fn parse_listen_flag(v: &str) -> Result<Listen, String> {
+    parse_listen(v).map(Listen)
+}
+
 /// `""` turns the listener off; otherwise `IP:PORT`.
 pub fn parse_listen(v: &str) -> Result<Option<SocketAddr>, String> {
     if v.is_empty() {
@@ -440,6 +449,28 @@ gateways = ["10.0.0.1", "fd00::1"]
         let mut same = before.clone();
         Overrides::default().apply(&mut same);
         assert_eq!(same, before);
+    }
+
+    #[test]
+    fn daemon_flags_parse_into_overrides() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let argv = ["sockmap-gc", "daemon"].iter().chain(args).copied();
+            match crate::cli::Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(crate::cli::Command::Daemon(a)) => Ok(a),
+                Ok(other) => panic!("parsed as {other:?}"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let a = parse(&["--metrics-listen", "", "--log-format", "json", "--execute"]).expect("ok");
+        assert_eq!(a.metrics_listen, Some(Listen(None)));
+        assert_eq!(a.log_format, Some(LogFormat::Json));
+        assert!(a.execute && !a.dry_run);
+        let a = parse(&["--metrics-listen", "[::1]:9", "--map", "/sys/fs/bpf/m"]).expect("ok");
+        assert!(a.metrics_listen.is_some_and(|l| l.0.is_some()));
+        assert_eq!(a.config, PathBuf::from(DEFAULT_PATH));
+        assert!(parse(&["--metrics-listen", "localhost"]).is_err());
+        assert!(parse(&["--dry-run", "--execute"]).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use crate::audit::{self, Filter};
 use crate::config::{self, Overrides, Settings};
 use crate::guard::GuardSettings;
+use crate::identity::{IdentityMode, IdentitySource};
 use crate::map::{Access, SockMap};
 use crate::metrics::{self, Metrics};
 use crate::report::Summary;
@@ -352,8 +353,16 @@ fn sweep_once(settings: &Settings, stop: &AtomicBool) -> Result<(SweepReport, Pa
         proc_root: PathBuf::from("/"),
         recheck_max_age: RECHECK_MAX_AGE,
     };
-    let report = sweep::sweep(&map, &sweep_settings, stop, trail.as_mut(), &mut |_| {})
-        .map_err(|e| e.to_string())?;
+    let mut identity = IdentitySource::new(IdentityMode::Auto).map_err(|e| e.to_string())?;
+    let report = sweep::sweep(
+        &map,
+        &sweep_settings,
+        &mut identity,
+        stop,
+        trail.as_mut(),
+        &mut |_| {},
+    )
+    .map_err(|e| e.to_string())?;
     Ok((report, map.path().to_path_buf()))
 }
 

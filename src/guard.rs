@@ -198,6 +198,7 @@ mod tests {
         Judged {
             raw: key.encode(),
             key: Ok(key),
+            held: None,
             verdict: if stale {
                 Verdict::Stale(StaleReason::NoSocket { namespaces: 1 })
             } else {
@@ -214,6 +215,7 @@ mod tests {
     fn obs(map_id: u32, sockets: usize, entries: Vec<Judged>) -> Observation {
         Observation {
             map_id,
+            identity: false,
             entries,
             namespaces_read: 1,
             namespaces_vanished: 0,

@@ -290,6 +290,124 @@ impl Drop for Loaded {
     }
 }
 
+/// Whether to look at the socket behind each entry: `--identity` and the `identity` config key.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityMode {
+    /// Use the iterator when the kernel allows it; else warn once and use tuple evidence.
+    #[default]
+    Auto,
+    /// Use the iterator; a refusal is an error.
+    On,
+    /// Tuple evidence only.
+    Off,
+}
+
+/// The identity iterator as the commands use it: absent when off, or when `auto` met a
+/// refusal (warned once); in-kernel compare-and-delete given up after its first refusal.
+pub struct IdentitySource {
+    mode: IdentityMode,
+    reader: Option<IdentityReader>,
+    cad_refused: bool,
+}
+
+impl IdentitySource {
+    pub fn new(mode: IdentityMode) -> Result<IdentitySource, IdentityError> {
+        let reader = match mode {
+            IdentityMode::Off => None,
+            IdentityMode::On => Some(IdentityReader::new()?),
+            IdentityMode::Auto => match IdentityReader::new() {
+                Ok(reader) => Some(reader),
+                Err(e) if e.is_refusal() => {
+                    warn_fallback(&e);
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(IdentitySource {
+            mode,
+            reader,
+            cad_refused: false,
+        })
+    }
+
+    /// Tuple evidence only.
+    pub fn off() -> IdentitySource {
+        IdentitySource {
+            mode: IdentityMode::Off,
+            reader: None,
+            cad_refused: false,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    /// The socket behind every entry, or `None` when identity is not in use.
+    pub fn read(&mut self, map: &SockMap) -> Result<Option<Identities>, IdentityError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(None);
+        };
+        match reader.read(map) {
+            Ok(ids) => Ok(Some(ids)),
+            Err(e) if e.is_refusal() && self.mode == IdentityMode::Auto => {
+                warn_fallback(&e);
+                self.reader = None;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// In-kernel compare-and-delete, or `None` when it is not available: the caller then
+    /// deletes by key.
+    pub fn compare_and_delete(
+        &mut self,
+        map: &SockMap,
+        targets: &[(RawKey, u64)],
+    ) -> Result<Option<Vec<(RawKey, CadOutcome)>>, IdentityError> {
+        let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
+            return Ok(None);
+        };
+        match reader.compare_and_delete(map, targets) {
+            Ok(outcomes) => Ok(Some(outcomes)),
+            Err(e) if e.is_refusal() => {
+                tracing::warn!(error = %e, "in-kernel compare-and-delete refused; deleting by key after the re-check");
+                self.cad_refused = true;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// libbpf prints its own diagnostics to stderr; an operator sees our one-line error
+/// instead, and the details with `RUST_LOG=libbpf=debug`.
+fn route_libbpf_messages() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |_, msg| {
+            tracing::debug!(target: "libbpf", "{}", msg.trim_end());
+        })));
+    });
+}
+
+fn warn_fallback(e: &IdentityError) {
+    tracing::warn!(error = %e, "socket identity unavailable; judging by tuple evidence only (--identity on makes this an error)");
+}
+
 /// Loaded once, reused across reads (the daemon keeps one).
 pub struct IdentityReader {
     identity: Loaded,
@@ -301,6 +419,7 @@ impl IdentityReader {
     /// Loads the identity iterator; a refusal ([`IdentityError::is_refusal`]) means this
     /// kernel or these permissions do not allow it.
     pub fn new() -> Result<IdentityReader, IdentityError> {
+        route_libbpf_messages();
         let identity = Loaded::load(|open| {
             open.progs.compare_and_delete.set_autoload(false);
             // Made only by the compare-and-delete object.

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 
 use crate::audit::{Filter, Judged, Observation};
+use crate::diag::TcpState;
 use crate::key::RawKey;
 use crate::sweep::{Interrupted, SweepReport};
 use crate::verdict::Verdict;
@@ -65,6 +66,19 @@ pub struct JsonEntry {
     pub verdict: &'static str,
     pub reason: String,
     pub reason_code: &'static str,
+    /// The socket the entry holds, when identity is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<JsonSocket>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonSocket {
+    pub cookie: u64,
+    /// The held socket's own ends.
+    pub local: String,
+    pub remote: String,
+    pub state: TcpState,
+    pub netns_inode: u64,
 }
 
 impl JsonEntry {
@@ -78,12 +92,21 @@ impl JsonEntry {
             verdict: e.verdict.label(),
             reason: e.verdict.to_string(),
             reason_code: e.verdict.reason_code(),
+            socket: e.held.map(|h| JsonSocket {
+                cookie: h.cookie,
+                local: h.local.to_string(),
+                remote: h.remote.to_string(),
+                state: h.state,
+                netns_inode: h.netns_inode,
+            }),
         }
     }
 }
 
 #[derive(Debug, Serialize)]
 pub struct JsonInventory {
+    /// Whether the socket behind each entry was read (the sockmap iterator).
+    pub identity: bool,
     pub namespaces_read: usize,
     pub namespaces_vanished: usize,
     pub procfs_tables: usize,
@@ -101,6 +124,7 @@ pub struct JsonUnreadable {
 impl JsonInventory {
     pub fn of(o: &Observation) -> JsonInventory {
         JsonInventory {
+            identity: o.identity,
             namespaces_read: o.namespaces_read,
             namespaces_vanished: o.namespaces_vanished,
             procfs_tables: o.procfs_tables,
@@ -192,6 +216,15 @@ pub fn header(source: &MapSource, o: &Observation) -> String {
         o.sockets,
         o.namespaces_read,
         o.took.as_millis()
+    );
+    let _ = writeln!(
+        out,
+        "identity   {}",
+        if o.identity {
+            "on: the socket behind each entry was read (BPF sockmap iterator)"
+        } else {
+            "off: tuple evidence only (see --identity)"
+        }
     );
     if !o.is_complete() {
         let _ = writeln!(
@@ -483,6 +516,7 @@ mod tests {
         Judged {
             raw: key.encode(),
             key: Ok(key),
+            held: None,
             verdict,
         }
     }
@@ -490,6 +524,7 @@ mod tests {
     fn observation() -> Observation {
         Observation {
             map_id: 7,
+            identity: false,
             entries: vec![
                 judged(
                     "10.0.1.2:8080",
@@ -514,6 +549,7 @@ mod tests {
                 Judged {
                     raw: RawKey([0; 44]),
                     key: Err(KeyError::Family(0)),
+                    held: None,
                     verdict: Verdict::Unknown(UnknownReason::Undecodable(KeyError::Family(0))),
                 },
             ],

@@ -1,5 +1,6 @@
 //! Runs one guarded sweep: observe twice, plan with the guards, re-check, delete, report.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -14,9 +15,10 @@ use serde::Serialize;
 
 use crate::audit::{self, Filter, Observation, ObserveError, Sockets};
 use crate::guard::{self, GuardSettings, Plan};
+use crate::identity::{CadOutcome, IdentitySource};
 use crate::key::{RawKey, SockKey};
 use crate::map::{DeleteOutcome, SockMap};
-use crate::verdict::classify;
+use crate::verdict::{classify, HeldView, Verdict};
 
 /// Everything a sweep needs besides the map, validated once.
 #[derive(Debug, Clone)]
@@ -174,20 +176,23 @@ fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
 
 /// Observes twice, applies the guards and, unless it is a dry run, deletes.
 ///
-/// Between the plan and each delete the entry's tuple is judged again against a socket
-/// inventory at most `recheck_max_age` old; `stop` is honoured between two deletes.
+/// Between the plan and each delete the entry is judged again against a socket inventory at
+/// most `recheck_max_age` old; with identity, the delete itself happens in the kernel and
+/// only if the entry still holds the very socket that was judged. `stop` is honoured between
+/// two deletes.
 pub fn sweep(
     map: &SockMap,
     settings: &SweepSettings,
+    identity: &mut IdentitySource,
     stop: &AtomicBool,
-    mut trail: Option<&mut Trail>,
+    trail: Option<&mut Trail>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SweepReport, SweepError> {
     let started = Instant::now();
-    let first = audit::observe(map, &settings.proc_root, &settings.gateways)?;
+    let first = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
     sleep_unless_stopped(settings.guards.confirm_after, stop);
     let apart = started.elapsed();
-    let second = audit::observe(map, &settings.proc_root, &settings.gateways)?;
+    let second = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
     let plan = guard::plan(&first, &second, &settings.filter, &settings.guards);
     let mut report = SweepReport {
         map_id: second.map_id,
@@ -208,17 +213,132 @@ pub fn sweep(
     if stop.load(Ordering::Relaxed) {
         report.interrupted = Some(Interrupted::Signal);
     } else if !report.dry_run && report.plan.hold.is_none() && !report.plan.delete.is_empty() {
-        delete_phase(map, settings, stop, &mut trail, progress, &mut report)?;
+        let mut deleter = Deleter {
+            map,
+            identity,
+            trail,
+            pending: Vec::new(),
+            pending_since: Instant::now(),
+        };
+        delete_phase(&mut deleter, settings, stop, progress, &mut report)?;
     }
     report.took = started.elapsed();
     Ok(report)
 }
 
+/// In-kernel compare-and-delete takes up to this many entries per pass over the map, and
+/// holds a re-checked entry at most this long: each pass walks the whole map, so it runs
+/// a few times a second, not once per entry.
+const CAD_BATCH: usize = 8192;
+const CAD_MAX_DELAY: Duration = Duration::from_millis(250);
+
+/// Carries out deletions: by key, or batched through in-kernel compare-and-delete.
+struct Deleter<'a> {
+    map: &'a SockMap,
+    identity: &'a mut IdentitySource,
+    trail: Option<&'a mut Trail>,
+    /// Re-checked entries waiting for compare-and-delete: key, held cookie, verdict.
+    pending: Vec<(RawKey, u64, Verdict)>,
+    /// When the first of `pending` was queued.
+    pending_since: Instant,
+}
+
+impl Deleter<'_> {
+    fn record(
+        &mut self,
+        report: &mut SweepReport,
+        raw: RawKey,
+        verdict: &Verdict,
+        outcome: Outcome,
+    ) -> Result<(), SweepError> {
+        let described = SockKey::decode(&raw).map_or_else(|e| e.to_string(), |k| k.to_string());
+        let label = match &outcome {
+            Outcome::Deleted => {
+                tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, "deleted stale entry");
+                report.deleted.push(raw);
+                "deleted"
+            }
+            Outcome::AlreadyGone => {
+                report.already_gone.push(raw);
+                "already-gone"
+            }
+            Outcome::HoldsAnother => {
+                tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the entry holds another socket now");
+                report.spared.push(raw);
+                "spared-holds-another-socket"
+            }
+            Outcome::Failed(e) => {
+                tracing::warn!(key = %raw.to_hex(), entry = %described, error = %e, "delete failed");
+                report.failed.push((raw, e.clone()));
+                "failed"
+            }
+        };
+        if let Some(t) = self.trail.as_deref_mut() {
+            t.record(self.map, &raw, &verdict.to_string(), label)?;
+        }
+        Ok(())
+    }
+
+    fn delete_by_key(
+        &mut self,
+        report: &mut SweepReport,
+        raw: RawKey,
+        verdict: &Verdict,
+    ) -> Result<(), SweepError> {
+        let outcome = match self.map.delete(&raw) {
+            Ok(DeleteOutcome::Deleted) => Outcome::Deleted,
+            Ok(DeleteOutcome::AlreadyGone) => Outcome::AlreadyGone,
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        self.record(report, raw, verdict, outcome)
+    }
+
+    fn flush(&mut self, report: &mut SweepReport) -> Result<(), SweepError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let targets: Vec<(RawKey, u64)> = pending.iter().map(|(k, c, _)| (*k, *c)).collect();
+        match self.identity.compare_and_delete(self.map, &targets) {
+            Ok(Some(outcomes)) => {
+                for ((raw, _, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
+                    let outcome = match outcome {
+                        CadOutcome::Deleted => Outcome::Deleted,
+                        CadOutcome::Gone => Outcome::AlreadyGone,
+                        CadOutcome::CookieChanged => Outcome::HoldsAnother,
+                        CadOutcome::Failed(errno) => {
+                            Outcome::Failed(io::Error::from_raw_os_error(errno).to_string())
+                        }
+                    };
+                    self.record(report, *raw, verdict, outcome)?;
+                }
+            }
+            Ok(None) => {
+                for (raw, _, verdict) in &pending {
+                    self.delete_by_key(report, *raw, verdict)?;
+                }
+            }
+            Err(e) => {
+                for (raw, _, verdict) in &pending {
+                    self.record(report, *raw, verdict, Outcome::Failed(e.to_string()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Outcome {
+    Deleted,
+    AlreadyGone,
+    HoldsAnother,
+    Failed(String),
+}
+
 fn delete_phase(
-    map: &SockMap,
+    deleter: &mut Deleter<'_>,
     settings: &SweepSettings,
     stop: &AtomicBool,
-    trail: &mut Option<&mut Trail>,
     progress: &mut dyn FnMut(Progress),
     report: &mut SweepReport,
 ) -> Result<(), SweepError> {
@@ -228,16 +348,28 @@ fn delete_phase(
         .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
     let clock = DefaultClock::default();
     let total = report.plan.delete.len();
+    let held: HashMap<RawKey, HeldView> = report
+        .second
+        .entries
+        .iter()
+        .filter_map(|e| e.held_view().map(|h| (e.raw, h)))
+        .collect();
     let mut fresh: Option<(Sockets, Instant)> = None;
     let phase_started = Instant::now();
-    for (done, raw) in report.plan.delete.clone().iter().enumerate() {
+    for (done, raw) in report.plan.delete.clone().into_iter().enumerate() {
         if let Some(limiter) = &limiter {
             while let Err(not_until) = limiter.check() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
                 let wait = not_until.wait_time_from(clock.now());
-                std::thread::sleep(wait.min(Duration::from_millis(50)));
+                // A sleep overshoots by tens of microseconds: at high rates that, not the
+                // limit, would set the pace.
+                if wait < Duration::from_millis(1) {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(wait.min(Duration::from_millis(50)));
+                }
             }
         }
         if stop.load(Ordering::Relaxed) {
@@ -248,6 +380,7 @@ fn delete_phase(
             .as_ref()
             .is_none_or(|(_, at)| at.elapsed() > settings.recheck_max_age)
         {
+            deleter.flush(report)?;
             let sockets = audit::gather_sockets(&settings.proc_root)?;
             if !sockets.unreadable.is_empty() {
                 report.interrupted = Some(Interrupted::RecheckIncomplete {
@@ -260,38 +393,31 @@ fn delete_phase(
         let Some((sockets, _)) = fresh.as_ref() else {
             break;
         };
-        let key = SockKey::decode(raw);
-        let verdict = classify(&key, None, &sockets.evidence(&settings.gateways));
+        let key = SockKey::decode(&raw);
+        let held_view = held.get(&raw);
+        let verdict = classify(&key, held_view, &sockets.evidence(&settings.gateways));
         if !verdict.is_stale() {
             tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
-            report.spared.push(*raw);
-            continue;
-        }
-        let described = key.map_or_else(|e| e.to_string(), |k| k.to_string());
-        match map.delete(raw) {
-            Ok(DeleteOutcome::Deleted) => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, "deleted stale entry");
-                if let Some(t) = trail.as_deref_mut() {
-                    t.record(map, raw, &verdict.to_string(), "deleted")?;
-                }
-                report.deleted.push(*raw);
+            report.spared.push(raw);
+        } else if let Some(h) = held_view.filter(|_| deleter.identity.is_active()) {
+            if deleter.pending.is_empty() {
+                deleter.pending_since = Instant::now();
             }
-            Ok(DeleteOutcome::AlreadyGone) => {
-                if let Some(t) = trail.as_deref_mut() {
-                    t.record(map, raw, &verdict.to_string(), "already-gone")?;
-                }
-                report.already_gone.push(*raw);
+            deleter.pending.push((raw, h.cookie, verdict));
+            if deleter.pending.len() >= CAD_BATCH
+                || deleter.pending_since.elapsed() >= CAD_MAX_DELAY
+            {
+                deleter.flush(report)?;
             }
-            Err(e) => {
-                tracing::warn!(key = %raw.to_hex(), entry = %described, error = %e, "delete failed");
-                report.failed.push((*raw, e.to_string()));
-            }
+        } else {
+            deleter.delete_by_key(report, raw, &verdict)?;
         }
         progress(Progress {
             done: done + 1,
             total,
         });
     }
+    deleter.flush(report)?;
     report.delete_phase = phase_started.elapsed();
     Ok(())
 }

@@ -16,7 +16,7 @@ pub mod peer;
 mod plant;
 pub mod sys;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -432,6 +432,21 @@ impl Lab {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .plant(&self.map, key)
+    }
+
+    /// Opens a connection from the node netns to `target` that belongs to the test process,
+    /// not to a peer: outside the lab cgroup, so sock_ops files only the server's end.
+    pub fn connect_from_node(&self, target: SocketAddr) -> Result<TcpStream> {
+        plant::connect_in(&self.node_netns_path(), target)
+    }
+
+    /// Files `sock` itself under `key` (say, an L7-proxy-style key whose B side is the
+    /// socket's own local end); the lab keeps it open.
+    pub fn plant_socket(&self, key: SockKey, sock: TcpStream) -> Result<()> {
+        self.planter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plant_socket(&self.map, key, sock)
     }
 
     /// Keys planted so far.

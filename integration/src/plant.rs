@@ -7,7 +7,7 @@
 //! ends of a pair serve.
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -60,6 +60,20 @@ impl Planter {
         }
     }
 
+    /// Files `sock` itself under `key` and keeps it open as long as the lab.
+    pub(crate) fn plant_socket(
+        &mut self,
+        map: &MapHandle,
+        key: SockKey,
+        sock: TcpStream,
+    ) -> Result<()> {
+        let fd = u32::try_from(sock.as_raw_fd()).context("negative fd")?;
+        map.update(&key.encode().0, &fd.to_ne_bytes(), MapFlags::NO_EXIST)
+            .map_err(|e| anyhow!("planting {key}: {e}"))?;
+        self.planted.push((key, sock));
+        Ok(())
+    }
+
     pub(crate) fn planted(&self) -> Vec<SockKey> {
         self.planted.iter().map(|(k, _)| *k).collect()
     }
@@ -69,6 +83,21 @@ impl Planter {
         self.planted.clear();
         self.spare.clear();
     }
+}
+
+/// A connection from inside `netns` to `target`, made on a short-lived thread that joins the
+/// namespace. The test process is not in the lab cgroup, so sock_ops does not file it.
+pub(crate) fn connect_in(netns: &Path, target: SocketAddr) -> Result<TcpStream> {
+    let netns = netns.to_path_buf();
+    thread::spawn(move || -> Result<TcpStream> {
+        let ns = File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns into {}", netns.display()))?;
+        TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
+            .with_context(|| format!("connecting to {target}"))
+    })
+    .join()
+    .map_err(|_| anyhow!("connect thread panicked"))?
 }
 
 /// An established 127.0.0.1 pair inside `netns`, made on a short-lived thread that joins the

@@ -5,5 +5,6 @@ mod daemon;
 mod identity;
 mod inventory;
 mod lab;
+mod stuck;
 mod support;
 mod sweep;

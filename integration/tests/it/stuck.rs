@@ -1,0 +1,203 @@
+//! Issue 6 end to end: with the socket behind each entry in view, `audit` and `sweep` see
+//! the request stuck right now (a blind spot of tuple evidence), and `--identity` behaves.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::{ClientOpts, Lab};
+
+use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, run, run_command};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn entry_of(json: &Value, key: &SockKey) -> Value {
+    json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["key"] == hex(key))
+        .cloned()
+        .unwrap_or_else(|| panic!("{key} not reported: {json}"))
+}
+
+/// The server end of a connection from `port` has been accepted (the server's socket is
+/// established) while the planted entry still holds the key.
+fn wait_stuck(lab: &Lab, server: SocketAddr, port: u16) -> bool {
+    let client_key = SockKey::for_socket(sa(lab.node_ip(0), port), server).expect("v4");
+    lab.wait_key(&client_key, true, Duration::from_secs(3))
+}
+
+#[test]
+fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
+    let lab = lab("stuck-now", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).count(2))
+        .expect("hold");
+    let live = live_keys(&lab, &[&held]);
+    let port = 40000;
+    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), port)).expect("v4");
+    lab.plant(stale).expect("plant");
+    let path = lab.map_path();
+    let path = path.to_str().expect("utf-8");
+
+    let target = server.addr();
+    std::thread::scope(|s| {
+        let hung = s.spawn(|| lab.request_from(target, port, Duration::from_secs(5)));
+        assert!(wait_stuck(&lab, target, port), "the stuck connection is up");
+
+        // Tuple evidence is blind: a live socket owns the tuple right now.
+        let blind = run(&[
+            "audit",
+            "--map",
+            path,
+            "--output",
+            "json",
+            "--identity",
+            "off",
+        ]);
+        assert_eq!(entry_of(&blind.json(), &stale)["verdict"], "live");
+
+        let seen = run(&[
+            "audit",
+            "--map",
+            path,
+            "--output",
+            "json",
+            "--identity",
+            "on",
+        ]);
+        assert_eq!(seen.code, 1, "{}", seen.stderr);
+        let json = seen.json();
+        let e = entry_of(&json, &stale);
+        assert_eq!(e["verdict"], "stale", "{e}");
+        assert_eq!(e["reason_code"], "tuple-owned-by-another", "{e}");
+        assert!(e["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the held socket is another one"));
+        assert_eq!(e["socket"]["state"], "ESTABLISHED");
+        for k in &live {
+            assert_eq!(entry_of(&json, k)["verdict"], "live", "{k}");
+        }
+        evidence(&format!(
+            "request stuck right now, seen on the real kernel: tuple evidence says live, identity says: {}",
+            e["reason"].as_str().unwrap_or("?")
+        ));
+
+        let swept = run(&[
+            "sweep",
+            "--map",
+            path,
+            "--identity",
+            "on",
+            "--execute",
+            "--confirm-after",
+            "0s",
+            "--output",
+            "json",
+        ]);
+        assert_eq!(swept.code, 0, "{}\n{}", swept.stdout, swept.stderr);
+        assert_eq!(swept.json()["deleted"], serde_json::json!([hex(&stale)]));
+        assert!(!lab.contains(&stale));
+        for k in &live {
+            assert!(lab.contains(k), "live key {k} kept");
+        }
+        let outcome = hung.join().expect("client thread").expect("client runs");
+        // The stuck request's payload went to the planted socket; it cannot be replayed.
+        assert!(outcome.is_hang(), "{outcome}");
+    });
+    let again = lab
+        .request_from(server.addr(), port, Duration::from_millis(1500))
+        .expect("client runs");
+    assert!(
+        again.is_replied(),
+        "port {port} works after the sweep: {again}"
+    );
+    drop(held);
+}
+
+#[test]
+fn identity_judges_natural_stale_entries_by_their_closed_socket() {
+    let lab = lab("stuck-closed", 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let stale = natural_stale(&lab, server.addr(), sa(lab.node_ip(0), 42000));
+    let path = lab.map_path();
+    let out = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+        "--identity",
+        "on",
+    ]);
+    assert_eq!(out.code, 1);
+    let e = entry_of(&out.json(), &stale);
+    assert_eq!(e["reason_code"], "held-closed", "{e}");
+    assert_eq!(e["socket"]["state"], "CLOSE");
+
+    let off = run(&[
+        "audit",
+        "--map",
+        path.to_str().expect("utf-8"),
+        "--output",
+        "json",
+        "--identity",
+        "off",
+    ]);
+    let json = off.json();
+    assert_eq!(json["inventory"]["identity"], false);
+    let e = entry_of(&json, &stale);
+    assert_eq!(
+        e["reason_code"], "no-socket",
+        "tuple rules with identity off: {e}"
+    );
+    assert!(
+        e.get("socket").is_none(),
+        "no socket object with identity off"
+    );
+}
+
+/// Runs the product without the capabilities an iterator program needs (CAP_PERFMON, and
+/// CAP_SYS_ADMIN which implies it), keeping CAP_BPF for the map.
+fn without_perfmon(args: &[&str]) -> crate::support::Run {
+    run_command(
+        Command::new("setpriv")
+            .args(["--bounding-set", "-perfmon,-sys_admin"])
+            .args(["--inh-caps", "-perfmon,-sys_admin", "--"])
+            .arg(product())
+            .args(args),
+    )
+}
+
+#[test]
+fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
+    let lab = lab("stuck-refused", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
+    lab.plant(stale).expect("plant");
+    let path = lab.map_path();
+    let path = path.to_str().expect("utf-8");
+
+    let auto = without_perfmon(&["audit", "--map", path, "--output", "json"]);
+    assert_ne!(auto.code, 2, "auto still audits: {}", auto.stderr);
+    let json = auto.json();
+    assert_eq!(json["inventory"]["identity"], false);
+    assert_eq!(entry_of(&json, &stale)["key"], hex(&stale));
+    assert_eq!(
+        auto.stderr.matches("socket identity unavailable").count(),
+        1,
+        "one warning: {}",
+        auto.stderr
+    );
+
+    let on = without_perfmon(&["audit", "--map", path, "--identity", "on"]);
+    assert_eq!(on.code, 2, "on makes a refusal an error: {}", on.stderr);
+    assert!(on.stderr.contains("refused"), "{}", on.stderr);
+}
