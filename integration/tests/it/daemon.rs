@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -70,7 +71,17 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path) -> Daemon {
-        Daemon::start_with(&mut Command::new(product()), config)
+        let mut cmd = Command::new(product());
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
+        Daemon::start_with(&mut cmd, config)
+    }
+
+    /// As systemd starts it: `NOTIFY_SOCKET` and `WATCHDOG_USEC` set.
+    fn start_notifying(config: &Path, socket: &Path, watchdog: Duration) -> Daemon {
+        let mut cmd = Command::new(product());
+        cmd.env("NOTIFY_SOCKET", socket)
+            .env("WATCHDOG_USEC", watchdog.as_micros().to_string());
+        Daemon::start_with(&mut cmd, config)
     }
 
     /// Starts `cmd` (the product, or a wrapper such as setpriv ending in it) as a daemon.
@@ -82,8 +93,6 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
             .spawn()
             .expect("start the daemon");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -568,6 +577,8 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     let caps = unit_capabilities();
     let mut setpriv = Command::new("setpriv");
     setpriv
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
         .args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
         .arg("--inh-caps=-all")
         .arg("--ambient-caps=-all")
@@ -608,6 +619,69 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
         "incomplete inventory:\n{log}"
     );
     held.release().expect("graceful close");
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
+    let id = "dmn-notify";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let socket_path = scratch.path("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let config = write_config(
+        &scratch,
+        &lab,
+        "interval_min = \"1h\"\ninterval_max = \"1h\"\nconfirm_after = \"0s\"",
+    );
+    // WATCHDOG_USEC of 1 s: a ping every 0.5 s.
+    let daemon = Daemon::start_notifying(&config, &socket_path, Duration::from_secs(1));
+    let heard = Mutex::new(Vec::<String>::new());
+    let listen = |until: &dyn Fn(&[String]) -> bool, timeout: Duration| {
+        let mut buf = [0u8; 4096];
+        let mut got = heard.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + timeout;
+        while !until(&got) && Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                got.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .map(str::to_string),
+                );
+            }
+        }
+        got.clone()
+    };
+    let count = |got: &[String], line: &str| got.iter().filter(|l| *l == line).count();
+    let got = listen(
+        &|g| g.iter().any(|l| l.starts_with("STATUS=sweep ")) && count(g, "WATCHDOG=1") >= 3,
+        Duration::from_secs(10),
+    );
+    assert_eq!(got.first().map(String::as_str), Some("READY=1"), "{got:?}");
+    let status = got
+        .iter()
+        .find(|l| l.starts_with("STATUS=sweep "))
+        .unwrap_or_else(|| panic!("no sweep status: {got:?}"));
+    assert!(status.contains("dry run, 0 would be deleted"), "{status}");
+    assert!(count(&got, "WATCHDOG=1") >= 3, "{got:?}");
+
+    daemon.signal(Signal::SIGHUP);
+    let got = listen(&|g| count(g, "READY=1") >= 2, Duration::from_secs(5));
+    assert!(got.iter().any(|l| l == "RELOADING=1"), "{got:?}");
+    assert!(
+        got.iter().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{got:?}"
+    );
+    assert_eq!(count(&got, "READY=1"), 2, "{got:?}");
+
+    daemon.stop_promptly();
+    let got = listen(
+        &|g| g.iter().any(|l| l == "STOPPING=1"),
+        Duration::from_secs(2),
+    );
+    assert!(got.iter().any(|l| l == "STOPPING=1"), "{got:?}");
 }
 
 #[test]
