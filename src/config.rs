@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::identity::IdentityMode;
+
 /// Where the unit and the README put the file.
 pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/sockmap-gc.toml";
 /// Where the daemon's trail goes unless the file says otherwise (systemd's `StateDirectory`).
@@ -60,6 +62,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Empty: the addresses of the `cilium_host` interface, read at each sweep.
     pub gateways: Vec<IpAddr>,
+    /// Whether to see the socket behind each entry (the sockmap iterator).
+    pub identity: IdentityMode,
 }
 
 impl Default for Settings {
@@ -77,6 +81,7 @@ impl Default for Settings {
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             log_format: LogFormat::Plain,
             gateways: Vec::new(),
+            identity: IdentityMode::Auto,
         }
     }
 }
@@ -142,6 +147,7 @@ struct FileConfig {
     metrics_listen: Option<String>,
     log_format: Option<String>,
     gateways: Option<Vec<String>>,
+    identity: Option<String>,
 }
 
 /// Reads, validates and overrides the config at `path`.
@@ -267,6 +273,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    s.identity = match file.identity.as_deref() {
+        None => defaults.identity,
+        Some("auto") => IdentityMode::Auto,
+        Some("on") => IdentityMode::On,
+        Some("off") => IdentityMode::Off,
+        Some(v) => return Err(invalid("identity", v, "use \"auto\", \"on\" or \"off\"")),
+    };
     Ok(s)
 }
 
@@ -342,6 +355,7 @@ mod tests {
             "metrics_listen",
             "log_format",
             "gateways",
+            "identity",
         ];
         for key in keys {
             let at = lines

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -94,6 +94,9 @@ struct Daemon {
     done_rx: mpsc::UnboundedReceiver<Swept>,
     signals: Signals,
     watchdog: Option<tokio::time::Interval>,
+    /// The identity iterator, loaded once and kept across sweeps (reloaded when the
+    /// `identity` key changes).
+    identity: Arc<Mutex<Option<(IdentityMode, IdentitySource)>>>,
 }
 
 impl Daemon {
@@ -142,6 +145,7 @@ impl Daemon {
             done_rx,
             signals,
             watchdog,
+            identity: Arc::new(Mutex::new(None)),
         };
         notify(&[
             NotifyState::Ready,
@@ -173,12 +177,13 @@ impl Daemon {
     fn start_sweep(&mut self) {
         let settings = Arc::clone(&self.settings);
         let stop = Arc::clone(&self.stop);
+        let identity = Arc::clone(&self.identity);
         let done = self.done_tx.clone();
         let spawned = std::thread::Builder::new()
             .name("sweep".into())
             .spawn(move || {
                 let started = Instant::now();
-                let outcome = sweep_once(&settings, &stop);
+                let outcome = sweep_once(&settings, &stop, &identity);
                 // The receiver is gone only when the daemon is exiting.
                 let _ = done.send(Swept {
                     outcome,
@@ -329,7 +334,11 @@ fn notify(state: &[NotifyState]) {
 
 /// One sweep, on the calling (dedicated) thread: opens the map afresh, since an agent may
 /// have re-created it since the last sweep.
-fn sweep_once(settings: &Settings, stop: &AtomicBool) -> Result<(SweepReport, PathBuf), String> {
+fn sweep_once(
+    settings: &Settings,
+    stop: &AtomicBool,
+    identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+) -> Result<(SweepReport, PathBuf), String> {
     let access = if settings.dry_run {
         Access::ReadOnly
     } else {
@@ -353,11 +362,22 @@ fn sweep_once(settings: &Settings, stop: &AtomicBool) -> Result<(SweepReport, Pa
         proc_root: PathBuf::from("/"),
         recheck_max_age: RECHECK_MAX_AGE,
     };
-    let mut identity = IdentitySource::new(IdentityMode::Auto).map_err(|e| e.to_string())?;
+    // One sweep runs at a time, so the lock is never contended.
+    let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
+    if held
+        .as_ref()
+        .is_none_or(|(mode, _)| *mode != settings.identity)
+    {
+        let source = IdentitySource::new(settings.identity).map_err(|e| e.to_string())?;
+        *held = Some((settings.identity, source));
+    }
+    let Some((_, source)) = held.as_mut() else {
+        return Err("the identity iterator was not kept".to_string());
+    };
     let report = sweep::sweep(
         &map,
         &sweep_settings,
-        &mut identity,
+        source,
         stop,
         trail.as_mut(),
         &mut |_| {},

@@ -291,18 +291,7 @@ impl Drop for Loaded {
 }
 
 /// Whether to look at the socket behind each entry: `--identity` and the `identity` config key.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum IdentityMode {
     /// Use the iterator when the kernel allows it; else warn once and use tuple evidence.
     #[default]
