@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::audit::{self, Filter};
@@ -57,6 +57,29 @@ pub enum Command {
     /// Sweep on an adaptive interval, as a systemd service; a dry run unless the config says
     /// dry_run = false (or --execute is given)
     Daemon(DaemonArgs),
+    /// Write the man page or a shell completion script to standard output, generated from these
+    /// definitions (for packaging; hidden from --help)
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+}
+
+/// What `sockmap-gc generate` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Generated {
+    /// The man page, section 1, in roff: every visible subcommand and flag
+    Man,
+    /// The bash completion script
+    CompleteBash,
+    /// The zsh completion script
+    CompleteZsh,
+    /// The fish completion script
+    CompleteFish,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[arg(value_enum)]
+    pub what: Generated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,16 +120,32 @@ pub struct MapArgs {
     pub root: PathBuf,
 }
 
+/// `--local` and `--remote`: the entries of one pod or one node IP.
 #[derive(Debug, Args)]
-pub struct AuditArgs {
-    #[command(flatten)]
-    pub map: MapArgs,
+pub struct FilterArgs {
     /// Only entries whose held socket's local IP is this (a pod IP, say)
     #[arg(long, value_name = "IP")]
     pub local: Option<IpAddr>,
     /// Only entries whose held socket's remote IP is this (a node IP, say)
     #[arg(long, value_name = "IP")]
     pub remote: Option<IpAddr>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> Filter {
+        Filter {
+            local: self.local,
+            remote: self.remote,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub map: MapArgs,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -131,12 +170,8 @@ pub struct SweepArgs {
     /// Append one JSON line per deletion to this file (the post-mortem trail)
     #[arg(long, value_name = "PATH")]
     pub trail: Option<PathBuf>,
-    /// Only entries whose held socket's local IP is this (a pod IP, say)
-    #[arg(long, value_name = "IP")]
-    pub local: Option<IpAddr>,
-    /// Only entries whose held socket's remote IP is this (a node IP, say)
-    #[arg(long, value_name = "IP")]
-    pub remote: Option<IpAddr>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
 }
@@ -152,10 +187,7 @@ impl SweepArgs {
                 confirm_after: self.confirm_after,
                 ..GuardSettings::default()
             },
-            filter: Filter {
-                local: self.local,
-                remote: self.remote,
-            },
+            filter: self.filter.filter(),
             gateways,
             proc_root: self.map.root.clone(),
             recheck_max_age: RECHECK_MAX_AGE,
@@ -218,7 +250,103 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             crate::daemon::run(&args.config, overrides).map(|()| Outcome::Clean)
         }
+        Command::Generate(args) => {
+            let mut out = Vec::new();
+            generate(args.what, &mut out)?;
+            write_stdout(&String::from_utf8_lossy(&out))?;
+            Ok(Outcome::Clean)
+        }
     }
+}
+
+/// Writes the man page or a completion script for the command line as `--help` shows it:
+/// hidden subcommands and flags (`generate`, `--root`) are left out of both.
+pub fn generate(what: Generated, out: &mut dyn Write) -> anyhow::Result<()> {
+    let mut cli = Cli::command();
+    cli.build();
+    let visible = visible_only(&cli);
+    let shell = match what {
+        Generated::Man => return man_page(&cli, out).context("rendering the man page"),
+        Generated::CompleteBash => clap_complete::Shell::Bash,
+        Generated::CompleteZsh => clap_complete::Shell::Zsh,
+        Generated::CompleteFish => clap_complete::Shell::Fish,
+    };
+    let mut visible = visible;
+    clap_complete::generate(shell, &mut visible, "sockmap-gc", out);
+    Ok(())
+}
+
+/// A copy of `cmd` without its hidden subcommands and flags (clap_complete would offer them),
+/// keeping what completion uses: names, help, flags, values and nested subcommands.
+fn visible_only(cmd: &clap::Command) -> clap::Command {
+    let mut copy = clap::Command::new(cmd.get_name().to_string());
+    if let Some(about) = cmd.get_about() {
+        copy = copy.about(about.clone());
+    }
+    if let Some(about) = cmd.get_long_about() {
+        copy = copy.long_about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        copy = copy.version(version.to_string());
+    }
+    // clap adds --help and --version to the copy itself.
+    let auto = |a: &&clap::Arg| a.get_id() == "help" || a.get_id() == "version";
+    copy = copy.args(
+        cmd.get_arguments()
+            .filter(|a| !a.is_hide_set() && !auto(a))
+            .cloned(),
+    );
+    copy.subcommands(
+        cmd.get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .map(visible_only),
+    )
+}
+
+/// One page for the whole tool (`man sockmap-gc`): name, synopsis, description, the
+/// subcommands, then a section per subcommand with its synopsis and every visible flag, and
+/// the exit codes.
+fn man_page(cli: &clap::Command, out: &mut dyn Write) -> io::Result<()> {
+    let date = option_env!("SOURCE_DATE_EPOCH")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|secs| {
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            humantime::format_rfc3339(t).to_string()[..10].to_string()
+        });
+    let mut top = clap_mangen::Man::new(cli.clone())
+        .manual("sockmap-gc manual")
+        .source(format!("sockmap-gc {}", env!("CARGO_PKG_VERSION")));
+    if let Some(date) = date {
+        top = top.date(date);
+    }
+    top.render_title(out)?;
+    top.render_name_section(out)?;
+    top.render_synopsis_section(out)?;
+    top.render_description_section(out)?;
+    top.render_options_section(out)?;
+    top.render_subcommands_section(out)?;
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let man = clap_mangen::Man::new(sub.clone());
+        let mut section = Vec::new();
+        man.render_synopsis_section(&mut section)?;
+        man.render_description_section(&mut section)?;
+        man.render_options_section(&mut section)?;
+        let section = String::from_utf8_lossy(&section)
+            .replace(".SH SYNOPSIS", ".SS Synopsis")
+            .replace(".SH DESCRIPTION", ".SS Description")
+            .replace(".SH OPTIONS", ".SS Options");
+        writeln!(out, ".SH \"{}\"", sub.get_name().to_uppercase())?;
+        out.write_all(section.as_bytes())?;
+    }
+    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    for line in EXIT_CODES.lines().skip(1) {
+        writeln!(out, "{}", line.trim_start().replace('\\', "\\\\"))?;
+    }
+    top.render_version_section(out)?;
+    Ok(())
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<Outcome> {
@@ -279,10 +407,7 @@ peer     its peer socket (local {remote}, remote {local}) is filed under the twi
 }
 
 fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
-    let filter = Filter {
-        local: args.local,
-        remote: args.remote,
-    };
+    let filter = args.filter.filter();
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
     let gateways = gateways(&args.map);
     let mut identity = IdentitySource::new(args.map.identity)?;
