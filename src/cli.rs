@@ -307,29 +307,28 @@ fn visible_only(cmd: &clap::Command) -> clap::Command {
 /// subcommands, then a section per subcommand with its synopsis and every visible flag, and
 /// the exit codes.
 fn man_page(cli: &clap::Command, out: &mut dyn Write) -> io::Result<()> {
-    let date = option_env!("SOURCE_DATE_EPOCH")
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(|secs| {
-            let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
-            humantime::format_rfc3339(t).to_string()[..10].to_string()
-        });
-    let mut top = clap_mangen::Man::new(cli.clone())
+    let top = clap_mangen::Man::new(cli.clone())
         .manual("sockmap-gc manual")
         .source(format!("sockmap-gc {}", env!("CARGO_PKG_VERSION")));
-    if let Some(date) = date {
-        top = top.date(date);
-    }
     top.render_title(out)?;
     top.render_name_section(out)?;
     top.render_synopsis_section(out)?;
     top.render_description_section(out)?;
     top.render_options_section(out)?;
-    top.render_subcommands_section(out)?;
-    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
-        if sub.get_name() == "help" {
-            continue;
+    let subs: Vec<&clap::Command> = cli
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .collect();
+    // clap_mangen's own list points at one page per subcommand; this page holds them all.
+    writeln!(out, ".SH SUBCOMMANDS")?;
+    for sub in &subs {
+        writeln!(out, ".TP\n\\fB{}\\fR", sub.get_name())?;
+        if let Some(about) = sub.get_about() {
+            writeln!(out, "{}", roff_text(&about.to_string()))?;
         }
-        let man = clap_mangen::Man::new(sub.clone());
+    }
+    for sub in &subs {
+        let man = clap_mangen::Man::new((*sub).clone());
         let mut section = Vec::new();
         man.render_synopsis_section(&mut section)?;
         man.render_description_section(&mut section)?;
@@ -338,15 +337,26 @@ fn man_page(cli: &clap::Command, out: &mut dyn Write) -> io::Result<()> {
             .replace(".SH SYNOPSIS", ".SS Synopsis")
             .replace(".SH DESCRIPTION", ".SS Description")
             .replace(".SH OPTIONS", ".SS Options");
-        writeln!(out, ".SH \"{}\"", sub.get_name().to_uppercase())?;
+        writeln!(out, ".SH {}", sub.get_name().to_uppercase())?;
         out.write_all(section.as_bytes())?;
     }
-    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    writeln!(out, ".SH \"EXIT STATUS\"\n.nf")?;
     for line in EXIT_CODES.lines().skip(1) {
-        writeln!(out, "{}", line.trim_start().replace('\\', "\\\\"))?;
+        writeln!(out, "{}", roff_text(line))?;
     }
+    writeln!(out, ".fi")?;
     top.render_version_section(out)?;
     Ok(())
+}
+
+/// Text for a roff line: backslashes escaped, and no line read as a request.
+fn roff_text(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e");
+    if escaped.starts_with(['.', '\'']) {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
 }
 
 fn decode(args: DecodeArgs) -> anyhow::Result<Outcome> {

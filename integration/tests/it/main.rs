@@ -5,6 +5,7 @@ mod daemon;
 mod identity;
 mod inventory;
 mod lab;
+mod package;
 mod stuck;
 mod support;
 mod sweep;

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the Debian package with cargo-deb and prints its path on the last line:
+# target/debian/sockmap-gc_VERSION-1_ARCH.deb. The release binary is built (incrementally) first,
+# then the man page and shell completions are generated from it into target/release/generated/
+# (`sockmap-gc generate ...`, from the same clap definitions as --help). Installs cargo-deb with
+# `cargo install --locked` if it is missing. Needs what scripts/setup.sh installs; no root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "package.sh: installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked)" >&2
+  start=$(date +%s)
+  cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" --quiet
+  echo "package.sh: cargo-deb installed in $(( $(date +%s) - start )) s" >&2
+fi
+
+cargo build --release --locked -p sockmap-gc --bin sockmap-gc
+bin=target/release/sockmap-gc
+generated=target/release/generated
+mkdir -p "$generated"
+"$bin" generate man | gzip -9n >"$generated/sockmap-gc.1.gz"
+"$bin" generate complete-bash >"$generated/sockmap-gc.bash"
+"$bin" generate complete-zsh >"$generated/_sockmap-gc"
+"$bin" generate complete-fish >"$generated/sockmap-gc.fish"
+
+# Dependencies are listed in Cargo.toml ([package.metadata.deb] depends), so dpkg-shlibdeps
+# (dpkg-dev) is not needed.
+rm -f target/debian/sockmap-gc_*.deb
+# --strip: the release profile keeps line tables (debug = 1) for backtraces; the package does not.
+cargo deb --no-build --strip --locked -p sockmap-gc --output target/debian/ >&2
+deb="target/debian/sockmap-gc_$("$bin" --version | awk '{print $2}')-1_$(dpkg --print-architecture).deb"
+[ -f "$deb" ] || { echo "package.sh: $deb was not made" >&2; exit 1; }
+echo "$deb"
