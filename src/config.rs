@@ -17,6 +17,10 @@ pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/sockmap-gc.toml";
 pub const DEFAULT_TRAIL: &str = "/var/lib/sockmap-gc/trail.jsonl";
 /// Loopback only: the metrics say which pods had stale entries.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9964";
+/// The longest interval or confirmation wait a config may set. Far beyond any useful value,
+/// and far below what overflows the clock arithmetic (`interval_max = "500000000000y"` once
+/// made the daemon panic computing its next sweep time).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -172,13 +176,22 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     };
     let duration = |key: &str, value: &Option<String>, default: Duration| match value {
         None => Ok(default),
-        Some(v) => humantime::parse_duration(v).map_err(|e| {
-            invalid(
+        Some(v) => match humantime::parse_duration(v) {
+            Err(e) => Err(invalid(
                 key,
                 v,
                 &format!("{e}; write a duration such as \"30s\", \"5m\" or \"1h 30m\""),
-            )
-        }),
+            )),
+            Ok(d) if d > MAX_DURATION => Err(invalid(
+                key,
+                v,
+                &format!(
+                    "longer than {}, the most any duration here may be",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            )),
+            Ok(d) => Ok(d),
+        },
     };
     let absolute = |key: &str, value: &str| {
         let p = PathBuf::from(value);
@@ -426,6 +439,8 @@ gateways = ["10.0.0.1", "fd00::1"]
                 "interval_max",
             ),
             ("confirm_after = \"1 fortnight\"", "confirm_after"),
+            ("interval_max = \"500000000000y\"", "interval_max"),
+            ("confirm_after = \"8d\"", "confirm_after"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
             ("log_format = \"xml\"", "log_format"),
             ("gateways = [\"10.0.0.1\", \"cilium_host\"]", "gateways[1]"),

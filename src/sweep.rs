@@ -164,13 +164,17 @@ impl Trail {
 
 /// Sleeps `total`, waking early when `stop` is set.
 fn sleep_unless_stopped(total: Duration, stop: &AtomicBool) {
-    let until = Instant::now() + total;
+    // A wait past the clock's range (`--confirm-after 500000000000y`) lasts until stopped;
+    // `Instant + Duration` would panic.
+    let until = Instant::now().checked_add(total);
     while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= until {
+        let left = until.map_or(Duration::MAX, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
+        if left.is_zero() {
             return;
         }
-        std::thread::sleep((until - now).min(Duration::from_millis(50)));
+        std::thread::sleep(left.min(Duration::from_millis(50)));
     }
 }
 
@@ -420,4 +424,19 @@ fn delete_phase(
     deleter.flush(report)?;
     report.delete_phase = phase_started.elapsed();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wait_past_the_clocks_range_does_not_panic() {
+        let stopped = AtomicBool::new(true);
+        sleep_unless_stopped(Duration::MAX, &stopped);
+        let running = AtomicBool::new(false);
+        let t = Instant::now();
+        sleep_unless_stopped(Duration::from_millis(20), &running);
+        assert!(t.elapsed() >= Duration::from_millis(20));
+    }
 }
