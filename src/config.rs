@@ -509,3 +509,137 @@ gateways = ["10.0.0.1", "fd00::1"]
         assert!(parse_listen("127.0.0.1").is_err());
     }
 }
+
+/// Property tests: no text, well-formed or not, and no value for any key panics the loader;
+/// every refusal is one line naming the file. `PROPTEST_CASES=100000 cargo test config::fuzz`
+/// runs longer; failing cases are kept in `proptest-regressions/config.txt`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: [&str; 11] = [
+        "map",
+        "interval_min",
+        "interval_max",
+        "dry_run",
+        "rate_limit",
+        "max_deletes",
+        "confirm_after",
+        "trail",
+        "metrics_listen",
+        "log_format",
+        "gateways",
+    ];
+
+    /// A TOML string literal holding `s`, escaped as TOML wants.
+    fn quoted(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    /// Values of every TOML type, and strings shaped like what the keys take.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            Just("inf".to_string()),
+            Just("nan".to_string()),
+            ".{0,40}".prop_map(|s| quoted(&s)),
+            "[0-9]{0,12}(ns|us|ms|s|m|h|d|w|y| |fortnight){0,3}".prop_map(|s| quoted(&s)),
+            any::<u64>().prop_map(|n| quoted(&format!("{n}s"))),
+            "(/[a-z_]{0,8}){0,4}".prop_map(|s| quoted(&s)),
+            "[0-9a-f:.\\[\\]]{0,30}".prop_map(|s| quoted(&s)),
+            Just("1979-05-27T07:32:00Z".to_string()),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                proptest::collection::vec(("[a-z_]{1,8}", inner), 0..3).prop_map(|v| {
+                    let kv: Vec<String> = v.iter().map(|(k, x)| format!("{k} = {x}")).collect();
+                    format!("{{ {} }}", kv.join(", "))
+                }),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(KEYS.to_vec()).prop_map(str::to_string),
+            1 => "[a-z_.\"]{1,14}",
+        ]
+    }
+
+    /// Lines of `key = value`, with now and then a table header, a comment or junk.
+    fn document() -> impl Strategy<Value = String> {
+        let line = prop_oneof![
+            8 => (key(), value()).prop_map(|(k, v)| format!("{k} = {v}")),
+            1 => "\\[[a-z_.]{0,10}\\]",
+            1 => "#.{0,20}",
+            1 => ".{0,30}",
+        ];
+        proptest::collection::vec(line, 0..8).prop_map(|l| l.join("\n"))
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        match parse(Path::new("/etc/fuzz.toml"), text) {
+            Ok(s) => {
+                prop_assert!(s.interval_min > Duration::ZERO);
+                prop_assert!(s.interval_min <= s.interval_max);
+                prop_assert!(s.max_deletes >= 1);
+                // What the daemon computes from them must not overflow (it once panicked).
+                for d in [s.interval_min, s.interval_max, s.confirm_after] {
+                    let later = d
+                        .checked_mul(2)
+                        .and_then(|d| std::time::Instant::now().checked_add(d));
+                    prop_assert!(later.is_some(), "{:?} overflows the clock", d);
+                }
+                let w =
+                    crate::daemon::next_wait(s.interval_max, false, s.interval_min, s.interval_max);
+                prop_assert!(w <= s.interval_max);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                prop_assert!(msg.contains("/etc/fuzz.toml"), "names no file: {}", msg);
+                prop_assert!(!msg.contains('\n'), "not one line: {}", msg);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn any_text_never_panics(text in ".{0,400}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn toml_like_documents_never_panic(text in document()) {
+            check(&text)?;
+        }
+
+        /// Each key alone with every kind of value: accepted, or refused naming that key.
+        #[test]
+        fn every_key_with_any_value(k in proptest::sample::select(KEYS.to_vec()), v in value()) {
+            let text = format!("{k} = {v}");
+            check(&text)?;
+            if let Err(ConfigError::Invalid { key, .. }) = parse(Path::new("/etc/fuzz.toml"), &text) {
+                prop_assert!(key.starts_with(k), "blames {} for {}", key, text);
+            }
+        }
+    }
+}
