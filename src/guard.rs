@@ -54,7 +54,8 @@ impl Default for GuardSettings {
 pub enum Hold {
     /// Some namespaces could not be read: a missing socket may live there.
     Incomplete { observation: u8, unreadable: usize },
-    /// The map at the path is another map now (an agent re-created it).
+    /// The map at the path is another map now (an agent re-created it), or none (`second_id`
+    /// 0: unpinned).
     MapReplaced { first_id: u32, second_id: u32 },
     /// The namespaces read in both observations lost too many sockets between them: a
     /// dump came back short.
@@ -80,6 +81,13 @@ impl fmt::Display for Hold {
             } => write!(
                 f,
                 "observation {observation} could not read {unreadable} network namespace(s): nothing deleted (fix the access, see the INCOMPLETE lines, and run again)"
+            ),
+            Hold::MapReplaced {
+                first_id,
+                second_id: 0,
+            } => write!(
+                f,
+                "the map (id {first_id}) was unpinned during the sweep (an agent restart?): nothing deleted, run again"
             ),
             Hold::MapReplaced {
                 first_id,
@@ -394,6 +402,10 @@ mod tests {
             Hold::MapReplaced {
                 first_id: 1,
                 second_id: 2,
+            },
+            Hold::MapReplaced {
+                first_id: 1,
+                second_id: 0,
             },
             Hold::InventoryShrank {
                 first: 9,

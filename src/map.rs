@@ -139,6 +139,12 @@ impl SockMap {
         self.id
     }
 
+    /// The id of the map pinned at this map's path *now*: this handle keeps reading the map
+    /// it opened, whatever the path holds since. `Err(NotFound)` when nothing is pinned there.
+    pub fn id_at_path_now(&self) -> Result<u32, MapError> {
+        SockMap::open(&self.path, Access::ReadOnly).map(|m| m.id)
+    }
+
     pub fn max_entries(&self) -> u32 {
         self.max_entries
     }

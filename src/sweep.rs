@@ -197,7 +197,16 @@ pub fn sweep(
     sleep_unless_stopped(settings.guards.confirm_after, stop);
     let apart = started.elapsed();
     let second = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
-    let plan = guard::plan(&first, &second, &settings.filter, &settings.guards);
+    let mut plan = guard::plan(&first, &second, &settings.filter, &settings.guards);
+    // Both observations read the map through the fd opened before them, so their ids agree
+    // even when an agent re-created the map at the path in between: ask the path.
+    if plan.hold.is_none() {
+        if let Some(hold) = pin_moved(map) {
+            plan.hold = Some(hold);
+            plan.delete.clear();
+            plan.over_cap = 0;
+        }
+    }
     let mut report = SweepReport {
         map_id: second.map_id,
         dry_run: settings.guards.dry_run,
@@ -228,6 +237,23 @@ pub fn sweep(
     }
     report.took = started.elapsed();
     Ok(report)
+}
+
+/// The map-replaced hold when the path no longer holds the map `map` reads (re-created, or
+/// unpinned: second id 0).
+fn pin_moved(map: &SockMap) -> Option<guard::Hold> {
+    let now = match map.id_at_path_now() {
+        Ok(id) if id == map.id() => return None,
+        Ok(id) => id,
+        Err(e) => {
+            tracing::debug!(error = %e, "the map's pin is gone");
+            0
+        }
+    };
+    Some(guard::Hold::MapReplaced {
+        first_id: map.id(),
+        second_id: now,
+    })
 }
 
 /// In-kernel compare-and-delete takes up to this many entries per pass over the map, and
