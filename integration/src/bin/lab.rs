@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
 use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::peer::child::churn::{self, ChurnArgs};
 use sockmap_gc_lab::peer::child::{self, ClientArgs, ServerArgs};
 use sockmap_gc_lab::{map, ClientOpts, Lab, LabConfig, Outcome};
 
@@ -39,6 +40,7 @@ enum Cmd {
 enum PeerCmd {
     Server(ServerArgs),
     Client(ClientArgs),
+    Churn(ChurnArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Peer(PeerCmd::Server(a)) => exit_code(child::run_server(&a)),
         Cmd::Peer(PeerCmd::Client(a)) => exit_code(child::run_client(&a)),
+        Cmd::Peer(PeerCmd::Churn(a)) => exit_code(churn::run_churn(&a)),
         Cmd::Incident(a) => {
             if let Err(e) = handle_signals(a.id.clone()) {
                 eprintln!("error: {e:#}");

@@ -28,6 +28,8 @@ pub mod exit {
     pub const LIFETIME: i32 = 124;
 }
 
+pub mod churn;
+
 /// Parses `1.5s`, `1500ms` or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();

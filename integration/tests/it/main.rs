@@ -2,10 +2,13 @@
 
 mod audit;
 mod daemon;
+mod faults;
 mod identity;
 mod inventory;
 mod lab;
 mod package;
+mod rig;
+mod soak;
 mod stuck;
 mod support;
 mod sweep;
