@@ -32,7 +32,13 @@ pub struct Programs {
 
 impl Programs {
     /// Creates `pin_dir`, loads, pins the map at `pin_dir/cilium_sock_ops`, attaches.
-    pub fn load(pin_dir: &Path, cgroup: &fs::File, ipv6: bool) -> Result<Programs> {
+    /// `max_entries` overrides the map's 65535.
+    pub fn load(
+        pin_dir: &Path,
+        cgroup: &fs::File,
+        ipv6: bool,
+        max_entries: Option<u32>,
+    ) -> Result<Programs> {
         fs::create_dir(pin_dir)
             .with_context(|| format!("creating pin directory {}", pin_dir.display()))?;
         let mut progs = Programs {
@@ -52,6 +58,12 @@ impl Programs {
             .context("opening the sockops BPF object")?;
         if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
             rodata.handle_ipv6 = u8::from(ipv6);
+        }
+        if let Some(n) = max_entries {
+            open.maps
+                .cilium_sock_ops
+                .set_max_entries(n)
+                .context("setting the sockhash's max_entries")?;
         }
         let mut skel = open.load().context(
             "loading the sockops/sk_msg programs (BPF refused: root and a kernel with sockmap support are needed)",

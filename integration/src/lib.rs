@@ -30,8 +30,9 @@ pub use peer::{ClientOpts, Held, Outcome, Place, Server};
 /// Prefix of every resource name the lab makes.
 pub const PREFIX: &str = "smgc";
 
-/// Most pods a lab may have (one /24 per pod link within a derived 10.a.b.0 range).
-pub const MAX_PODS: usize = 32;
+/// Most pods a lab may have (one /24 per pod link within a derived 10.a.b.0 range; the
+/// benchmark spreads a full map over 100).
+pub const MAX_PODS: usize = 128;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -46,6 +47,9 @@ pub struct LabConfig {
     pub ipv6: bool,
     /// Every peer process exits after this long whatever happens (bounds a leaked peer).
     pub peer_max_life: Duration,
+    /// The sockhash's max_entries; `None` keeps Cilium's 65535. A smaller map fills up like
+    /// the incident's, and the connections it cannot file stay unfiled (the benchmark).
+    pub map_max_entries: Option<u32>,
 }
 
 impl LabConfig {
@@ -56,6 +60,7 @@ impl LabConfig {
             peer_bin: peer_bin.into(),
             ipv6: false,
             peer_max_life: Duration::from_secs(600),
+            map_max_entries: None,
         }
     }
 }
@@ -225,7 +230,12 @@ impl Lab {
             spaces.push(pod);
         }
         let cgroup = cgroup::Cgroup::create(&names.cgroup(&cg2))?;
-        let programs = bpf::Programs::load(&names.pin_dir(), cgroup.dir(), config.ipv6)?;
+        let programs = bpf::Programs::load(
+            &names.pin_dir(),
+            cgroup.dir(),
+            config.ipv6,
+            config.map_max_entries,
+        )?;
         let map = map::open_pinned(programs.map_path())?;
         let planter = Mutex::new(plant::Planter::new(&netns::path_of(&names.node_netns())));
         Ok(Lab {
@@ -447,6 +457,16 @@ impl Lab {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .plant_socket(&self.map, key, sock)
+    }
+
+    /// Closes the held sockets of planted keys that are no longer in the map (deleted by a
+    /// sweep, say), so planting again does not pile up fds; returns how many were closed.
+    pub fn forget_deleted_plants(&self) -> usize {
+        let present: std::collections::HashSet<RawKey> = self.raw_keys().into_iter().collect();
+        self.planter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k| present.contains(&k.encode()))
     }
 
     /// Keys planted so far.

@@ -78,6 +78,20 @@ impl Planter {
         self.planted.iter().map(|(k, _)| *k).collect()
     }
 
+    /// Keeps the planted sockets whose key satisfies `keep`, closes the others; returns how
+    /// many were closed.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&SockKey) -> bool) -> usize {
+        let before = self.planted.len();
+        self.planted.retain(|(k, _)| keep(k));
+        let closed = before - self.planted.len();
+        if closed > 0 {
+            // A spare may be the other end of a pair just closed: no longer ESTABLISHED, a
+            // map refuses it (EOPNOTSUPP).
+            self.spare.clear();
+        }
+        closed
+    }
+
     /// Closes every held socket; the kernel drops their entries with the last fd.
     pub(crate) fn clear(&mut self) {
         self.planted.clear();

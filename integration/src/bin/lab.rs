@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{SigSet, Signal};
 use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::peer::bulk;
 use sockmap_gc_lab::peer::child::churn::{self, ChurnArgs};
 use sockmap_gc_lab::peer::child::{self, ClientArgs, ServerArgs};
 use sockmap_gc_lab::{map, ClientOpts, Lab, LabConfig, Outcome};
@@ -41,6 +42,8 @@ enum PeerCmd {
     Server(ServerArgs),
     Client(ClientArgs),
     Churn(ChurnArgs),
+    BulkServer(bulk::BulkServerArgs),
+    BulkClient(bulk::BulkClientArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -110,6 +113,8 @@ fn main() -> ExitCode {
         Cmd::Peer(PeerCmd::Server(a)) => exit_code(child::run_server(&a)),
         Cmd::Peer(PeerCmd::Client(a)) => exit_code(child::run_client(&a)),
         Cmd::Peer(PeerCmd::Churn(a)) => exit_code(churn::run_churn(&a)),
+        Cmd::Peer(PeerCmd::BulkServer(a)) => exit_code(bulk::run_bulk_server(&a)),
+        Cmd::Peer(PeerCmd::BulkClient(a)) => exit_code(bulk::run_bulk_client(&a)),
         Cmd::Incident(a) => {
             if let Err(e) = handle_signals(a.id.clone()) {
                 eprintln!("error: {e:#}");

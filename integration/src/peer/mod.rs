@@ -3,6 +3,7 @@
 //! and exec: sock_ops files a socket by the cgroup of the process that creates it, and the
 //! test process itself (many tests in threads) must stay outside.
 
+pub mod bulk;
 pub mod child;
 
 use std::fmt;

@@ -1,6 +1,7 @@
 //! Integration tests on the real kernel (run as root): one test binary, one module per area.
 
 mod audit;
+mod bench_smoke;
 mod daemon;
 mod faults;
 mod identity;
