@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -422,7 +422,13 @@ fn is_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
 }
 
-/// Dumps IPv4 then IPv6 TCP sockets of the calling thread's namespace into `out`.
+/// Dumps the TCP sockets (IPv4 and IPv6) of the calling thread's namespace into `out`.
+///
+/// One request of the legacy `TCPDIAG_GETSOCK` type dumps both families in a single walk of
+/// the kernel's TCP hash tables (the kernel serves it as family `AF_UNSPEC`). Those tables are
+/// shared by every namespace on the node, so each namespace's dump walks all of the node's
+/// sockets: one walk instead of one per family halves the cost of an inventory. A kernel that
+/// refuses the request gets the two per-family `SOCK_DIAG_BY_FAMILY` dumps instead.
 fn dump_into(netns: NetnsId, buf: &mut [u8], out: &mut Vec<LiveSocket>) -> Result<(), DiagError> {
     // Created after any setns: a netlink socket belongs to the namespace it was created in.
     let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
@@ -432,35 +438,66 @@ fn dump_into(netns: NetnsId, buf: &mut [u8], out: &mut Vec<LiveSocket>) -> Resul
         .map_err(DiagError::Socket)?;
     set_recv_timeout(&socket, RECV_TIMEOUT).map_err(DiagError::Socket)?;
     let mut seq = 0u32;
-    for family in [AF_INET, AF_INET6] {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            seq += 1;
-            let start = out.len();
-            match dump_family(&socket, family, seq, netns, buf, out)? {
-                DumpEnd::Consistent => break,
-                DumpEnd::Interrupted => {
-                    out.truncate(start);
-                    tracing::debug!(%netns, family = family_name(family), attempt, "sock_diag dump interrupted; retrying");
-                    if attempt >= DUMP_ATTEMPTS {
-                        return Err(DiagError::DumpInterrupted {
-                            family: family_name(family),
-                            attempts: attempt,
-                        });
-                    }
-                }
+    if !BOTH_REFUSED.load(Ordering::Relaxed) {
+        let start = out.len();
+        match dump_retrying(&socket, BOTH_FAMILIES, &mut seq, netns, buf, out) {
+            Ok(()) => return Ok(()),
+            Err(DiagError::Kernel { errno, .. }) => {
+                out.truncate(start);
+                BOTH_REFUSED.store(true, Ordering::Relaxed);
+                tracing::debug!(%netns, errno, "single-walk TCPDIAG_GETSOCK dump refused; dumping per family");
             }
+            Err(e) => return Err(e),
         }
+    }
+    for family in [AF_INET, AF_INET6] {
+        dump_retrying(&socket, family, &mut seq, netns, buf, out)?;
     }
     Ok(())
 }
 
+/// `family` value that asks for both families in one walk (the legacy request).
+const BOTH_FAMILIES: u8 = 0;
+/// The legacy request type, and the type of its replies (`TCPDIAG_GETSOCK`, linux/inet_diag.h).
+const TCPDIAG_GETSOCK: u16 = 18;
+/// Set once the kernel refused the single-walk dump: later dumps go per family at once.
+static BOTH_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// One dump, redone while the kernel flags it inconsistent (at most [`DUMP_ATTEMPTS`] times).
+fn dump_retrying(
+    socket: &Socket,
+    family: u8,
+    seq: &mut u32,
+    netns: NetnsId,
+    buf: &mut [u8],
+    out: &mut Vec<LiveSocket>,
+) -> Result<(), DiagError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        *seq += 1;
+        let start = out.len();
+        match dump_family(socket, family, *seq, netns, buf, out)? {
+            DumpEnd::Consistent => return Ok(()),
+            DumpEnd::Interrupted => {
+                out.truncate(start);
+                tracing::debug!(%netns, family = family_name(family), attempt, "sock_diag dump interrupted; retrying");
+                if attempt >= DUMP_ATTEMPTS {
+                    return Err(DiagError::DumpInterrupted {
+                        family: family_name(family),
+                        attempts: attempt,
+                    });
+                }
+            }
+        }
+    }
+}
+
 fn family_name(family: u8) -> &'static str {
-    if family == AF_INET {
-        "IPv4"
-    } else {
-        "IPv6"
+    match family {
+        AF_INET => "IPv4",
+        BOTH_FAMILIES => "IPv4 and IPv6",
+        _ => "IPv6",
     }
 }
 
@@ -492,6 +529,29 @@ enum DumpEnd {
     Consistent,
     /// The kernel flagged the dump `NLM_F_DUMP_INTR`: sockets may be missing or doubled.
     Interrupted,
+}
+
+/// The legacy `TCPDIAG_GETSOCK` dump request: `nlmsghdr` and `struct inet_diag_req` (family,
+/// address lengths, extensions, a zero socket id, the state mask, `idiag_dbs`), which the
+/// kernel answers with the TCP sockets of both families.
+fn dump_request_both(seq: u32) -> Vec<u8> {
+    const HEADER_LEN: usize = 16;
+    const REQ_LEN: usize = 4 + 48 + 4 + 4;
+    let len = HEADER_LEN + REQ_LEN;
+    let mut bytes = Vec::with_capacity(len);
+    bytes.extend_from_slice(&(len as u32).to_ne_bytes());
+    bytes.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+    bytes.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    bytes.extend_from_slice(&seq.to_ne_bytes());
+    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    // idiag_family (ignored for a dump: the kernel uses AF_UNSPEC), src_len, dst_len, ext.
+    bytes.extend_from_slice(&[AF_INET, 0, 0, 0]);
+    // inet_diag_sockid: ports, addresses, interface and cookie all zero (no filter).
+    bytes.extend_from_slice(&[0u8; 48]);
+    // Every state bit, as below.
+    bytes.extend_from_slice(&u32::MAX.to_ne_bytes());
+    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    bytes
 }
 
 fn dump_request(family: u8, seq: u32) -> Vec<u8> {
@@ -530,7 +590,11 @@ fn dump_family(
     buf: &mut [u8],
     out: &mut Vec<LiveSocket>,
 ) -> Result<DumpEnd, DiagError> {
-    let request = dump_request(family, seq);
+    let request = if family == BOTH_FAMILIES {
+        dump_request_both(seq)
+    } else {
+        dump_request(family, seq)
+    };
     socket.send(&request, 0).map_err(DiagError::Send)?;
     let mut parser = DumpParser::new(family, seq, netns);
     for _ in 0..MAX_DATAGRAMS_PER_DUMP {
@@ -605,7 +669,7 @@ impl DumpParser {
                         }
                     }
                     NLMSG_OVERRUN => return Err(DiagError::Overrun),
-                    SOCK_DIAG_BY_FAMILY => out.push(self.socket(msg.payload())?),
+                    SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => out.push(self.socket(msg.payload())?),
                     // Unknown types are not ours to interpret; skip them.
                     _ => {}
                 }
@@ -985,6 +1049,32 @@ mod tests {
         let p = msg.payload();
         assert_eq!((p[0], p[1]), (AF_INET6, IPPROTO_TCP));
         assert_eq!(&p[4..8], &u32::MAX.to_ne_bytes());
+    }
+
+    #[test]
+    fn single_walk_request_is_the_legacy_tcp_dump() {
+        let req = dump_request_both(5);
+        let msg = NetlinkBuffer::new_checked(&req[..]).unwrap();
+        assert_eq!(msg.message_type(), TCPDIAG_GETSOCK);
+        assert_eq!(msg.flags(), NLM_F_REQUEST | NLM_F_DUMP);
+        assert_eq!(msg.sequence_number(), 5);
+        // sizeof(struct inet_diag_req) is 60; the state mask follows the 48-byte socket id.
+        let p = msg.payload();
+        assert_eq!(p.len(), 60);
+        assert_eq!(&p[52..56], &u32::MAX.to_ne_bytes());
+    }
+
+    #[test]
+    fn both_families_of_one_namespace_in_one_dump() {
+        // The single-walk dump sees what the two per-family dumps see.
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+        let sockets = dump_current_netns().unwrap();
+        let has = |addr: SocketAddr| sockets.iter().any(|s| s.local == addr);
+        assert!(has(v4.local_addr().unwrap()));
+        if let Some(v6) = v6 {
+            assert!(has(v6.local_addr().unwrap()));
+        }
     }
 
     #[test]
