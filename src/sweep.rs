@@ -344,8 +344,29 @@ impl Deleter<'_> {
                 }
             }
             Ok(None) => {
-                for (raw, _, verdict) in &pending {
-                    self.delete_by_key(report, *raw, verdict)?;
+                // Compare in userspace instead: a fresh read of who each entry holds, then
+                // a delete by key only where it still holds the judged socket.
+                let now: HashMap<RawKey, u64> = match self.identity.read(self.map) {
+                    Ok(Some(ids)) => ids
+                        .entries
+                        .into_iter()
+                        .map(|(k, h)| (k, h.cookie))
+                        .collect(),
+                    Ok(None) | Err(_) => {
+                        for (raw, _, verdict) in &pending {
+                            let why =
+                                "not deleted: the held socket could not be read again".to_string();
+                            self.record(report, *raw, verdict, Outcome::Failed(why))?;
+                        }
+                        return Ok(());
+                    }
+                };
+                for (raw, cookie, verdict) in &pending {
+                    match now.get(raw) {
+                        None => self.record(report, *raw, verdict, Outcome::AlreadyGone)?,
+                        Some(c) if c == cookie => self.delete_by_key(report, *raw, verdict)?,
+                        Some(_) => self.record(report, *raw, verdict, Outcome::HoldsAnother)?,
+                    }
                 }
             }
             Err(e) => {
@@ -378,11 +399,12 @@ fn delete_phase(
         .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
     let clock = DefaultClock::default();
     let total = report.plan.delete.len();
-    let held: HashMap<RawKey, HeldView> = report
+    // Entries judged on the socket they hold, with that socket and the verdict.
+    let by_identity: HashMap<RawKey, (HeldView, Verdict)> = report
         .second
         .entries
         .iter()
-        .filter_map(|e| e.held_view().map(|h| (e.raw, h)))
+        .filter_map(|e| e.held_view().map(|h| (e.raw, (h, e.verdict.clone()))))
         .collect();
     let mut fresh: Option<(Sockets, Instant)> = None;
     let phase_started = Instant::now();
@@ -406,6 +428,29 @@ fn delete_phase(
             report.interrupted = Some(Interrupted::Signal);
             break;
         }
+        if let Some((h, verdict)) = by_identity
+            .get(&raw)
+            .filter(|_| deleter.identity.is_active())
+        {
+            // Judged on the held socket itself (closed, or other ends): facts that do not
+            // change for that socket, and compare-and-delete deletes only while the entry
+            // still holds it. No socket inventory can add to that.
+            let verdict = verdict.clone();
+            if deleter.pending.is_empty() {
+                deleter.pending_since = Instant::now();
+            }
+            deleter.pending.push((raw, h.cookie, verdict));
+            if deleter.pending.len() >= CAD_BATCH
+                || deleter.pending_since.elapsed() >= CAD_MAX_DELAY
+            {
+                deleter.flush(report)?;
+            }
+            progress(Progress {
+                done: done + 1,
+                total,
+            });
+            continue;
+        }
         if fresh
             .as_ref()
             .is_none_or(|(_, at)| at.elapsed() > settings.recheck_max_age)
@@ -424,23 +469,12 @@ fn delete_phase(
             break;
         };
         let key = SockKey::decode(&raw);
-        let held_view = held.get(&raw);
-        let verdict = classify(&key, held_view, &sockets.evidence(&settings.gateways));
-        if !verdict.is_stale() {
+        let verdict = classify(&key, None, &sockets.evidence(&settings.gateways));
+        if verdict.is_stale() {
+            deleter.delete_by_key(report, raw, &verdict)?;
+        } else {
             tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
             report.spared.push(raw);
-        } else if let Some(h) = held_view.filter(|_| deleter.identity.is_active()) {
-            if deleter.pending.is_empty() {
-                deleter.pending_since = Instant::now();
-            }
-            deleter.pending.push((raw, h.cookie, verdict));
-            if deleter.pending.len() >= CAD_BATCH
-                || deleter.pending_since.elapsed() >= CAD_MAX_DELAY
-            {
-                deleter.flush(report)?;
-            }
-        } else {
-            deleter.delete_by_key(report, raw, &verdict)?;
         }
         progress(Progress {
             done: done + 1,
