@@ -16,8 +16,10 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 
 cargo build --release --locked -p sockmap-gc --bin sockmap-gc
-bin=target/release/sockmap-gc
-generated=target/release/generated
+target="${CARGO_TARGET_DIR:-target}"
+bin="$target/release/sockmap-gc"
+# cargo-deb reads the assets under target/release/ in Cargo.toml from the real target directory.
+generated="$target/release/generated"
 mkdir -p "$generated"
 "$bin" generate man | gzip -9n >"$generated/sockmap-gc.1.gz"
 "$bin" generate complete-bash >"$generated/sockmap-gc.bash"
@@ -26,9 +28,9 @@ mkdir -p "$generated"
 
 # Dependencies are listed in Cargo.toml ([package.metadata.deb] depends), so dpkg-shlibdeps
 # (dpkg-dev) is not needed.
-rm -f target/debian/sockmap-gc_*.deb
+rm -f "$target"/debian/sockmap-gc_*.deb
 # --strip: the release profile keeps line tables (debug = 1) for backtraces; the package does not.
-cargo deb --no-build --strip --locked -p sockmap-gc --output target/debian/ >&2
-deb="target/debian/sockmap-gc_$("$bin" --version | awk '{print $2}')-1_$(dpkg --print-architecture).deb"
+cargo deb --no-build --strip --locked -p sockmap-gc --output "$target/debian/" >&2
+deb="$target/debian/sockmap-gc_$("$bin" --version | awk '{print $2}')-1_$(dpkg --print-architecture).deb"
 [ -f "$deb" ] || { echo "package.sh: $deb was not made" >&2; exit 1; }
 echo "$deb"
