@@ -121,7 +121,10 @@ fn soak(id: &str, duration: Duration) {
         let churns: Vec<_> = churn_servers
             .iter()
             .map(|srv| {
-                let opts = ChurnOpts::to(srv.addr(), RATE / 2, duration, CHURN_PORTS);
+                let mut opts = ChurnOpts::to(srv.addr(), RATE / 2, duration, CHURN_PORTS);
+                // Room for a starved CPU in a parallel test run: a live key deleted loses the
+                // request's payload, and that request never completes, however long it waits.
+                opts.timeout = Duration::from_secs(5);
                 lab.churn(&opts).expect("start churn")
             })
             .collect();
