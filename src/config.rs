@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::identity::IdentityMode;
 
 /// Where the unit and the README put the file.
-pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/sockmap-gc.toml";
+pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/config.toml";
 /// Where the daemon's trail goes unless the file says otherwise (systemd's `StateDirectory`).
 pub const DEFAULT_TRAIL: &str = "/var/lib/sockmap-gc/trail.jsonl";
 /// Loopback only: the metrics say which pods had stale entries.
