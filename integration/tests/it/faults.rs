@@ -77,23 +77,23 @@ fn has_key(map: &MapHandle, key: &SockKey) -> bool {
         .any(|k| k.as_slice() == key.encode().0.as_slice())
 }
 
-/// Waits until the daemon's first observation is over: its namespace threads
-/// (`smgc-netns-*`) came and went, so the sweep thread now waits `confirm_after`.
-fn wait_first_observation(pid: u32, timeout: Duration) -> bool {
-    let netns_threads = || {
+/// Waits until the daemon's sweep is between its two observations: its `sweep` thread sleeps
+/// out `confirm_after` (in `nanosleep`, which nothing else in a sweep before the deletes does).
+/// Watching the `smgc-netns-*` threads instead missed a quick first inventory under load.
+fn wait_between_observations(pid: u32, timeout: Duration) -> bool {
+    let sleeping = || {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|d| {
-                d.flatten()
-                    .filter(|t| {
-                        std::fs::read_to_string(t.path().join("comm"))
-                            .is_ok_and(|c| c.starts_with("smgc-netns"))
-                    })
-                    .count()
+                d.flatten().any(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "sweep")
+                        && std::fs::read_to_string(t.path().join("wchan"))
+                            .is_ok_and(|w| w.contains("nanosleep"))
+                })
             })
-            .unwrap_or(0)
+            .unwrap_or(false)
     };
-    sys::wait_until(timeout, || netns_threads() > 0)
-        && sys::wait_until(timeout, || netns_threads() == 0)
+    sys::wait_until(timeout, sleeping)
 }
 
 const SLOW: &str = "interval_min = \"1h\"\ninterval_max = \"1h\"";
@@ -112,8 +112,8 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
     // The first sweep starts at once; the next only on SIGUSR1.
     let daemon = Daemon::start(&config);
     assert!(
-        wait_first_observation(daemon.pid(), Duration::from_secs(20)),
-        "the first observation never ended:\n{}",
+        wait_between_observations(daemon.pid(), Duration::from_secs(60)),
+        "the sweep never reached the wait between its observations:\n{}",
         daemon.log()
     );
     // The agent restarts: the old pin goes, a new map is pinned at the same path.
