@@ -729,7 +729,7 @@ fn read_iter(map_id: u32, link: &libbpf_rs::Link) -> Result<Vec<u8>, IdentityErr
 
 fn parse_records<T: Record>(map_id: u32, bytes: &[u8]) -> Result<Vec<T>, IdentityError> {
     let size = mem::size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(IdentityError::Malformed {
             map_id,
             what: format!(
