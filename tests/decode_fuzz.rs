@@ -3,8 +3,8 @@
 //! never a panic; every valid key decodes to what the library says.
 //!
 //! Each case runs the binary, so the case count is modest; `PROPTEST_CASES=2000 cargo test
-//! --test decode_fuzz` runs more. Failing cases are kept in
-//! `proptest-regressions/decode_fuzz.txt`.
+//! --test decode_fuzz` runs more. Failing cases are kept beside this file, in
+//! `tests/decode_fuzz.proptest-regressions`.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
