@@ -32,6 +32,10 @@ pub const PREFIX: &str = "smgc";
 
 /// Most pods a lab may have (one /24 per pod link within a derived 10.a.b.0 range; the
 /// benchmark spreads a full map over 100).
+/// Client ports never handed out as ephemeral ports in the node namespace: tests use them as
+/// fixed client ports and in planted keys.
+pub const FIXED_PORTS: &str = "40000-49999";
+
 pub const MAX_PODS: usize = 128;
 
 /// What to build.
@@ -196,6 +200,16 @@ impl Lab {
         // Guards are locals until the end: an early return drops them in reverse order.
         let mut spaces = Vec::new();
         let node = netns::Netns::create(&names.node_netns())?;
+        // Tests pick client ports and plant keys in this range; an ephemeral port landing
+        // there would collide with them.
+        sys::ip(&[
+            "netns",
+            "exec",
+            &names.node_netns(),
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_reserved_ports={FIXED_PORTS}"),
+        ])?;
         spaces.push(node);
         for i in 0..config.pods {
             let pod = netns::Netns::create(&names.pod_netns(i))?;
