@@ -10,6 +10,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod interrupt;
 pub mod map;
 pub mod netns;
 pub mod peer;

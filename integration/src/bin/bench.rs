@@ -13,20 +13,18 @@ use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use nix::sys::signal::{SigSet, Signal};
 use sockmap_gc::diag;
 use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::{RawKey, SockKey, KEY_LEN};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns;
 use sockmap_gc_lab::peer::bulk::BulkClient;
-use sockmap_gc_lab::{Lab, LabConfig, Server};
+use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
 /// Cilium's map size (`SOCKOPS_MAP_SIZE`) and the incident's stale entries.
 const FULL_MAP: u32 = 65_535;
@@ -88,36 +86,6 @@ struct Args {
     id: String,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Ctrl-C / SIGTERM: flag, kill the lab's peers so every wait ends, and let main tear the
-/// lab down through its guards; if main is stuck, remove the lab by name and exit.
-fn handle_signals(id: String) -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    // Blocked before any thread starts, so only the waiter below receives them.
-    set.thread_block().context("blocking SIGINT/SIGTERM")?;
-    thread::spawn(move || {
-        if set.wait().is_ok() {
-            eprintln!("\nsignal received: tearing the lab down");
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            sockmap_gc_lab::kill_peers(&id);
-            thread::sleep(Duration::from_secs(20));
-            let _ = sockmap_gc_lab::remove_leftovers(&id);
-            std::process::exit(130);
-        }
-    });
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let mut args = Args::parse();
     if args.smoke {
@@ -126,13 +94,13 @@ fn main() -> ExitCode {
         args.runs = 1;
         args.manual_runs = 1;
     }
-    if let Err(e) = handle_signals(args.id.clone()) {
+    if let Err(e) = interrupt::install(args.id.clone(), Duration::from_secs(20)) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+        Err(e) if interrupt::is_interrupted() => {
             eprintln!("stopped: {e:#}");
             ExitCode::from(130)
         }
@@ -174,7 +142,7 @@ fn run(args: &Args) -> Result<()> {
     println!("product    {}", product.display());
     let mut results = Vec::new();
     for &entries in &args.entries {
-        check_interrupted()?;
+        interrupt::check()?;
         let size = Size::new(args, entries)?;
         results.push(bench_size(args, &size, &product, &peer_bin)?);
     }
@@ -319,7 +287,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
     }
     if args.keep {
         println!("   lab kept up; Ctrl-C tears it down");
-        while !INTERRUPTED.load(Ordering::SeqCst) {
+        while !interrupt::is_interrupted() {
             thread::sleep(Duration::from_millis(100));
         }
         bail!("interrupted");
@@ -328,7 +296,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
     let mut sockets = 0;
     let mut namespaces = 0;
     for r in 0..args.runs {
-        check_interrupted()?;
+        interrupt::check()?;
         let mut f = RunFigures::default();
 
         // The kernel's own cost: one iterator read, one sock_diag dump per namespace.
@@ -409,7 +377,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         replant(&lab, &stale_keys)?;
 
         if r < args.manual_runs {
-            check_interrupted()?;
+            interrupt::check()?;
             let (audit, delete, found) = manual_remedy(&map_path)?;
             if found != size.stale {
                 bail!(
@@ -481,7 +449,7 @@ fn populate(lab: &Lab, size: &Size, stale: &[SockKey]) -> Result<(Vec<Server>, V
         stale.len(),
         t.elapsed().as_secs_f64()
     );
-    check_interrupted()?;
+    interrupt::check()?;
     let t = Instant::now();
     let mut servers = Vec::with_capacity(size.pods);
     for pod in 0..size.pods {
@@ -500,7 +468,7 @@ fn populate(lab: &Lab, size: &Size, stale: &[SockKey]) -> Result<(Vec<Server>, V
     }
     let mut conns = 0;
     for c in &mut clients {
-        check_interrupted()?;
+        interrupt::check()?;
         conns += c.wait_ready(Duration::from_secs(600))?;
     }
     println!(

@@ -4,18 +4,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use nix::sys::signal::{SigSet, Signal};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::peer::bulk;
 use sockmap_gc_lab::peer::child::churn::{self, ChurnArgs};
 use sockmap_gc_lab::peer::child::{self, ClientArgs, ServerArgs};
-use sockmap_gc_lab::{map, ClientOpts, Lab, LabConfig, Outcome};
+use sockmap_gc_lab::{interrupt, map, ClientOpts, Lab, LabConfig, Outcome};
 
 #[derive(Parser)]
 #[command(
@@ -77,36 +75,6 @@ struct IncidentArgs {
     peer_bin: Option<PathBuf>,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Ctrl-C / SIGTERM: flag, kill the lab's peers so every wait ends, and let main tear down;
-/// if main is stuck, remove the lab by name and exit.
-fn handle_signals(id: String) -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    // Blocked before any thread starts, so only the waiter below receives them.
-    set.thread_block().context("blocking SIGINT/SIGTERM")?;
-    thread::spawn(move || {
-        if set.wait().is_ok() {
-            eprintln!("\nsignal received: tearing the lab down");
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            sockmap_gc_lab::kill_peers(&id);
-            thread::sleep(Duration::from_secs(10));
-            let _ = sockmap_gc_lab::remove_leftovers(&id);
-            std::process::exit(130);
-        }
-    });
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -116,13 +84,13 @@ fn main() -> ExitCode {
         Cmd::Peer(PeerCmd::BulkServer(a)) => exit_code(bulk::run_bulk_server(&a)),
         Cmd::Peer(PeerCmd::BulkClient(a)) => exit_code(bulk::run_bulk_client(&a)),
         Cmd::Incident(a) => {
-            if let Err(e) = handle_signals(a.id.clone()) {
+            if let Err(e) = interrupt::install(a.id.clone(), Duration::from_secs(10)) {
                 eprintln!("error: {e:#}");
                 return ExitCode::FAILURE;
             }
             match incident(&a) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) if INTERRUPTED.load(Ordering::SeqCst) => {
+                Err(e) if interrupt::is_interrupted() => {
                     eprintln!("stopped: {e:#}");
                     ExitCode::from(130)
                 }
@@ -183,7 +151,7 @@ fn expect(ok: bool, what: &str) -> Result<()> {
 }
 
 fn request(lab: &Lab, target: SocketAddr, port: u16, timeout: Duration) -> Result<Outcome> {
-    interrupted()?;
+    interrupt::check()?;
     let started = Instant::now();
     let outcome = lab.request_from(target, port, timeout)?;
     println!(
@@ -232,7 +200,7 @@ fn incident(a: &IncidentArgs) -> Result<()> {
         request(&lab, target, 40001, t)?.is_replied(),
         "request from port 40001 gets its reply",
     )?;
-    interrupted()?;
+    interrupt::check()?;
     let held = lab.hold(&ClientOpts::to(target).from_port(40002).timeout(t))?;
     let client_key = *held
         .client_keys()
@@ -254,7 +222,7 @@ fn incident(a: &IncidentArgs) -> Result<()> {
         "natural stale entry: a client resets, the server keeps the socket's fd",
     );
     let natural_port = 40100;
-    interrupted()?;
+    interrupt::check()?;
     let reset = lab.request(
         &ClientOpts::to(target)
             .from_port(natural_port)
@@ -351,7 +319,7 @@ fn incident(a: &IncidentArgs) -> Result<()> {
             lab.map_path().display()
         );
         println!("   Ctrl-C tears the lab down.");
-        while !INTERRUPTED.load(Ordering::SeqCst) {
+        while !interrupt::is_interrupted() {
             thread::sleep(Duration::from_millis(100));
         }
         drop(server);
