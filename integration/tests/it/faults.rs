@@ -150,8 +150,12 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
         new_stale.iter().all(|k| !has_key(&new_map, k))
     });
     assert!(gone, "new map's stale keys left:\n{}", daemon.log());
-    let trail = read_trail(&scratch.trail());
+    // Compare-and-delete deletes in the kernel first; the trail lines follow its outcome.
     let want: HashSet<String> = new_stale.iter().map(hex).collect();
+    sys::wait_until(Duration::from_secs(10), || {
+        read_trail(&scratch.trail()).len() >= want.len()
+    });
+    let trail = read_trail(&scratch.trail());
     assert_eq!(
         trail.iter().map(|t| t.key.clone()).collect::<HashSet<_>>(),
         want
