@@ -12,7 +12,7 @@ use libbpf_rs::{MapHandle, MapType};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, LabConfig};
 
-use crate::support::{self, hex, lab, live_keys, natural_stale, run, verdicts};
+use crate::support::{self, entry_of, hex, lab, live_keys, natural_stale, run, verdicts};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -356,14 +356,7 @@ fn audit_with_identity_keeps_a_proxy_entry_holding_its_live_socket() {
         &gateway.to_string(),
     ]);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    let json = out.json();
-    let entry = json["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .find(|e| e["key"] == hex(&proxied))
-        .expect("proxy entry reported")
-        .clone();
+    let entry = entry_of(&out.json(), &proxied);
     assert_eq!(entry["verdict"], "live", "{entry}");
     assert_eq!(entry["reason_code"], "proxy-held-is-live");
     assert_eq!(entry["socket"]["local"], local.to_string());

@@ -2,27 +2,15 @@
 //! the request stuck right now (a blind spot of tuple evidence), and `--identity` behaves.
 
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, run, run_command};
+use crate::support::{entry_of, evidence, hex, lab, live_keys, natural_stale, run, run_without};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
-}
-
-fn entry_of(json: &Value, key: &SockKey) -> Value {
-    json["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .find(|e| e["key"] == hex(key))
-        .cloned()
-        .unwrap_or_else(|| panic!("{key} not reported: {json}"))
 }
 
 /// The server end of a connection from `port` has been accepted (the server's socket is
@@ -164,17 +152,9 @@ fn identity_judges_natural_stale_entries_by_their_closed_socket() {
     );
 }
 
-/// Runs the product without the capabilities an iterator program needs (CAP_PERFMON, and
-/// CAP_SYS_ADMIN which implies it), keeping CAP_BPF for the map.
-fn without_perfmon(args: &[&str]) -> crate::support::Run {
-    run_command(
-        Command::new("setpriv")
-            .args(["--bounding-set", "-perfmon,-sys_admin"])
-            .args(["--inh-caps", "-perfmon,-sys_admin", "--"])
-            .arg(product())
-            .args(args),
-    )
-}
+/// Without the capabilities an iterator program needs (CAP_PERFMON, and CAP_SYS_ADMIN which
+/// implies it), keeping CAP_BPF for the map.
+const NO_PERFMON: &str = "-perfmon,-sys_admin";
 
 #[test]
 fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
@@ -185,7 +165,7 @@ fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
     let path = lab.map_path();
     let path = path.to_str().expect("utf-8");
 
-    let auto = without_perfmon(&["audit", "--map", path, "--output", "json"]);
+    let auto = run_without(NO_PERFMON, &["audit", "--map", path, "--output", "json"]);
     assert_ne!(auto.code, 2, "auto still audits: {}", auto.stderr);
     let json = auto.json();
     assert_eq!(json["inventory"]["identity"], false);
@@ -197,7 +177,7 @@ fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
         auto.stderr
     );
 
-    let on = without_perfmon(&["audit", "--map", path, "--identity", "on"]);
+    let on = run_without(NO_PERFMON, &["audit", "--map", path, "--identity", "on"]);
     assert_eq!(on.code, 2, "on makes a refusal an error: {}", on.stderr);
     assert!(on.stderr.contains("refused"), "{}", on.stderr);
 }

@@ -68,6 +68,28 @@ pub fn run(args: &[&str]) -> Run {
     run_command(Command::new(product()).args(args))
 }
 
+/// Runs the product without `caps` (setpriv syntax, e.g. "-sys_admin" or "-perfmon,-sys_admin"),
+/// as a daemon started with too few capabilities would run.
+pub fn run_without(caps: &str, args: &[&str]) -> Run {
+    run_command(
+        Command::new("setpriv")
+            .args(["--bounding-set", caps, "--inh-caps", caps, "--"])
+            .arg(product())
+            .args(args),
+    )
+}
+
+/// The entry reported for `key` in a JSON report.
+pub fn entry_of(json: &Value, key: &SockKey) -> Value {
+    json["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["key"] == hex(key))
+        .cloned()
+        .unwrap_or_else(|| panic!("{key} not reported: {json}"))
+}
+
 pub fn run_command(cmd: &mut Command) -> Run {
     let out = cmd.output().expect("sockmap-gc runs");
     Run {

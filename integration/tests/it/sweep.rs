@@ -3,12 +3,11 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, run, run_command, HANG};
+use crate::support::{evidence, hex, lab, live_keys, natural_stale, run, run_without, HANG};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -246,18 +245,18 @@ fn sweep_deletes_nothing_when_a_namespace_cannot_be_read() {
     let before = map_hex(&lab);
     let path = lab.map_path();
     // Without CAP_SYS_ADMIN it cannot setns into any namespace: the evidence is incomplete.
-    let out = run_command(
-        Command::new("setpriv")
-            .args([
-                "--bounding-set",
-                "-sys_admin",
-                "--inh-caps",
-                "-sys_admin",
-                "--",
-            ])
-            .arg(crate::support::product())
-            .args(["sweep", "--map", path.to_str().expect("utf-8"), "--execute"])
-            .args(["--confirm-after", "0s", "--output", "json"]),
+    let out = run_without(
+        "-sys_admin",
+        &[
+            "sweep",
+            "--map",
+            path.to_str().expect("utf-8"),
+            "--execute",
+            "--confirm-after",
+            "0s",
+            "--output",
+            "json",
+        ],
     );
     assert_eq!(
         out.code, 1,
@@ -285,18 +284,16 @@ fn sweep_deletes_nothing_when_a_namespace_cannot_be_read() {
     assert_eq!(map_hex(&lab), before, "nothing deleted");
     assert_eq!(stale.len(), 3);
 
-    let text = run_command(
-        Command::new("setpriv")
-            .args([
-                "--bounding-set",
-                "-sys_admin",
-                "--inh-caps",
-                "-sys_admin",
-                "--",
-            ])
-            .arg(crate::support::product())
-            .args(["sweep", "--map", path.to_str().expect("utf-8"), "--execute"])
-            .args(["--confirm-after", "0s"]),
+    let text = run_without(
+        "-sys_admin",
+        &[
+            "sweep",
+            "--map",
+            path.to_str().expect("utf-8"),
+            "--execute",
+            "--confirm-after",
+            "0s",
+        ],
     );
     assert!(text.stdout.contains("INCOMPLETE"), "{}", text.stdout);
     assert!(text.stdout.contains("nothing deleted"), "{}", text.stdout);
