@@ -4,19 +4,19 @@
 //! Each test has its own lab id, scratch directory and metrics port.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, ClientOpts, Lab};
 
+use crate::rig::{self, Scratch};
 use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, HANG};
 
 /// The unit file the tests read the capability set and the hardening from.
@@ -24,28 +24,6 @@ fn unit_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("systemd/sockmap-gc.service")
-}
-
-/// A directory for one test's config and trail, removed afterwards.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(id: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("sockmap-gc-{id}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A config for the lab's map: metrics on an ephemeral loopback port, the trail in `scratch`,
@@ -62,18 +40,15 @@ fn write_config(scratch: &Scratch, lab: &Lab, extra: &str) -> PathBuf {
     path
 }
 
-/// A running daemon; killed on drop if a test failed before stopping it, and its log shown.
+/// A running daemon (the shared harness in `rig`) with its metrics listener.
 struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+    inner: rig::Daemon,
     metrics: SocketAddr,
 }
 
 impl Daemon {
     fn start(config: &Path) -> Daemon {
-        let mut cmd = Command::new(product());
-        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
-        Daemon::start_with(&mut cmd, config)
+        Daemon::with_metrics(rig::Daemon::start(config))
     }
 
     /// As systemd starts it: `NOTIFY_SOCKET` and `WATCHDOG_USEC` set.
@@ -86,63 +61,34 @@ impl Daemon {
 
     /// Starts `cmd` (the product, or a wrapper such as setpriv ending in it) as a daemon.
     fn start_with(cmd: &mut Command, config: &Path) -> Daemon {
-        let mut child = cmd
-            .arg("daemon")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        let mut daemon = Daemon {
-            child,
-            lines,
-            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let line = daemon
+        Daemon::with_metrics(rig::Daemon::start_with(cmd, config))
+    }
+
+    fn with_metrics(inner: rig::Daemon) -> Daemon {
+        let line = inner
             .wait_line(Duration::from_secs(10), |l| {
                 l.contains("serving metrics on")
             })
-            .unwrap_or_else(|| panic!("the daemon never served metrics:\n{}", daemon.log()));
-        let addr = line
+            .unwrap_or_else(|| panic!("the daemon never served metrics:\n{}", inner.log()));
+        let metrics = line
             .split("http://")
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {line:?}"));
-        daemon.metrics = addr;
-        daemon
+        Daemon { inner, metrics }
+    }
+
+    fn pid(&self) -> u32 {
+        self.inner.pid()
     }
 
     fn log(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        self.inner.log()
     }
 
     fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let mut found = None;
-        sys::wait_until(timeout, || {
-            found = self
-                .lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .find(|l| pred(l))
-                .cloned();
-            found.is_some()
-        });
-        found
+        self.inner.wait_line(timeout, pred)
     }
 
     fn scrape(&self) -> String {
@@ -201,31 +147,12 @@ impl Daemon {
     }
 
     fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal the daemon");
-    }
-
-    /// SIGTERM, then waits (at most 5 s) for the exit: its status and how long it took.
-    fn terminate(mut self) -> (ExitStatus, Duration) {
-        let sent = Instant::now();
-        self.signal(Signal::SIGTERM);
-        let mut status = None;
-        sys::wait_until(Duration::from_secs(5), || {
-            status = self.child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        let took = sent.elapsed();
-        let status = status.unwrap_or_else(|| panic!("no exit 5 s after SIGTERM:\n{}", self.log()));
-        (status, took)
+        self.inner.signal(signal);
     }
 
     /// SIGTERM must end the daemon with status 0 within two seconds.
     fn stop_promptly(self) -> String {
-        let log_handle = Arc::clone(&self.lines);
-        let (status, took) = self.terminate();
-        let log = log_handle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n");
+        let (status, took, log) = self.inner.terminate();
         assert!(
             status.success(),
             "exit status {status} after SIGTERM:\n{log}"
@@ -235,18 +162,6 @@ impl Daemon {
             "took {took:?} to exit:\n{log}"
         );
         log
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            evidence(&format!("daemon log:\n{}", self.log()));
-        }
     }
 }
 
@@ -285,14 +200,7 @@ fn promtool_clean(page: &str) {
 }
 
 fn trail_keys(path: &Path) -> HashSet<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("trail line is JSON");
-            v["key"].as_str().expect("key").to_string()
-        })
-        .collect()
+    rig::read_trail(path).into_iter().map(|t| t.key).collect()
 }
 
 fn node_end(lab: &Lab, port: u16) -> SocketAddr {
@@ -587,8 +495,8 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
         .arg(product());
     let daemon = Daemon::start_with(&mut setpriv, &config);
     // The daemon really runs with only those: its effective set is the bounding set.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id()))
-        .expect("daemon status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("daemon status");
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -1,7 +1,7 @@
 //! The daemon as the soak and fault tests drive it: a scratch directory for its config and
 //! trail, the process with its log collected line by line, sweeps counted from its summary
-//! lines, and the trail read back. (`daemon.rs` keeps its own richer harness with metrics;
-//! this one needs no metrics listener, so many daemons can run at once.)
+//! lines, and the trail read back. `daemon.rs` wraps this harness with a metrics listener;
+//! the soak and fault tests need none, so many daemons can run at once.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -88,11 +88,15 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Outside systemd: no `NOTIFY_SOCKET` or `WATCHDOG_USEC` from the test's environment.
     pub fn start(config: &Path) -> Daemon {
-        Daemon::start_with(&mut Command::new(product()), config)
+        let mut cmd = Command::new(product());
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC");
+        Daemon::start_with(&mut cmd, config)
     }
 
-    /// Starts `cmd` (the product, or a wrapper ending in it) as a daemon.
+    /// Starts `cmd` (the product, or a wrapper ending in it) as a daemon, with the
+    /// environment `cmd` was given.
     pub fn start_with(cmd: &mut Command, config: &Path) -> Daemon {
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. A
         // test process that dies (killed, or a panic past the drop) takes its daemon along.
@@ -108,8 +112,6 @@ impl Daemon {
             .arg("daemon")
             .arg("--config")
             .arg(config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
