@@ -1,4 +1,5 @@
-//! One observation of the node: snapshot the map, inventory every namespace, judge each entry.
+//! One observation of the node: snapshot the map, inventory every namespace (or, with
+//! identity, look up the sockets that matter), judge each entry.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::diag;
 use crate::identity::{HeldSocket, IdentityError, IdentitySource};
 use crate::key::{KeyError, RawKey, SockKey};
+use crate::lookup::{self, Lookups, Tuple};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
 use crate::procnet;
@@ -58,8 +60,18 @@ pub struct Observation {
     pub procfs_tables: usize,
     pub unreadable: Vec<Unreadable>,
     pub sockets: usize,
+    /// With identity: how many tuples were looked up exactly (not dumped), and how many held
+    /// sockets' namespaces no path reached. `None` for a full inventory.
+    pub lookups: Option<LookupCounts>,
     pub per_netns: HashMap<NetnsId, usize>,
     pub took: Duration,
+}
+
+/// The exact lookups of one observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupCounts {
+    pub asked: usize,
+    pub unreached_namespaces: usize,
 }
 
 impl Observation {
@@ -111,7 +123,9 @@ pub struct Sockets {
     pub procfs_tables: usize,
     pub unreadable: Vec<Unreadable>,
     /// Sockets dumped per namespace, to tell a namespace that went away from one read short.
+    /// Empty after exact lookups: an answer is one socket or none, never a dump cut short.
     pub per_netns: HashMap<NetnsId, usize>,
+    pub lookups: Option<LookupCounts>,
 }
 
 impl Sockets {
@@ -127,7 +141,48 @@ impl Sockets {
 
 /// Inventories the TCP sockets of every network namespace under `proc_root`.
 pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
-    let inventory = diag::inventory_node(proc_root)?;
+    Ok(index(diag::inventory_node(proc_root)?))
+}
+
+/// Looks up, instead of dumping every namespace, only the sockets that can decide or explain
+/// a verdict on the held sockets: each live-looking held socket's own tuple in its own
+/// namespace (to confirm it by cookie), and for a held socket that is closed or has other
+/// ends, the key's tuple where a connection with it would live (to name the connection the
+/// entry wrongs). Costs one hash lookup per tuple instead of a walk of the node's whole TCP
+/// table per namespace.
+pub fn gather_owners(
+    proc_root: &Path,
+    entries: &[(RawKey, Result<SockKey, KeyError>, Option<HeldSocket>)],
+) -> Result<Sockets, ObserveError> {
+    let mut lookups = Lookups::default();
+    for (_, key, held) in entries {
+        let (Ok(key), Some(held)) = (key, held) else {
+            continue;
+        };
+        let own = Tuple::new(held.local, held.remote);
+        let keyed = Tuple::new(key.local, key.remote);
+        let closed = held.state == diag::TcpState::Close;
+        if !closed {
+            lookups.in_netns(held.netns_inode, own);
+        }
+        if closed || own != keyed {
+            lookups.in_netns(held.netns_inode, keyed);
+            lookups.at_local_address(keyed);
+        }
+    }
+    let looked = lookup::lookup_node(proc_root, &lookups)?;
+    let mut sockets = index(looked.inventory);
+    sockets.per_netns.clear();
+    sockets.lookups = Some(LookupCounts {
+        asked: looked.asked,
+        unreached_namespaces: looked.unreached,
+    });
+    Ok(sockets)
+}
+
+/// Indexes an inventory for the classifier, reading the TCP tables of denied namespaces
+/// through procfs.
+fn index(inventory: diag::Inventory) -> Sockets {
     let mut unreadable: Vec<Unreadable> = inventory
         .failed
         .iter()
@@ -166,14 +221,15 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
             kind: p.state.kind(),
             cookie: None,
         }));
-    Ok(Sockets {
+    Sockets {
         index: SocketIndex::build(seen),
         namespaces_read: inventory.read,
         namespaces_vanished: inventory.vanished.len() + gone,
         procfs_tables,
         unreadable,
         per_netns,
-    })
+        lookups: None,
+    }
 }
 
 /// What became of a namespace path discovery could not examine.
@@ -243,12 +299,19 @@ pub fn observe(
         }
     };
     let with_identity = identity.is_active();
-    let sockets = gather_sockets(proc_root)?;
+    let keyed: Vec<_> = keyed
+        .into_iter()
+        .map(|(raw, held)| (raw, SockKey::decode(&raw), held))
+        .collect();
+    let sockets = if with_identity {
+        gather_owners(proc_root, &keyed)?
+    } else {
+        gather_sockets(proc_root)?
+    };
     let evidence = sockets.evidence(gateways);
     let entries = keyed
         .into_iter()
-        .map(|(raw, held)| {
-            let key = SockKey::decode(&raw);
+        .map(|(raw, key, held)| {
             let view = held.as_ref().map(held_view);
             let verdict = classify(&key, view.as_ref(), &evidence);
             Judged {
@@ -267,6 +330,7 @@ pub fn observe(
         namespaces_vanished: sockets.namespaces_vanished,
         procfs_tables: sockets.procfs_tables,
         sockets: sockets.index.len(),
+        lookups: sockets.lookups,
         unreadable: sockets.unreadable,
         per_netns: sockets.per_netns,
         took: started.elapsed(),

@@ -36,7 +36,7 @@ use crate::netns::{discover, Netns, NetnsError, NetnsId};
 /// skbs after the reader's buffer, capped at 32 KiB), so 64 KiB never truncates.
 const RECV_BUF_LEN: usize = 64 * 1024;
 /// How long one `recv` may block before the dump is declared stuck.
-const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on datagrams per dump: ~370 sockets fit in one, so this allows ~370 million.
 const MAX_DATAGRAMS_PER_DUMP: usize = 1 << 20;
 /// How often a dump the kernel flags as inconsistent (`NLM_F_DUMP_INTR`) is redone.
@@ -44,7 +44,7 @@ const DUMP_ATTEMPTS: u32 = 3;
 /// Threads walking namespaces in parallel.
 const WORKERS: usize = 2;
 /// Netlink messages are aligned to 4 bytes.
-const NLMSG_ALIGN: usize = 4;
+pub(crate) const NLMSG_ALIGN: usize = 4;
 
 /// A TCP state with the kernel's numbering (`include/net/tcp_states.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -227,6 +227,14 @@ pub enum DiagError {
     WorkerLost,
     #[error("cannot identify the current network namespace: {0}")]
     CurrentNetns(io::Error),
+    #[error("the kernel refused the sock_diag lookup of local {local} remote {remote}: {}", io::Error::from_raw_os_error(*errno))]
+    Lookup {
+        local: SocketAddr,
+        remote: SocketAddr,
+        errno: i32,
+    },
+    #[error("cannot list the namespace's addresses (getifaddrs): {0}")]
+    Addresses(nix::Error),
 }
 
 /// The live TCP sockets of a set of namespaces.
@@ -292,6 +300,24 @@ enum Visit {
 /// Dumps every namespace in `namespaces` from dedicated threads (at most [`WORKERS`]), each
 /// `setns`-ing into one namespace after the other and discarded at the end.
 pub fn inventory(namespaces: &[Netns]) -> Inventory {
+    walk(namespaces, |ns, buf| {
+        let mut sockets = Vec::new();
+        dump_into(ns.id, buf, &mut sockets)?;
+        Ok(sockets)
+    })
+}
+
+/// What a namespace worker does once inside a namespace: read some of its sockets.
+pub(crate) type Work<'a> =
+    dyn Fn(&Netns, &mut [u8]) -> Result<Vec<LiveSocket>, DiagError> + Sync + 'a;
+
+/// Runs `work` inside every namespace in `namespaces`, on dedicated threads (at most
+/// [`WORKERS`]) that `setns` into one namespace after the other and are discarded at the end.
+pub(crate) fn walk<F>(namespaces: &[Netns], work: F) -> Inventory
+where
+    F: Fn(&Netns, &mut [u8]) -> Result<Vec<LiveSocket>, DiagError> + Sync,
+{
+    let work: &Work<'_> = &work;
     let mut results: Vec<Option<Visit>> = Vec::new();
     results.resize_with(namespaces.len(), || None);
     let next = AtomicUsize::new(0);
@@ -311,7 +337,7 @@ pub fn inventory(namespaces: &[Netns]) -> Inventory {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(ns) = namespaces.get(i) else { break };
-                        if tx.send((i, visit(ns, &mut buf))).is_err() {
+                        if tx.send((i, visit(ns, &mut buf, work))).is_err() {
                             break;
                         }
                     }
@@ -371,9 +397,9 @@ pub fn inventory(namespaces: &[Netns]) -> Inventory {
     inv
 }
 
-/// Enters `ns` on the calling (dedicated) thread and dumps it. Tries each of its paths; the
-/// namespace vanished if none still reaches it.
-fn visit(ns: &Netns, buf: &mut [u8]) -> Visit {
+/// Enters `ns` on the calling (dedicated) thread and runs `work` there. Tries each of its
+/// paths; the namespace vanished if none still reaches it.
+fn visit(ns: &Netns, buf: &mut [u8], work: &Work<'_>) -> Visit {
     for path in ns.paths() {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -409,9 +435,8 @@ fn visit(ns: &Netns, buf: &mut [u8]) -> Visit {
             });
         }
         drop(file);
-        let mut sockets = Vec::new();
-        return match dump_into(ns.id, buf, &mut sockets) {
-            Ok(()) => Visit::Read(sockets),
+        return match work(ns, buf) {
+            Ok(sockets) => Visit::Read(sockets),
             Err(e) => Visit::Failed(e),
         };
     }
@@ -501,7 +526,7 @@ fn family_name(family: u8) -> &'static str {
     }
 }
 
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+pub(crate) fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: libc::suseconds_t::from(timeout.subsec_micros() as i32),
@@ -698,21 +723,26 @@ impl DumpParser {
     }
 
     fn socket(&self, payload: &[u8]) -> Result<LiveSocket, DiagError> {
-        let header = InetResponseHeader::parse(payload).map_err(|e| DiagError::Malformed {
-            detail: format!("inet_diag_msg: {e}"),
-        })?;
-        let id = &header.socket_id;
-        let local = socket_addr(id.source_address, id.source_port);
-        let remote = socket_addr(id.destination_address, id.destination_port);
-        Ok(LiveSocket {
-            local,
-            remote,
-            state: TcpState::from_kernel(header.state),
-            cookie: cookie(id.cookie),
-            inode: (header.inode != 0).then_some(header.inode),
-            netns: self.netns,
-        })
+        parse_socket(payload, self.netns)
     }
+}
+
+/// One `inet_diag_msg` (a dump's or an exact lookup's reply) as a socket of `netns`.
+pub(crate) fn parse_socket(payload: &[u8], netns: NetnsId) -> Result<LiveSocket, DiagError> {
+    let header = InetResponseHeader::parse(payload).map_err(|e| DiagError::Malformed {
+        detail: format!("inet_diag_msg: {e}"),
+    })?;
+    let id = &header.socket_id;
+    let local = socket_addr(id.source_address, id.source_port);
+    let remote = socket_addr(id.destination_address, id.destination_port);
+    Ok(LiveSocket {
+        local,
+        remote,
+        state: TcpState::from_kernel(header.state),
+        cookie: cookie(id.cookie),
+        inode: (header.inode != 0).then_some(header.inode),
+        netns,
+    })
 }
 
 /// `idiag_cookie` is two host-endian `u32`s, low half first.
@@ -730,7 +760,7 @@ fn socket_addr(ip: IpAddr, port: u16) -> SocketAddr {
     }
 }
 
-fn read_i32(payload: &[u8]) -> Option<i32> {
+pub(crate) fn read_i32(payload: &[u8]) -> Option<i32> {
     let bytes: [u8; 4] = payload.get(..4)?.try_into().ok()?;
     Some(i32::from_ne_bytes(bytes))
 }

@@ -230,6 +230,7 @@ mod tests {
             procfs_tables: 0,
             unreadable: vec![],
             sockets,
+            lookups: None,
             per_netns: [(NS, sockets)].into_iter().collect(),
             took: Duration::ZERO,
         }

@@ -111,6 +111,9 @@ pub struct JsonInventory {
     pub namespaces_vanished: usize,
     pub procfs_tables: usize,
     pub sockets: usize,
+    /// With identity: the tuples looked up exactly instead of dumping every namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looked_up: Option<usize>,
     pub complete: bool,
     pub unreadable: Vec<JsonUnreadable>,
 }
@@ -129,6 +132,7 @@ impl JsonInventory {
             namespaces_vanished: o.namespaces_vanished,
             procfs_tables: o.procfs_tables,
             sockets: o.sockets,
+            looked_up: o.lookups.map(|l| l.asked),
             complete: o.is_complete(),
             unreadable: o
                 .unreadable
@@ -210,13 +214,34 @@ pub fn header(source: &MapSource, o: &Observation) -> String {
             o.namespaces_vanished
         );
     }
-    let _ = writeln!(
-        out,
-        "inventory  {} sockets in {} network namespaces{extra} ({} ms)",
-        o.sockets,
-        o.namespaces_read,
-        o.took.as_millis()
-    );
+    match o.lookups {
+        Some(l) => {
+            if l.unreached_namespaces > 0 {
+                let _ = write!(
+                    extra,
+                    ", {} held sockets' namespaces not reachable by any path",
+                    l.unreached_namespaces
+                );
+            }
+            let _ = writeln!(
+                out,
+                "inventory  {} connection tuples looked up in {} network namespaces, {} sockets found{extra} ({} ms)",
+                l.asked,
+                o.namespaces_read,
+                o.sockets,
+                o.took.as_millis()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "inventory  {} sockets in {} network namespaces{extra} ({} ms)",
+                o.sockets,
+                o.namespaces_read,
+                o.took.as_millis()
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "identity   {}",
@@ -558,6 +583,7 @@ mod tests {
             procfs_tables: 0,
             unreadable: vec![],
             sockets: 10,
+            lookups: None,
             per_netns: Default::default(),
             took: Duration::from_millis(3),
         }
