@@ -13,19 +13,26 @@ use crate::lookup::{self, Lookups, Tuple};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
 use crate::procnet;
-use crate::verdict::{classify, Evidence, HeldView, SeenSocket, SocketIndex, Verdict};
+use crate::verdict::{
+    classify, Evidence, HeldView, SeenSocket, SocketIndex, UnknownReason, Verdict,
+};
 
 /// One map entry with its decoding and verdict.
 #[derive(Debug, Clone)]
 pub struct Judged {
     pub raw: RawKey,
-    pub key: Result<SockKey, KeyError>,
     /// The socket the entry holds, when identity is in use.
     pub held: Option<HeldSocket>,
     pub verdict: Verdict,
 }
 
 impl Judged {
+    /// The decoded key. Decoded again on each call rather than stored: a full map has 65,535
+    /// entries, and decoding 44 bytes costs less than keeping 72 more per entry.
+    pub fn key(&self) -> Result<SockKey, KeyError> {
+        SockKey::decode(&self.raw)
+    }
+
     /// The held socket as the classifier weighs it.
     pub fn held_view(&self) -> Option<HeldView> {
         self.held.as_ref().map(held_view)
@@ -140,8 +147,80 @@ impl Sockets {
 }
 
 /// Inventories the TCP sockets of every network namespace under `proc_root`.
-pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
-    Ok(index(diag::inventory_node(proc_root)?))
+/// `proxy_rules`: keep what the L7-proxy rules need (when gateways are known).
+pub fn gather_sockets(proc_root: &Path, proxy_rules: bool) -> Result<Sockets, ObserveError> {
+    let mut gathered = Gathered::new(proxy_rules);
+    let inventory = diag::inventory_node_into(proc_root, &mut |ns, sockets| {
+        gathered.add(ns.id, sockets);
+    })?;
+    Ok(gathered.finish(inventory))
+}
+
+/// Sockets indexed as each namespace's come in, so a node's ~100k sockets are never all held
+/// as a list besides the index.
+struct Gathered {
+    index: SocketIndex,
+    per_netns: HashMap<NetnsId, usize>,
+}
+
+impl Gathered {
+    fn new(proxy_rules: bool) -> Gathered {
+        Gathered {
+            index: SocketIndex::new(proxy_rules),
+            per_netns: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, netns: NetnsId, sockets: Vec<diag::LiveSocket>) {
+        *self.per_netns.entry(netns).or_default() += sockets.len();
+        for s in &sockets {
+            self.index.insert(s.seen());
+        }
+    }
+
+    /// Adds the TCP tables of denied namespaces, read through procfs, and the inventory's
+    /// accounting.
+    fn finish(mut self, inventory: diag::Inventory) -> Sockets {
+        let mut unreadable: Vec<Unreadable> = inventory
+            .failed
+            .iter()
+            .map(|(ns, e)| Unreadable {
+                what: ns.label.clone(),
+                error: e.to_string(),
+            })
+            .collect();
+        let mut procfs_tables = 0;
+        let mut gone = 0;
+        for e in &inventory.unreadable {
+            match read_denied_netns(e) {
+                Denied::Read(rows) => {
+                    procfs_tables += 1;
+                    for p in rows {
+                        self.index.insert(SeenSocket {
+                            local: p.local,
+                            remote: p.remote,
+                            kind: p.state.kind(),
+                            cookie: None,
+                        });
+                    }
+                }
+                Denied::Gone => gone += 1,
+                Denied::Unreadable => unreadable.push(Unreadable {
+                    what: e.path().display().to_string(),
+                    error: e.to_string(),
+                }),
+            }
+        }
+        Sockets {
+            index: self.index,
+            namespaces_read: inventory.read,
+            namespaces_vanished: inventory.vanished.len() + gone,
+            procfs_tables,
+            unreadable,
+            per_netns: self.per_netns,
+            lookups: None,
+        }
+    }
 }
 
 /// Looks up, instead of dumping every namespace, only the sockets that can decide or explain
@@ -152,84 +231,44 @@ pub fn gather_sockets(proc_root: &Path) -> Result<Sockets, ObserveError> {
 /// table per namespace.
 pub fn gather_owners(
     proc_root: &Path,
-    entries: &[(RawKey, Result<SockKey, KeyError>, Option<HeldSocket>)],
+    entries: &[Judged],
+    proxy_rules: bool,
 ) -> Result<Sockets, ObserveError> {
-    let mut lookups = Lookups::default();
-    for (_, key, held) in entries {
-        let (Ok(key), Some(held)) = (key, held) else {
+    // Id 2i is entry i's held socket's own tuple, 2i + 1 the tuple its key names.
+    let tuple_of = |id: usize| {
+        let e = entries.get(id / 2)?;
+        if id.is_multiple_of(2) {
+            e.held.map(|h| Tuple::new(h.local, h.remote))
+        } else {
+            e.key().ok().map(|k| Tuple::new(k.local, k.remote))
+        }
+    };
+    let mut lookups = Lookups::new(tuple_of);
+    for (i, e) in entries.iter().enumerate() {
+        let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let own = Tuple::new(held.local, held.remote);
-        let keyed = Tuple::new(key.local, key.remote);
         let closed = held.state == diag::TcpState::Close;
         if !closed {
-            lookups.in_netns(held.netns_inode, own);
+            lookups.in_netns(held.netns_inode, 2 * i);
         }
-        if closed || own != keyed {
-            lookups.in_netns(held.netns_inode, keyed);
-            lookups.at_local_address(keyed);
+        if closed || Tuple::new(held.local, held.remote) != Tuple::new(key.local, key.remote) {
+            lookups.in_netns(held.netns_inode, 2 * i + 1);
+            lookups.at_local_address(key.local.ip(), 2 * i + 1);
         }
     }
-    let looked = lookup::lookup_node(proc_root, &lookups)?;
-    let mut sockets = index(looked.inventory);
+    let mut gathered = Gathered::new(proxy_rules);
+    let looked = lookup::lookup_node(proc_root, &lookups, &mut |ns, sockets| {
+        gathered.add(ns.id, sockets);
+    })?;
+    drop(lookups);
+    let mut sockets = gathered.finish(looked.inventory);
     sockets.per_netns.clear();
     sockets.lookups = Some(LookupCounts {
         asked: looked.asked,
         unreached_namespaces: looked.unreached,
     });
     Ok(sockets)
-}
-
-/// Indexes an inventory for the classifier, reading the TCP tables of denied namespaces
-/// through procfs.
-fn index(inventory: diag::Inventory) -> Sockets {
-    let mut unreadable: Vec<Unreadable> = inventory
-        .failed
-        .iter()
-        .map(|(ns, e)| Unreadable {
-            what: ns.label.clone(),
-            error: e.to_string(),
-        })
-        .collect();
-    let mut via_procfs = Vec::new();
-    let mut procfs_tables = 0;
-    let mut gone = 0;
-    for e in &inventory.unreadable {
-        match read_denied_netns(e) {
-            Denied::Read(rows) => {
-                procfs_tables += 1;
-                via_procfs.extend(rows);
-            }
-            Denied::Gone => gone += 1,
-            Denied::Unreadable => unreadable.push(Unreadable {
-                what: e.path().display().to_string(),
-                error: e.to_string(),
-            }),
-        }
-    }
-    let mut per_netns: HashMap<NetnsId, usize> = HashMap::new();
-    for s in &inventory.sockets {
-        *per_netns.entry(s.netns).or_default() += 1;
-    }
-    let seen = inventory
-        .sockets
-        .iter()
-        .map(diag::LiveSocket::seen)
-        .chain(via_procfs.iter().map(|p| SeenSocket {
-            local: p.local,
-            remote: p.remote,
-            kind: p.state.kind(),
-            cookie: None,
-        }));
-    Sockets {
-        index: SocketIndex::build(seen),
-        namespaces_read: inventory.read,
-        namespaces_vanished: inventory.vanished.len() + gone,
-        procfs_tables,
-        unreadable,
-        per_netns,
-        lookups: None,
-    }
 }
 
 /// What became of a namespace path discovery could not examine.
@@ -284,44 +323,44 @@ pub fn observe(
     identity: &mut IdentitySource,
 ) -> Result<Observation, ObserveError> {
     let started = Instant::now();
-    // One iterator pass gives the keys and their sockets; without it, walk the keys.
-    let (map_id, keyed): (u32, Vec<(RawKey, Option<HeldSocket>)>) = match identity.read(map)? {
+    // One iterator pass gives the keys and their sockets; without it, walk the keys. The
+    // entries are judged in place once the sockets are in: a full map's entries are the
+    // largest thing an observation holds, so they exist once.
+    let pending = |raw, held| Judged {
+        raw,
+        held,
+        verdict: Verdict::Unknown(UnknownReason::NotJudged),
+    };
+    let (map_id, mut entries): (u32, Vec<Judged>) = match identity.read(map)? {
         Some(ids) => (
             ids.map_id,
-            ids.entries.into_iter().map(|(k, h)| (k, Some(h))).collect(),
+            ids.entries
+                .into_iter()
+                .map(|(k, h)| pending(k, Some(h)))
+                .collect(),
         ),
         None => {
             let snapshot = map.snapshot()?;
             (
                 snapshot.map_id,
-                snapshot.keys.into_iter().map(|k| (k, None)).collect(),
+                snapshot
+                    .keys
+                    .into_iter()
+                    .map(|k| pending(k, None))
+                    .collect(),
             )
         }
     };
     let with_identity = identity.is_active();
-    let keyed: Vec<_> = keyed
-        .into_iter()
-        .map(|(raw, held)| (raw, SockKey::decode(&raw), held))
-        .collect();
     let sockets = if with_identity {
-        gather_owners(proc_root, &keyed)?
+        gather_owners(proc_root, &entries, !gateways.is_empty())?
     } else {
-        gather_sockets(proc_root)?
+        gather_sockets(proc_root, !gateways.is_empty())?
     };
     let evidence = sockets.evidence(gateways);
-    let entries = keyed
-        .into_iter()
-        .map(|(raw, key, held)| {
-            let view = held.as_ref().map(held_view);
-            let verdict = classify(&key, view.as_ref(), &evidence);
-            Judged {
-                raw,
-                key,
-                held,
-                verdict,
-            }
-        })
-        .collect();
+    for e in &mut entries {
+        e.verdict = classify(&e.key(), e.held_view().as_ref(), &evidence);
+    }
     Ok(Observation {
         map_id,
         identity: with_identity,

@@ -425,15 +425,16 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     let source = map_source(&map);
     let selected = report::selected(&observation, &filter);
     let stale = selected.iter().any(|e| e.verdict.is_stale());
-    match args.output {
-        Output::Text => write_stdout(&report::audit_table(&source, &observation, &filter))?,
+    write_stdout_with(|out| match args.output {
+        Output::Text => report::write_audit_table(out, &source, &observation, &filter),
         Output::Json => {
-            let mut s =
-                serde_json::to_string_pretty(&report::audit_json(&source, &observation, &filter))?;
-            s.push('\n');
-            write_stdout(&s)?;
+            serde_json::to_writer_pretty(
+                &mut *out,
+                &report::audit_json(&source, &observation, &filter),
+            )?;
+            out.write_all(b"\n")
         }
-    }
+    })?;
     Ok(if stale {
         Outcome::StaleFound
     } else {
@@ -547,8 +548,13 @@ fn map_source(map: &SockMap) -> MapSource {
 
 /// Writes to stdout; a closed pipe (`| head`) ends quietly rather than as an error.
 fn write_stdout(s: &str) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+    write_stdout_with(|out| out.write_all(s.as_bytes()))
+}
+
+/// Runs `write` on a buffered stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout_with(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> io::Result<()> {
+    let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    match write(&mut out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
     }

@@ -240,6 +240,7 @@ pub enum DiagError {
 /// The live TCP sockets of a set of namespaces.
 #[derive(Debug, Default)]
 pub struct Inventory {
+    /// Empty when the sockets went to a [`Sink`] instead.
     pub sockets: Vec<LiveSocket>,
     /// Namespaces dumped completely.
     pub read: usize,
@@ -278,6 +279,15 @@ pub fn dump_current_netns() -> Result<Vec<LiveSocket>, DiagError> {
 /// Discovers the namespaces under `root` (`/` in production) and inventories them. Paths
 /// discovery could not examine make the result incomplete.
 pub fn inventory_node(root: &Path) -> Result<Inventory, NetnsError> {
+    let mut sockets = Vec::new();
+    let mut inv = inventory_node_into(root, &mut |_, s| collect(&mut sockets, s))?;
+    inv.sockets = sockets;
+    Ok(inv)
+}
+
+/// [`inventory_node`], handing each namespace's sockets to `sink` as they come in instead of
+/// gathering them (the result's `sockets` stays empty).
+pub fn inventory_node_into(root: &Path, sink: &mut Sink<'_>) -> Result<Inventory, NetnsError> {
     let discovery = discover(root)?;
     for path in &discovery.not_namespaces {
         tracing::warn!(path = %path.display(), "not a network namespace mount; skipped");
@@ -285,9 +295,26 @@ pub fn inventory_node(root: &Path) -> Result<Inventory, NetnsError> {
     for (path, id) in &discovery.recognised {
         tracing::debug!(path = %path.display(), netns = %id, "namespace file denied; its namespace is read through another path");
     }
-    let mut inv = inventory(&discovery.namespaces);
+    let mut inv = walk(&discovery.namespaces, dump_work, sink);
     inv.unreadable = discovery.unreadable;
     Ok(inv)
+}
+
+/// Takes the sockets of one namespace as they are read.
+pub type Sink<'a> = dyn FnMut(&Netns, Vec<LiveSocket>) + 'a;
+
+fn collect(all: &mut Vec<LiveSocket>, sockets: Vec<LiveSocket>) {
+    if all.is_empty() {
+        *all = sockets;
+    } else {
+        all.extend_from_slice(&sockets);
+    }
+}
+
+fn dump_work(ns: &Netns, buf: &mut [u8]) -> Result<Vec<LiveSocket>, DiagError> {
+    let mut sockets = Vec::new();
+    dump_into(ns.id, buf, &mut sockets)?;
+    Ok(sockets)
 }
 
 /// What became of one namespace.
@@ -300,11 +327,10 @@ enum Visit {
 /// Dumps every namespace in `namespaces` from dedicated threads (at most [`WORKERS`]), each
 /// `setns`-ing into one namespace after the other and discarded at the end.
 pub fn inventory(namespaces: &[Netns]) -> Inventory {
-    walk(namespaces, |ns, buf| {
-        let mut sockets = Vec::new();
-        dump_into(ns.id, buf, &mut sockets)?;
-        Ok(sockets)
-    })
+    let mut sockets = Vec::new();
+    let mut inv = walk(namespaces, dump_work, &mut |_, s| collect(&mut sockets, s));
+    inv.sockets = sockets;
+    inv
 }
 
 /// What a namespace worker does once inside a namespace: read some of its sockets.
@@ -313,7 +339,9 @@ pub(crate) type Work<'a> =
 
 /// Runs `work` inside every namespace in `namespaces`, on dedicated threads (at most
 /// [`WORKERS`]) that `setns` into one namespace after the other and are discarded at the end.
-pub(crate) fn walk<F>(namespaces: &[Netns], work: F) -> Inventory
+/// Each namespace's sockets go to `sink`, on the calling thread, as they come in; the
+/// result's `sockets` stays empty.
+pub(crate) fn walk<F>(namespaces: &[Netns], work: F, sink: &mut Sink<'_>) -> Inventory
 where
     F: Fn(&Netns, &mut [u8]) -> Result<Vec<LiveSocket>, DiagError> + Sync,
 {
@@ -355,9 +383,16 @@ where
         }
         drop(tx);
         for (i, visit) in rx {
-            if let Some(slot) = results.get_mut(i) {
-                *slot = Some(visit);
-            }
+            let (Some(slot), Some(ns)) = (results.get_mut(i), namespaces.get(i)) else {
+                continue;
+            };
+            *slot = Some(match visit {
+                Visit::Read(sockets) => {
+                    sink(ns, sockets);
+                    Visit::Read(Vec::new())
+                }
+                other => other,
+            });
         }
         for h in handles {
             // A panicking worker leaves its namespace without a result: reported below.
@@ -370,14 +405,7 @@ where
     let mut inv = Inventory::default();
     for (ns, result) in namespaces.iter().zip(results) {
         match result {
-            Some(Visit::Read(sockets)) => {
-                inv.read += 1;
-                if inv.sockets.is_empty() {
-                    inv.sockets = sockets;
-                } else {
-                    inv.sockets.extend_from_slice(&sockets);
-                }
-            }
+            Some(Visit::Read(_)) => inv.read += 1,
             Some(Visit::Vanished) => inv.vanished.push(ns.clone()),
             Some(Visit::Failed(e)) => inv.failed.push((ns.clone(), e)),
             None => {

@@ -135,7 +135,7 @@ pub fn plan(
     let mut confirmed: Vec<RawKey> = Vec::new();
     let mut plan = Plan::default();
     for e in &second.entries {
-        if !e.verdict.is_stale() || !filter.matches(&e.key) {
+        if !e.verdict.is_stale() || !filter.matches(&e.key()) {
             continue;
         }
         plan.stale += 1;
@@ -205,7 +205,6 @@ mod tests {
         .expect("family");
         Judged {
             raw: key.encode(),
-            key: Ok(key),
             held: None,
             verdict: if stale {
                 Verdict::Stale(StaleReason::NoSocket { namespaces: 1 })

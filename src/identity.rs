@@ -438,21 +438,45 @@ impl IdentityReader {
             .identity
             .attach_iter(map.fd())
             .map_err(|e| attach_refused(map, &e))?;
-        let bytes = read_iter(map.id(), &link)?;
-        let records: Vec<IdentityRecord> = parse_records(map.id(), &bytes)?;
-        let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(records.len());
-        let mut entries: Vec<(RawKey, HeldSocket)> = Vec::with_capacity(records.len());
-        for record in &records {
-            let key = RawKey(record.key);
-            let held = held_socket(map.id(), record)?;
-            // A bucket shown again after a read boundary: the later sighting is fresher.
-            match index.get(&key) {
-                Some(&at) => entries[at].1 = held,
-                None => {
-                    index.insert(key, entries.len());
-                    entries.push((key, held));
+        // Sized for a full map once, rather than grown through copies (capped, as the map's
+        // own size is not ours to trust with an allocation).
+        let capacity = usize::try_from(map.max_entries()).map_or(0, |n| n.min(1 << 20));
+        let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
+        let mut entries: Vec<(RawKey, HeldSocket)> = Vec::with_capacity(capacity);
+        // Parsed as the bytes come: a full map's records as a buffer and again as a list
+        // would double what the read costs in memory.
+        let mut partial: Vec<u8> = Vec::with_capacity(mem::size_of::<IdentityRecord>());
+        read_chunks(map.id(), &link, |chunk| {
+            let mut rest = chunk;
+            if !partial.is_empty() {
+                let need = mem::size_of::<IdentityRecord>() - partial.len();
+                let take = need.min(rest.len());
+                partial.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if partial.len() < mem::size_of::<IdentityRecord>() {
+                    return Ok(());
+                }
+                let whole = std::mem::take(&mut partial);
+                for record in parse_records::<IdentityRecord>(map.id(), &whole)? {
+                    file_entry(map.id(), &record, &mut index, &mut entries)?;
                 }
             }
+            let whole = rest.len() - rest.len() % mem::size_of::<IdentityRecord>();
+            for record in parse_records::<IdentityRecord>(map.id(), &rest[..whole])? {
+                file_entry(map.id(), &record, &mut index, &mut entries)?;
+            }
+            partial.extend_from_slice(&rest[whole..]);
+            Ok(())
+        })?;
+        if !partial.is_empty() {
+            return Err(IdentityError::Malformed {
+                map_id: map.id(),
+                what: format!(
+                    "the read ended inside a record ({} of {} bytes)",
+                    partial.len(),
+                    mem::size_of::<IdentityRecord>()
+                ),
+            });
         }
         Ok(Identities {
             map_id: map.id(),
@@ -702,24 +726,62 @@ fn require_writable(map: &SockMap) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// Reads the iterator to its end in READ_CHUNK reads.
+/// Files one record's entry; a bucket shown again after a read boundary replaces the earlier
+/// sighting, which is older.
+fn file_entry(
+    map_id: u32,
+    record: &IdentityRecord,
+    index: &mut HashMap<RawKey, usize>,
+    entries: &mut Vec<(RawKey, HeldSocket)>,
+) -> Result<(), IdentityError> {
+    let key = RawKey(record.key);
+    let held = held_socket(map_id, record)?;
+    match index.get(&key).and_then(|&at| entries.get_mut(at)) {
+        Some(entry) => entry.1 = held,
+        None => {
+            index.insert(key, entries.len());
+            entries.push((key, held));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the iterator to its end.
 fn read_iter(map_id: u32, link: &libbpf_rs::Link) -> Result<Vec<u8>, IdentityError> {
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    read_chunks(map_id, link, |chunk| {
+        out.extend_from_slice(chunk);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Reads the iterator to its end in READ_CHUNK reads, handing each read's bytes to `each`
+/// (a record may straddle two reads).
+fn read_chunks(
+    map_id: u32,
+    link: &libbpf_rs::Link,
+    mut each: impl FnMut(&[u8]) -> Result<(), IdentityError>,
+) -> Result<(), IdentityError> {
     let mut iter = Iter::new(link).map_err(|e| IdentityError::Read {
         map_id,
         bytes: 0,
         source: io::Error::other(format!("{e:#}")),
     })?;
-    let mut out = Vec::with_capacity(READ_CHUNK);
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut total = 0;
     loop {
         match iter.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                total += n;
+                each(&buf[..n])?;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(source) => {
                 return Err(IdentityError::Read {
                     map_id,
-                    bytes: out.len(),
+                    bytes: total,
                     source,
                 })
             }

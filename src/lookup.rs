@@ -17,7 +17,7 @@ use netlink_packet_core::{NetlinkBuffer, NLMSG_ERROR, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
-use crate::diag::{self, DiagError, Inventory, LiveSocket};
+use crate::diag::{self, DiagError, Inventory, LiveSocket, Sink};
 use crate::netns::{discover, NetnsError, NetnsId};
 
 /// `nlmsghdr` and `struct inet_diag_req_v2`.
@@ -63,26 +63,38 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Which tuples to look up, and where.
-#[derive(Debug, Default)]
-pub struct Lookups {
+/// Which tuples to look up, and where. Tuples are filed by id and produced by the caller's
+/// `tuple_of` only when a namespace's worker asks for them: a full map files ~80,000, which
+/// as a list of their own would cost more than the rest of the lookup.
+pub struct Lookups<'a> {
+    tuple_of: Box<TupleOf<'a>>,
     /// In the namespace with this inode (a held socket's own namespace).
-    in_netns: HashMap<u64, HashSet<Tuple>>,
-    /// In every namespace with the tuple's local address on one of its interfaces: where a
+    in_netns: HashMap<u64, Vec<usize>>,
+    /// In every namespace with this local address on one of its interfaces: where a
     /// connection with those ends lives, whichever namespace holds the entry's socket.
-    at_local_address: HashMap<IpAddr, HashSet<Tuple>>,
+    at_local_address: HashMap<IpAddr, Vec<usize>>,
 }
 
-impl Lookups {
-    pub fn in_netns(&mut self, inode: u64, tuple: Tuple) {
-        self.in_netns.entry(inode).or_default().insert(tuple);
+type TupleOf<'a> = dyn Fn(usize) -> Option<Tuple> + Sync + 'a;
+
+impl<'a> Lookups<'a> {
+    /// `tuple_of` gives the tuple behind each id filed (`None` drops it).
+    pub fn new(tuple_of: impl Fn(usize) -> Option<Tuple> + Sync + 'a) -> Lookups<'a> {
+        Lookups {
+            tuple_of: Box::new(tuple_of),
+            in_netns: HashMap::new(),
+            at_local_address: HashMap::new(),
+        }
     }
 
-    pub fn at_local_address(&mut self, tuple: Tuple) {
-        self.at_local_address
-            .entry(tuple.local.ip())
-            .or_default()
-            .insert(tuple);
+    pub fn in_netns(&mut self, inode: u64, id: usize) {
+        self.in_netns.entry(inode).or_default().push(id);
+    }
+
+    /// Files `id`, whose tuple's local address is `local`, for every namespace that has it.
+    pub fn at_local_address(&mut self, local: IpAddr, id: usize) {
+        let local = unmap(SocketAddr::new(local, 0)).ip();
+        self.at_local_address.entry(local).or_default().push(id);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,14 +108,13 @@ impl Lookups {
             .get(&netns.inode)
             .into_iter()
             .flatten()
-            .copied()
             .chain(
                 addresses
                     .iter()
                     .filter_map(|ip| self.at_local_address.get(ip))
-                    .flatten()
-                    .copied(),
+                    .flatten(),
             )
+            .filter_map(|id| (self.tuple_of)(*id))
             .collect();
         tuples.sort_unstable();
         tuples.dedup();
@@ -111,11 +122,11 @@ impl Lookups {
     }
 }
 
-/// What the lookups found.
+/// What the lookups did; the sockets found (each has the tuple it was looked up by as its
+/// own ends) went to the sink.
 #[derive(Debug, Default)]
 pub struct Looked {
-    /// The sockets that own looked-up tuples (each has the tuple as its own ends), and the
-    /// namespaces entered.
+    /// The namespaces entered, vanished or failed.
     pub inventory: Inventory,
     /// Requests sent.
     pub asked: usize,
@@ -127,7 +138,12 @@ pub struct Looked {
 /// Discovers the namespaces under `root` (`/` in production) and looks up `lookups` in them.
 /// Only namespaces with work are entered: all of them when some tuple is looked up by
 /// address, since each namespace's addresses are read from inside it.
-pub fn lookup_node(root: &Path, lookups: &Lookups) -> Result<Looked, NetnsError> {
+/// Each namespace's sockets found go to `sink` as they come in.
+pub fn lookup_node(
+    root: &Path,
+    lookups: &Lookups<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<Looked, NetnsError> {
     if lookups.is_empty() {
         return Ok(Looked::default());
     }
@@ -146,16 +162,20 @@ pub fn lookup_node(root: &Path, lookups: &Lookups) -> Result<Looked, NetnsError>
         .inspect(|inode| tracing::debug!(netns = %inode, "a held socket's namespace is not reachable from this node's paths; its tuples are not looked up"))
         .count();
     let asked = std::sync::atomic::AtomicUsize::new(0);
-    let mut inventory = diag::walk(&namespaces, |ns, _buf| {
-        let addresses = if by_address {
-            local_addresses()?
-        } else {
-            HashSet::new()
-        };
-        let tuples = lookups.for_netns(ns.id, &addresses);
-        asked.fetch_add(tuples.len(), std::sync::atomic::Ordering::Relaxed);
-        look_up_here(ns.id, &tuples)
-    });
+    let mut inventory = diag::walk(
+        &namespaces,
+        |ns, _buf| {
+            let addresses = if by_address {
+                local_addresses()?
+            } else {
+                HashSet::new()
+            };
+            let tuples = lookups.for_netns(ns.id, &addresses);
+            asked.fetch_add(tuples.len(), std::sync::atomic::Ordering::Relaxed);
+            look_up_here(ns.id, &tuples)
+        },
+        sink,
+    );
     inventory.unreadable = discovery.unreadable;
     Ok(Looked {
         inventory,
@@ -192,7 +212,7 @@ fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, Dia
     diag::set_recv_timeout(&socket, diag::RECV_TIMEOUT).map_err(DiagError::Socket)?;
     let batch = batch_size(&socket);
     let mut slots = vec![0u8; batch * SLOT];
-    let mut found = Vec::new();
+    let mut found = Vec::with_capacity(tuples.len());
     let mut seq = 0u32;
     let mut request = Vec::with_capacity(batch * REQUEST_LEN);
     for chunk in tuples.chunks(batch) {
@@ -479,17 +499,25 @@ mod tests {
     #[test]
     fn a_namespace_is_asked_its_own_held_tuples_and_those_at_its_addresses() {
         let ns = NetnsId { dev: 4, inode: 9 };
-        let held = Tuple::new(sa("127.0.0.1:1"), sa("127.0.0.1:2"));
-        let owned_here = Tuple::new(sa("10.0.1.2:8080"), sa("10.0.0.1:40000"));
-        let elsewhere = Tuple::new(sa("10.0.9.9:8080"), sa("10.0.0.1:40000"));
-        let mut l = Lookups::default();
+        let tuples = [
+            Tuple::new(sa("127.0.0.1:1"), sa("127.0.0.1:2")),
+            Tuple::new(sa("10.0.1.2:8080"), sa("10.0.0.1:40000")),
+            Tuple::new(sa("10.0.9.9:8080"), sa("10.0.0.1:40000")),
+        ];
+        let (held, owned_here, elsewhere) = (0, 1, 2);
+        let mut l = Lookups::new(|id| tuples.get(id).copied());
         l.in_netns(9, held);
         l.in_netns(10, elsewhere);
-        l.at_local_address(owned_here);
-        l.at_local_address(elsewhere);
+        l.at_local_address(tuples[owned_here].local.ip(), owned_here);
+        l.at_local_address(tuples[elsewhere].local.ip(), elsewhere);
+        // An IPv4-mapped address is filed as the IPv4 one the interfaces show.
+        l.at_local_address("::ffff:10.0.1.2".parse().expect("ip"), owned_here);
         let addrs: HashSet<IpAddr> = ["10.0.1.2".parse().expect("ip")].into();
-        assert_eq!(l.for_netns(ns, &addrs), vec![owned_here, held]);
-        assert_eq!(l.for_netns(ns, &HashSet::new()), vec![held]);
+        assert_eq!(
+            l.for_netns(ns, &addrs),
+            vec![tuples[owned_here], tuples[held]]
+        );
+        assert_eq!(l.for_netns(ns, &HashSet::new()), vec![tuples[held]]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use sockmap_gc::cli::{self, Cli};
 use sockmap_gc::config::LogFormat;
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let cli = Cli::parse();
     // The daemon picks its log format from its config file and sets logging up itself.
     if !matches!(cli.command, cli::Command::Daemon(_)) {
@@ -20,3 +21,22 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Keeps freed memory from staying resident. glibc gives every thread that allocates its
+/// own arena, whose freed pages stay with the process (the namespace workers are short-lived
+/// threads), and after the first large block is freed it serves later large blocks from the
+/// heap, which it seldom gives back. A full map's tables are a few large blocks allocated and
+/// freed once per observation: with one arena and large blocks always mapped and unmapped,
+/// a sweep's peak RSS fell by about a fifth. Allocation is not where the time goes.
+#[cfg(target_env = "gnu")]
+fn one_malloc_arena() {
+    // SAFETY: mallopt only changes the allocator's settings; it runs first in main, before
+    // any other thread exists. A refusal (0) leaves the default, which is only costlier.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn one_malloc_arena() {}

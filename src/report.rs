@@ -1,7 +1,8 @@
 //! Renders an observation for people (a table that pastes into a ticket) and for scripts (JSON).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
@@ -44,7 +45,7 @@ impl Summary {
                 Verdict::Stale(_) => {
                     s.stale += 1;
                     let ip = e
-                        .key
+                        .key()
                         .as_ref()
                         .map(|k| k.remote.ip().to_string())
                         .unwrap_or_else(|_| "?".to_string());
@@ -83,7 +84,7 @@ pub struct JsonSocket {
 
 impl JsonEntry {
     pub fn of(e: &Judged) -> JsonEntry {
-        let key = e.key.as_ref().ok();
+        let key = e.key().ok();
         JsonEntry {
             key: e.raw.to_hex(),
             family: key.map(|k| k.family.to_string()),
@@ -147,11 +148,32 @@ impl JsonInventory {
 }
 
 #[derive(Debug, Serialize)]
-pub struct AuditJson {
+pub struct AuditJson<'a> {
     pub map: MapSource,
     pub inventory: JsonInventory,
-    pub entries: Vec<JsonEntry>,
+    pub entries: JsonEntries<'a>,
     pub summary: Summary,
+}
+
+/// The selected entries, each turned into a [`JsonEntry`] only as it is written: a full
+/// map's entries as JSON values would take several times the memory of the entries.
+#[derive(Debug)]
+pub struct JsonEntries<'a>(Vec<&'a Judged>);
+
+impl JsonEntries<'_> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for JsonEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|e| JsonEntry::of(e)))
+    }
 }
 
 /// The entries an operator asked about, in a stable order: stale first, then by key.
@@ -159,7 +181,7 @@ pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
     let mut v: Vec<&Judged> = o
         .entries
         .iter()
-        .filter(|e| filter.matches(&e.key))
+        .filter(|e| filter.matches(&e.key()))
         .collect();
     v.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
     v
@@ -173,13 +195,13 @@ fn verdict_rank(v: &Verdict) -> u8 {
     }
 }
 
-pub fn audit_json(source: &MapSource, o: &Observation, filter: &Filter) -> AuditJson {
+pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -> AuditJson<'a> {
     let entries = selected(o, filter);
     AuditJson {
         map: source.clone(),
         inventory: JsonInventory::of(o),
         summary: Summary::of(entries.iter().copied()),
-        entries: entries.into_iter().map(JsonEntry::of).collect(),
+        entries: JsonEntries(entries),
     }
 }
 
@@ -265,26 +287,33 @@ pub fn header(source: &MapSource, o: &Observation) -> String {
 }
 
 /// The table for people.
-pub fn audit_table(source: &MapSource, o: &Observation, filter: &Filter) -> String {
+/// Writes the audit table: header, one line per selected entry, summary, the stale keys.
+/// Written as it goes, not built first: a full map makes a table of several megabytes.
+pub fn write_audit_table(
+    out: &mut dyn io::Write,
+    source: &MapSource,
+    o: &Observation,
+    filter: &Filter,
+) -> io::Result<()> {
     let entries = selected(o, filter);
-    let mut out = header(source, o);
+    out.write_all(header(source, o).as_bytes())?;
     if !filter.is_empty() {
-        let _ = writeln!(
+        writeln!(
             out,
             "filter     local {} remote {}",
             ip_or_any(filter.local),
             ip_or_any(filter.remote)
-        );
+        )?;
     }
-    out.push('\n');
-    let _ = writeln!(
+    writeln!(out)?;
+    writeln!(
         out,
         "{:<8} {:<6} {:<45} {:<45} REASON",
         "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE"
-    );
+    )?;
     for e in &entries {
-        let key = e.key.as_ref().ok();
-        let _ = writeln!(
+        let key = e.key().ok();
+        writeln!(
             out,
             "{:<8} {:<6} {:<45} {:<45} {}",
             e.verdict.label(),
@@ -292,22 +321,22 @@ pub fn audit_table(source: &MapSource, o: &Observation, filter: &Filter) -> Stri
             endpoint(key.map(|k| k.local)),
             endpoint(key.map(|k| k.remote)),
             e.verdict
-        );
+        )?;
     }
     let summary = Summary::of(entries.iter().copied());
-    out.push('\n');
-    out.push_str(&summary_lines(&summary));
-    let stale: Vec<&&Judged> = entries.iter().filter(|e| e.verdict.is_stale()).collect();
-    if !stale.is_empty() {
-        let _ = writeln!(
+    writeln!(out)?;
+    out.write_all(summary_lines(&summary).as_bytes())?;
+    let mut stale = entries.iter().filter(|e| e.verdict.is_stale()).peekable();
+    if stale.peek().is_some() {
+        writeln!(
             out,
             "\nstale keys (as bpftool takes them; `sockmap-gc sweep` deletes them with guards):"
-        );
+        )?;
         for e in stale {
-            let _ = writeln!(out, "  {}", e.raw.to_bpftool_hex());
+            writeln!(out, "  {}", e.raw.to_bpftool_hex())?;
         }
     }
-    out
+    Ok(())
 }
 
 pub fn summary_lines(s: &Summary) -> String {
@@ -461,7 +490,14 @@ pub fn sweep_summary(r: &SweepReport) -> SweepSummary {
 }
 
 fn planned_entries(r: &SweepReport) -> Vec<JsonEntry> {
-    let by_key: HashMap<RawKey, &Judged> = r.second.entries.iter().map(|e| (e.raw, e)).collect();
+    let planned: HashSet<&RawKey> = r.plan.delete.iter().collect();
+    let by_key: HashMap<RawKey, &Judged> = r
+        .second
+        .entries
+        .iter()
+        .filter(|e| planned.contains(&e.raw))
+        .map(|e| (e.raw, e))
+        .collect();
     r.plan
         .delete
         .iter()
@@ -540,7 +576,6 @@ mod tests {
             .expect("family");
         Judged {
             raw: key.encode(),
-            key: Ok(key),
             held: None,
             verdict,
         }
@@ -573,7 +608,6 @@ mod tests {
                 ),
                 Judged {
                     raw: RawKey([0; 44]),
-                    key: Err(KeyError::Family(0)),
                     held: None,
                     verdict: Verdict::Unknown(UnknownReason::Undecodable(KeyError::Family(0))),
                 },
@@ -651,10 +685,16 @@ mod tests {
         assert_eq!(j.summary.stale, 1);
     }
 
+    fn table(o: &Observation) -> String {
+        let mut out = Vec::new();
+        write_audit_table(&mut out, &source(), o, &Filter::default()).expect("writes");
+        String::from_utf8(out).expect("utf-8")
+    }
+
     #[test]
     fn table_lists_every_entry_and_the_stale_keys() {
         let o = observation();
-        let t = audit_table(&source(), &o, &Filter::default());
+        let t = table(&o);
         assert!(t.contains("10.0.1.2:8080"));
         assert!(t.contains("summary    5 entries: 1 live, 3 stale, 1 unknown"));
         assert!(t.contains(&o.entries[0].raw.to_bpftool_hex()));
@@ -668,7 +708,7 @@ mod tests {
             what: "pid 42".into(),
             error: "permission denied".into(),
         });
-        let t = audit_table(&source(), &o, &Filter::default());
+        let t = table(&o);
         assert!(t.contains("INCOMPLETE 1 namespace(s)"));
         assert!(t.contains("pid 42: permission denied"));
     }

@@ -1,6 +1,6 @@
 //! Runs one guarded sweep: observe twice, plan with the guards, re-check, delete, report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -48,6 +48,7 @@ pub struct SweepReport {
     pub map_id: u32,
     pub dry_run: bool,
     pub rate_limit: Option<NonZeroU32>,
+    /// The first observation, with its stale entries only (all the guards compare).
     pub first: Observation,
     pub second: Observation,
     pub plan: Plan,
@@ -193,7 +194,11 @@ pub fn sweep(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SweepReport, SweepError> {
     let started = Instant::now();
-    let first = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
+    let mut first = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
+    // The guards need only the first observation's stale entries; on a full map the rest is
+    // most of the sweep's memory.
+    first.entries.retain(|e| e.verdict.is_stale());
+    first.entries.shrink_to_fit();
     sleep_unless_stopped(settings.guards.confirm_after, stop);
     let apart = started.elapsed();
     let second = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
@@ -399,13 +404,16 @@ fn delete_phase(
         .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
     let clock = DefaultClock::default();
     let total = report.plan.delete.len();
-    // Entries judged on the socket they hold, with that socket and the verdict.
+    // Planned entries judged on the socket they hold, with that socket and the verdict.
+    let planned: HashSet<RawKey> = report.plan.delete.iter().copied().collect();
     let by_identity: HashMap<RawKey, (HeldView, Verdict)> = report
         .second
         .entries
         .iter()
+        .filter(|e| planned.contains(&e.raw))
         .filter_map(|e| e.held_view().map(|h| (e.raw, (h, e.verdict.clone()))))
         .collect();
+    drop(planned);
     let mut fresh: Option<(Sockets, Instant)> = None;
     let phase_started = Instant::now();
     for (done, raw) in report.plan.delete.clone().into_iter().enumerate() {
@@ -456,7 +464,8 @@ fn delete_phase(
             .is_none_or(|(_, at)| at.elapsed() > settings.recheck_max_age)
         {
             deleter.flush(report)?;
-            let sockets = audit::gather_sockets(&settings.proc_root)?;
+            let sockets =
+                audit::gather_sockets(&settings.proc_root, !settings.gateways.is_empty())?;
             if !sockets.unreadable.is_empty() {
                 report.interrupted = Some(Interrupted::RecheckIncomplete {
                     unreadable: sockets.unreadable.len(),

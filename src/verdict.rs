@@ -45,13 +45,36 @@ pub enum SocketKind {
 }
 
 /// Live sockets indexed by tuple, built once per observation: O(sockets).
+///
+/// Ends are stored packed (18 bytes: the address as IPv6, IPv4 mapped, and the port) rather
+/// than as `SocketAddr` (32 bytes): a node's inventory has ~100k sockets.
 #[derive(Debug, Default)]
 pub struct SocketIndex {
-    tuples: HashMap<(SocketAddr, SocketAddr), Owners>,
-    local_ends: HashSet<SocketAddr>,
+    tuples: HashMap<(PackedEnd, PackedEnd), Owners>,
+    /// Local ends of connections, for the L7-proxy rules; `None` when no gateway is known,
+    /// so no entry can be a proxy entry.
+    local_ends: Option<HashSet<PackedEnd>>,
     /// Cookies of every connection socket seen.
     live_cookies: HashSet<u64>,
     sockets: usize,
+}
+
+/// One end of a connection, packed for the index; equal for `a.b.c.d:p` and
+/// `[::ffff:a.b.c.d]:p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PackedEnd([u8; 18]);
+
+impl PackedEnd {
+    fn of(addr: SocketAddr) -> PackedEnd {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let mut b = [0u8; 18];
+        b[..16].copy_from_slice(&ip.octets());
+        b[16..].copy_from_slice(&addr.port().to_be_bytes());
+        PackedEnd(b)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,28 +86,54 @@ struct Owners {
 
 impl SocketIndex {
     pub fn build(sockets: impl IntoIterator<Item = SeenSocket>) -> SocketIndex {
-        let mut index = SocketIndex::default();
+        let sockets = sockets.into_iter();
+        let hint = sockets.size_hint().0;
+        // Sized once: growing a table of 100k entries briefly holds the old one and the new.
+        let mut index = SocketIndex {
+            tuples: HashMap::with_capacity(hint),
+            local_ends: Some(HashSet::with_capacity(hint)),
+            live_cookies: HashSet::with_capacity(hint),
+            sockets: 0,
+        };
         for s in sockets {
-            index.sockets += 1;
-            let local = unmap(s.local);
-            let owners = match s.kind {
-                SocketKind::Other => continue,
-                _ => index.tuples.entry((local, unmap(s.remote))).or_default(),
-            };
-            match s.kind {
-                SocketKind::Connection => {
-                    owners.connection = true;
-                    if let Some(c) = s.cookie {
-                        index.live_cookies.insert(c);
-                    }
-                    index.local_ends.insert(local);
-                }
-                SocketKind::TimeWait => owners.time_wait = true,
-                SocketKind::SynRequest => owners.syn_request = true,
-                SocketKind::Other => {}
-            }
+            index.insert(s);
         }
         index
+    }
+
+    /// An empty index to [`insert`](Self::insert) into; `proxy_rules` keeps the local ends
+    /// the L7-proxy rules need (when gateways are known).
+    pub fn new(proxy_rules: bool) -> SocketIndex {
+        SocketIndex {
+            local_ends: proxy_rules.then(HashSet::new),
+            ..SocketIndex::default()
+        }
+    }
+
+    pub fn insert(&mut self, s: SeenSocket) {
+        self.sockets += 1;
+        let local = PackedEnd::of(s.local);
+        let owners = match s.kind {
+            SocketKind::Other => return,
+            _ => self
+                .tuples
+                .entry((local, PackedEnd::of(s.remote)))
+                .or_default(),
+        };
+        match s.kind {
+            SocketKind::Connection => {
+                owners.connection = true;
+                if let Some(c) = s.cookie {
+                    self.live_cookies.insert(c);
+                }
+                if let Some(ends) = self.local_ends.as_mut() {
+                    ends.insert(local);
+                }
+            }
+            SocketKind::TimeWait => owners.time_wait = true,
+            SocketKind::SynRequest => owners.syn_request = true,
+            SocketKind::Other => {}
+        }
     }
 
     /// How many sockets went into the index.
@@ -98,13 +147,15 @@ impl SocketIndex {
 
     fn owners(&self, local: SocketAddr, remote: SocketAddr) -> Owners {
         self.tuples
-            .get(&(unmap(local), unmap(remote)))
+            .get(&(PackedEnd::of(local), PackedEnd::of(remote)))
             .copied()
             .unwrap_or_default()
     }
 
     fn local_end_owned(&self, local: SocketAddr) -> bool {
-        self.local_ends.contains(&unmap(local))
+        self.local_ends
+            .as_ref()
+            .is_some_and(|ends| ends.contains(&PackedEnd::of(local)))
     }
 
     fn is_live_cookie(&self, cookie: u64) -> bool {
@@ -155,7 +206,7 @@ pub enum LiveReason {
     ProxyHeldIsLive,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StaleReason {
     /// No socket in any namespace has the tuple.
     NoSocket { namespaces: usize },
@@ -166,16 +217,18 @@ pub enum StaleReason {
     /// Identity: the held socket is closed (TCP_CLOSE), kept only by its app's open fd.
     HeldClosed,
     /// Identity: the held socket's own ends are not the ends the key files it under.
-    HeldElsewhere {
-        local: SocketAddr,
-        remote: SocketAddr,
-    },
+    HeldElsewhere(Box<Ends>),
     /// Identity: the held socket is another one, and a live connection owns the key's tuple:
     /// that connection's payload goes to the wrong socket (the request stuck right now).
-    TupleOwnedByAnother {
-        local: SocketAddr,
-        remote: SocketAddr,
-    },
+    TupleOwnedByAnother(Box<Ends>),
+}
+
+/// A held socket's own ends, as a stale verdict names them. Boxed in the verdict: only stale
+/// entries carry them, and every entry of a full map carries a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ends {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +243,10 @@ pub enum UnknownReason {
     /// Identity: the held socket is alive with the key's ends, but no inventoried
     /// connection has its cookie (its namespace may not have been read).
     HeldAliveUnconfirmed,
+    /// Read from the map but not judged yet: what an entry holds between the map's read and
+    /// its classification, so an observation judges its entries in place. A finished
+    /// observation has none.
+    NotJudged,
 }
 
 impl Verdict {
@@ -210,9 +267,10 @@ impl Verdict {
             Verdict::Live(LiveReason::HeldIsOwner) => "held-is-owner",
             Verdict::Live(LiveReason::ProxyHeldIsLive) => "proxy-held-is-live",
             Verdict::Stale(StaleReason::HeldClosed) => "held-closed",
-            Verdict::Stale(StaleReason::HeldElsewhere { .. }) => "held-elsewhere",
-            Verdict::Stale(StaleReason::TupleOwnedByAnother { .. }) => "tuple-owned-by-another",
+            Verdict::Stale(StaleReason::HeldElsewhere(_)) => "held-elsewhere",
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(_)) => "tuple-owned-by-another",
             Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => "held-alive-unconfirmed",
+            Verdict::Unknown(UnknownReason::NotJudged) => "not-judged",
             Verdict::Stale(StaleReason::NoSocket { .. }) => "no-socket",
             Verdict::Stale(StaleReason::OnlyTimeWait) => "only-time-wait",
             Verdict::Stale(StaleReason::OnlySynRequest) => "only-syn-request",
@@ -255,14 +313,17 @@ impl fmt::Display for Verdict {
             Verdict::Stale(StaleReason::HeldClosed) => f.write_str(
                 "the held socket is closed (TCP_CLOSE); only its application's open fd keeps it in the map",
             ),
-            Verdict::Stale(StaleReason::HeldElsewhere { local, remote }) => write!(
+            Verdict::Stale(StaleReason::HeldElsewhere(e)) => write!(
                 f,
-                "the held socket is another one: its own ends are local {local} remote {remote}"
+                "the held socket is another one: its own ends are local {} remote {}",
+                e.local, e.remote
             ),
-            Verdict::Stale(StaleReason::TupleOwnedByAnother { local, remote }) => write!(
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(e)) => write!(
                 f,
-                "the held socket is another one (own ends local {local} remote {remote}) while a live connection owns this tuple: its payload goes to the wrong socket"
+                "the held socket is another one (own ends local {} remote {}) while a live connection owns this tuple: its payload goes to the wrong socket",
+                e.local, e.remote
             ),
+            Verdict::Unknown(UnknownReason::NotJudged) => f.write_str("not judged yet"),
             Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => f.write_str(
                 "the held socket is alive with these ends, but no inventoried connection has its cookie: not judged",
             ),
@@ -342,11 +403,14 @@ fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<
     let local_matches = unmap(held.local) == unmap(key.local);
     let remote_matches = proxy || unmap(held.remote) == unmap(key.remote);
     if !local_matches || !remote_matches {
-        let (local, remote) = (held.local, held.remote);
+        let ends = Box::new(Ends {
+            local: held.local,
+            remote: held.remote,
+        });
         return if !proxy && index.owners(key.local, key.remote).connection {
-            Verdict::Stale(StaleReason::TupleOwnedByAnother { local, remote })
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(ends))
         } else {
-            Verdict::Stale(StaleReason::HeldElsewhere { local, remote })
+            Verdict::Stale(StaleReason::HeldElsewhere(ends))
         };
     }
     match (index.is_live_cookie(held.cookie), proxy) {
@@ -643,18 +707,18 @@ mod tests {
         let planted = held("127.0.0.1:33000", "127.0.0.1:44000", 7, false);
         assert_eq!(
             judge_held(&k, Some(&planted), &[new_conn], 0, &[]),
-            Verdict::Stale(StaleReason::TupleOwnedByAnother {
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(Box::new(Ends {
                 local: sa("127.0.0.1:33000"),
                 remote: sa("127.0.0.1:44000"),
-            })
+            })))
         );
         // Without a live owner of the tuple the same mismatch is HeldElsewhere.
         assert_eq!(
             judge_held(&k, Some(&planted), &[], 2, &[]),
-            Verdict::Stale(StaleReason::HeldElsewhere {
+            Verdict::Stale(StaleReason::HeldElsewhere(Box::new(Ends {
                 local: sa("127.0.0.1:33000"),
                 remote: sa("127.0.0.1:44000"),
-            })
+            })))
         );
     }
 
@@ -765,14 +829,14 @@ mod tests {
             Verdict::Live(LiveReason::HeldIsOwner),
             Verdict::Live(LiveReason::ProxyHeldIsLive),
             Verdict::Stale(StaleReason::HeldClosed),
-            Verdict::Stale(StaleReason::HeldElsewhere {
+            Verdict::Stale(StaleReason::HeldElsewhere(Box::new(Ends {
                 local: sa(SERVER),
                 remote: sa(CLIENT),
-            }),
-            Verdict::Stale(StaleReason::TupleOwnedByAnother {
+            }))),
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(Box::new(Ends {
                 local: sa(SERVER),
                 remote: sa(CLIENT),
-            }),
+            }))),
             Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
         ];
         let codes: HashSet<_> = verdicts.iter().map(Verdict::reason_code).collect();
