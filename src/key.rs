@@ -36,7 +36,7 @@ impl Family {
 
 impl fmt::Display for Family {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Family::Ipv4 => "ipv4",
             Family::Ipv6 => "ipv6",
         })
@@ -52,16 +52,27 @@ pub struct RawKey(pub [u8; KEY_LEN]);
 impl RawKey {
     /// The 88 lowercase hex characters of the key.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        self.hex_with(None)
     }
 
     /// The key as `bpftool map delete ... key hex` takes it: 44 space-separated bytes.
     pub fn to_bpftool_hex(&self) -> String {
-        self.0
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        self.hex_with(Some(' '))
+    }
+
+    /// Lowercase hex digits, byte by byte, `separator` between bytes. Built by hand: reports
+    /// print thousands of keys, and a `format!` per byte made that a hot spot.
+    fn hex_with(&self, separator: Option<char>) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(KEY_LEN * 3);
+        for (i, b) in self.0.iter().enumerate() {
+            if let (Some(sep), true) = (separator, i > 0) {
+                out.push(sep);
+            }
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        }
+        out
     }
 }
 

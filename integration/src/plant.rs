@@ -82,11 +82,18 @@ impl Planter {
     /// many were closed.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&SockKey) -> bool) -> usize {
         let before = self.planted.len();
-        self.planted.retain(|(k, _)| keep(k));
+        self.planted.retain(|(k, sock)| {
+            let kept = keep(k);
+            if !kept {
+                close_without_time_wait(sock);
+            }
+            kept
+        });
         let closed = before - self.planted.len();
         if closed > 0 {
             // A spare may be the other end of a pair just closed: no longer ESTABLISHED, a
             // map refuses it (EOPNOTSUPP).
+            self.spare.iter().for_each(close_without_time_wait);
             self.spare.clear();
         }
         closed
@@ -97,6 +104,18 @@ impl Planter {
         self.planted.clear();
         self.spare.clear();
     }
+}
+
+/// Makes the socket's close a reset, which leaves no TIME_WAIT behind: planting again and again
+/// (the bench re-plants 7,325 keys per run) would otherwise fill the node namespace's ports
+/// with TIME_WAIT sockets within a minute.
+fn close_without_time_wait(sock: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // Best effort: without it the close is an ordinary one.
+    let _ = nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::Linger, &linger);
 }
 
 /// A connection from inside `netns` to `target`, made on a short-lived thread that joins the

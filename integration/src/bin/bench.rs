@@ -8,9 +8,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::thread;
@@ -326,13 +324,10 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
             ("off", &mut f.audit_off, &mut f.audit_off_rss_kib),
             ("on", &mut f.audit_on, &mut f.audit_on_rss_kib),
         ] {
-            let m = measure(Command::new(product).args([
-                "audit",
-                "--map",
-                &map_arg,
-                "--identity",
-                identity,
-            ]))?;
+            let m = measure(
+                product,
+                &["audit", "--map", &map_arg, "--identity", identity],
+            )?;
             let found = audit_stale(&m.stdout).with_context(|| {
                 format!(
                     "audit --identity {identity} printed no summary: {}",
@@ -349,18 +344,22 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
             *rss = m.max_rss_kib;
         }
 
-        let m = measure(Command::new(product).args([
-            "sweep",
-            "--map",
-            &map_arg,
-            "--execute",
-            "--confirm-after",
-            "0s",
-            "--rate-limit",
-            "0",
-            "--max-deletes",
-            &size.entries.to_string(),
-        ]))?;
+        let max_deletes = size.entries.to_string();
+        let m = measure(
+            product,
+            &[
+                "sweep",
+                "--map",
+                &map_arg,
+                "--execute",
+                "--confirm-after",
+                "0s",
+                "--rate-limit",
+                "0",
+                "--max-deletes",
+                &max_deletes,
+            ],
+        )?;
         let (deleted, phase) = sweep_figures(&m.stdout)
             .with_context(|| format!("sweep printed no summary: {}", m.stderr))?;
         if deleted != size.stale {
@@ -509,50 +508,57 @@ struct Measured {
     stderr: String,
 }
 
-/// Runs `cmd` to its end with stdout and stderr captured, timing it from spawn to reap and
-/// taking its peak RSS from `wait4`'s rusage. Exit codes 0 and 1 (stale found) are success.
-fn measure(cmd: &mut Command) -> Result<Measured> {
+/// Runs `product` with `args` to its end with stdout and stderr captured, timing it from
+/// spawn to reap, with its peak RSS. Exit codes 0 and 1 (stale found) are success.
+///
+/// The peak RSS comes from GNU time, which forks the product itself: a process's `ru_maxrss`
+/// starts from the size of the process it was forked or spawned from (the kernel carries the
+/// old memory's high-water mark across `exec`), and this process holds the whole lab, so a
+/// child spawned from here would report this process's size, not its own.
+fn measure(product: &Path, args: &[&str]) -> Result<Measured> {
+    let rss_file = std::env::temp_dir().join(format!("smgc-bench-rss-{}", std::process::id()));
     let started = Instant::now();
-    let mut child = cmd
+    let out = Command::new(TIME)
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&rss_file)
+        .arg(product)
+        .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the product")?;
-    let mut stderr_pipe = child.stderr.take().context("stderr not piped")?;
-    let stderr_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
-    });
-    let mut stdout = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut stdout)
-            .context("reading the product's output")?;
-    }
-    let pid = i32::try_from(child.id()).context("pid out of range")?;
-    let mut status: libc::c_int = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own child, not yet reaped (std never waited on it); `status` and
-    // `usage` are valid, writable and outlive the call.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        .output()
+        .with_context(|| {
+            format!("starting {TIME} (Debian package `time`; scripts/setup.sh installs it)")
+        })?;
     let secs = started.elapsed().as_secs_f64();
-    if rc != pid {
-        bail!("wait4: {}", std::io::Error::last_os_error());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        bail!(
+            "{} {args:?} failed ({}): {stderr}",
+            product.display(),
+            out.status
+        );
     }
-    let stderr = stderr_reader.join().unwrap_or_default();
-    let exit = std::process::ExitStatus::from_raw(status);
-    if !matches!(exit.code(), Some(0) | Some(1)) {
-        bail!("{cmd:?} failed ({exit}): {stderr}");
-    }
+    let report = std::fs::read_to_string(&rss_file)
+        .with_context(|| format!("reading {}", rss_file.display()))?;
+    let _ = std::fs::remove_file(&rss_file);
+    // GNU time writes "Command exited with non-zero status 1" first when it was so.
+    let max_rss_kib = report
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("{TIME} printed no peak RSS: {report:?}"))?;
     Ok(Measured {
         secs,
-        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        max_rss_kib,
         stdout,
         stderr,
     })
 }
+
+/// GNU time, for the product's own peak RSS.
+const TIME: &str = "/usr/bin/time";
 
 /// Stale entries in `audit`'s summary line: `summary    N entries: L live, S stale, ...`.
 fn audit_stale(text: &str) -> Option<usize> {

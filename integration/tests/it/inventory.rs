@@ -1,4 +1,5 @@
-//! Real-kernel tests of namespace discovery and the sock_diag inventory (run as root).
+//! Real-kernel tests of namespace discovery, the sock_diag inventory and exact lookups (run as
+//! root).
 //!
 //! Each test makes its own network namespaces with `ip netns` (named `smgc-inv-<test>`, removed
 //! first if a previous run left them, and removed again on drop), creates its sockets from a
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use sockmap_gc::diag::{
     dump_current_netns, inventory, inventory_node, DiagError, LiveSocket, TcpState,
 };
+use sockmap_gc::lookup::{lookup_node, Lookups, Tuple};
 use sockmap_gc::netns::{discover, Netns, NetnsId};
 
 /// Runs a command that must succeed.
@@ -314,4 +316,83 @@ fn measure_dump_of_10k_sockets() {
     eprintln!("dump_current_netns (already inside): {direct:?}");
     eprintln!("inventory() incl. thread + setns, {count} sockets: {walked:?}");
     drop(held);
+}
+
+#[test]
+fn exact_lookups_find_each_tuples_owner_and_nothing_else() {
+    let ns = TestNetns::new("lookup");
+    // An address only this namespace has, for the lookup by local address.
+    run(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        "10.213.7.1/32",
+        "dev",
+        "lo",
+    ]);
+    let (lab, own) = ns.enter(|| {
+        let lab = open_lab();
+        let listener = TcpListener::bind("10.213.7.1:0").expect("bind the namespace's address");
+        let own = connect(&listener);
+        (lab, (listener, own))
+    });
+    let own_pair = &own.1;
+    let dumped = inventory(&[Netns::from_path(&ns.path, "test").expect("netns")]).sockets;
+
+    // Every connection end of the lab, the dual-stack one's server end (IPv4-mapped) among them.
+    let mut tuples: Vec<Tuple> = lab
+        .pairs
+        .iter()
+        .flat_map(|(c, s)| [tuple(c), tuple(s)])
+        .map(|(l, r)| Tuple::new(l, r))
+        .collect();
+    let ends = tuples.len();
+    // A tuple no connection has: the kernel answers it with the listener on that port.
+    let listener_port = lab.listeners[0].local_addr().expect("address").port();
+    tuples.push(Tuple::new(
+        SocketAddr::from(([127, 0, 0, 1], listener_port)),
+        "127.0.0.1:1".parse().expect("addr"),
+    ));
+    // Looked up by address: only this namespace has 10.213.7.1.
+    let (l, r) = tuple(&own_pair.1);
+    tuples.push(Tuple::new(l, r));
+    let by_address = tuples.len() - 1;
+
+    let mut lookups = Lookups::new(|id| tuples.get(id).copied());
+    for id in 0..by_address {
+        lookups.in_netns(ns.id().inode, id);
+    }
+    lookups.at_local_address(l.ip(), by_address);
+    // A held socket's namespace that no path reaches.
+    lookups.in_netns(1, 0);
+
+    let mut found: Vec<LiveSocket> = Vec::new();
+    let looked = lookup_node(Path::new("/"), &lookups, &mut |_, s| found.extend(s))
+        .expect("lookups on the node");
+    assert!(
+        looked.inventory.failed.is_empty(),
+        "{:?}",
+        looked.inventory.failed
+    );
+    assert_eq!(looked.unreached, 1);
+    assert_eq!(found.len(), ends + 1, "{found:#?}");
+    for t in tuples.iter().take(ends).chain([&tuples[by_address]]) {
+        let hits: Vec<_> = found
+            .iter()
+            .filter(|s| Tuple::new(s.local, s.remote) == *t)
+            .collect();
+        assert_eq!(hits.len(), 1, "{t:?} in {found:#?}");
+        let s = hits[0];
+        assert_eq!(s.state, TcpState::Established);
+        assert_eq!(s.netns, ns.id());
+        // The same socket a dump reports, by cookie.
+        assert_eq!(find(&dumped, s.local, s.remote).cookie, s.cookie, "{s:?}");
+    }
+    assert!(
+        !found.iter().any(|s| s.state == TcpState::Listen),
+        "a listener answering a miss is no owner"
+    );
+    drop((lab, own));
 }
