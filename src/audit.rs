@@ -352,11 +352,21 @@ pub fn observe(
         }
     };
     let with_identity = identity.is_active();
+    tracing::debug!(
+        entries = entries.len(),
+        ms = started.elapsed().as_millis(),
+        "map read"
+    );
     let sockets = if with_identity {
         gather_owners(proc_root, &entries, !gateways.is_empty())?
     } else {
         gather_sockets(proc_root, !gateways.is_empty())?
     };
+    tracing::debug!(
+        sockets = sockets.index.len(),
+        ms = started.elapsed().as_millis(),
+        "sockets read"
+    );
     let evidence = sockets.evidence(gateways);
     for e in &mut entries {
         e.verdict = classify(&e.key(), e.held_view().as_ref(), &evidence);

@@ -92,8 +92,13 @@ impl<'a> Lookups<'a> {
     }
 
     /// Files `id`, whose tuple's local address is `local`, for every namespace that has it.
+    /// A loopback address is on every namespace's `lo` and names none of them: such a tuple is
+    /// looked up only where the caller files it by namespace.
     pub fn at_local_address(&mut self, local: IpAddr, id: usize) {
         let local = unmap(SocketAddr::new(local, 0)).ip();
+        if local.is_loopback() {
+            return;
+        }
         self.at_local_address.entry(local).or_default().push(id);
     }
 
@@ -512,6 +517,14 @@ mod tests {
         l.at_local_address(tuples[elsewhere].local.ip(), elsewhere);
         // An IPv4-mapped address is filed as the IPv4 one the interfaces show.
         l.at_local_address("::ffff:10.0.1.2".parse().expect("ip"), owned_here);
+        // Loopback is on every namespace: filing by it would ask them all.
+        l.at_local_address("127.0.0.1".parse().expect("ip"), held);
+        l.at_local_address("::1".parse().expect("ip"), held);
+        let everywhere: HashSet<IpAddr> = ["127.0.0.1".parse().expect("ip")].into();
+        assert_eq!(
+            l.for_netns(NetnsId { dev: 4, inode: 11 }, &everywhere),
+            vec![]
+        );
         let addrs: HashSet<IpAddr> = ["10.0.1.2".parse().expect("ip")].into();
         assert_eq!(
             l.for_netns(ns, &addrs),
