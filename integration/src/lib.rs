@@ -406,18 +406,26 @@ impl Lab {
         if keep_reset_fds {
             args.push("--keep-reset-fds".into());
         }
-        let mut proc = self.spawn(Place::Pod(pod), &args)?;
+        Ok(Server {
+            proc: self.spawn_listening(pod, &args, "server")?,
+            addr: SocketAddr::new(addr, port),
+        })
+    }
+
+    /// Spawns a server peer (`args`) in `pod` and waits for the line saying it listens.
+    fn spawn_listening(&self, pod: usize, args: &[String], what: &str) -> Result<peer::PeerProc> {
+        let mut proc = self.spawn(Place::Pod(pod), args)?;
         let lines = proc.lines_until(Duration::from_secs(5), |l| {
             l.starts_with("listening") || l.starts_with("error")
         })?;
         let last = lines.last().cloned().unwrap_or_default();
         if !last.starts_with("listening") {
-            bail!("server on pod {pod} port {port} did not start: {last}");
+            bail!(
+                "{what} on pod {pod} did not start ({}): {last}",
+                args.join(" ")
+            );
         }
-        Ok(Server {
-            proc,
-            addr: SocketAddr::new(addr, port),
-        })
+        Ok(proc)
     }
 
     /// One request (ping/pong) with a bounded wait; see [`ClientOpts`].

@@ -4,7 +4,6 @@
 //! handshake. Used by the benchmark (`sockmap-gc-bench`); one process holds at most what
 //! RLIMIT_NOFILE allows, so a large population is spread over several processes.
 
-use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::thread;
@@ -15,7 +14,7 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
 };
 
-use super::child::{self, exit};
+use super::child::{self, exit, say};
 use super::{PeerProc, Place, Server};
 use crate::Lab;
 
@@ -47,37 +46,6 @@ pub struct BulkClientArgs {
     pub max_life: Duration,
 }
 
-fn say(line: &str) {
-    use std::io::Write;
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-fn exit_after(max_life: Duration) {
-    thread::spawn(move || {
-        thread::sleep(max_life);
-        std::process::exit(exit::LIFETIME);
-    });
-}
-
-/// Exits when stdin closes (the lab dropped its end, or died).
-fn exit_on_stdin_eof() {
-    thread::spawn(|| {
-        let mut buf = [0u8; 64];
-        let mut stdin = io::stdin().lock();
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        std::process::exit(exit::OK);
-    });
-}
-
 fn listen(bind: SocketAddr) -> nix::Result<OwnedFd> {
     let family = if bind.is_ipv4() {
         AddressFamily::Inet
@@ -93,7 +61,7 @@ fn listen(bind: SocketAddr) -> nix::Result<OwnedFd> {
 
 /// Accepts connections and holds every one until stdin closes. One thread.
 pub fn run_bulk_server(args: &BulkServerArgs) -> i32 {
-    exit_after(args.max_life);
+    child::watchdog(args.max_life);
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = match listen(addr) {
         Ok(fd) => fd,
@@ -103,7 +71,11 @@ pub fn run_bulk_server(args: &BulkServerArgs) -> i32 {
         }
     };
     say(&format!("listening {addr}"));
-    exit_on_stdin_eof();
+    // Exits when stdin closes (the lab dropped its end, or died).
+    thread::spawn(|| {
+        child::wait_stdin_eof();
+        std::process::exit(exit::OK);
+    });
     let mut held: Vec<OwnedFd> = Vec::new();
     loop {
         match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
@@ -124,7 +96,7 @@ pub fn run_bulk_server(args: &BulkServerArgs) -> i32 {
 /// Opens `--count` connections to each target, says `ready N`, and holds them until stdin
 /// closes.
 pub fn run_bulk_client(args: &BulkClientArgs) -> i32 {
-    exit_after(args.max_life);
+    child::watchdog(args.max_life);
     let mut held: Vec<TcpStream> = Vec::with_capacity(args.connect.len() * args.count);
     for target in &args.connect {
         for _ in 0..args.count {
@@ -141,16 +113,7 @@ pub fn run_bulk_client(args: &BulkClientArgs) -> i32 {
         }
     }
     say(&format!("ready {}", held.len()));
-    let mut buf = [0u8; 64];
-    let mut stdin = io::stdin().lock();
-    loop {
-        match stdin.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
+    child::wait_stdin_eof();
     exit::OK
 }
 
@@ -192,16 +155,8 @@ impl Lab {
             "--port".into(),
             port.to_string(),
         ];
-        let mut proc = self.spawn(Place::Pod(pod), &args)?;
-        let lines = proc.lines_until(Duration::from_secs(5), |l| {
-            l.starts_with("listening") || l.starts_with("error")
-        })?;
-        let last = lines.last().cloned().unwrap_or_default();
-        if !last.starts_with("listening") {
-            bail!("bulk server on pod {pod} port {port} did not start: {last}");
-        }
         Ok(Server {
-            proc,
+            proc: self.spawn_listening(pod, &args, "bulk server")?,
             addr: SocketAddr::new(IpAddr::V4(self.pod_ip(pod)), port),
         })
     }

@@ -96,14 +96,14 @@ pub struct ClientArgs {
     pub max_life: Duration,
 }
 
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     let mut out = io::stdout().lock();
     // The parent may have stopped reading; a peer never dies of that.
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-fn watchdog(max_life: Duration) {
+pub(crate) fn watchdog(max_life: Duration) {
     thread::spawn(move || {
         thread::sleep(max_life);
         std::process::exit(exit::LIFETIME);
@@ -111,7 +111,7 @@ fn watchdog(max_life: Duration) {
 }
 
 /// Blocks until stdin reaches EOF (the parent closed it or died).
-fn wait_stdin_eof() {
+pub(crate) fn wait_stdin_eof() {
     let mut buf = [0u8; 256];
     let mut stdin = io::stdin().lock();
     loop {
