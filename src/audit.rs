@@ -99,6 +99,11 @@ impl Filter {
         self.local.is_none() && self.remote.is_none()
     }
 
+    /// Whether `entry` is one asked about; its key is decoded only when the filter needs it.
+    pub fn selects(&self, entry: &Judged) -> bool {
+        self.is_empty() || self.matches(&entry.key())
+    }
+
     /// An entry whose key does not decode matches only the empty filter.
     pub fn matches(&self, key: &Result<SockKey, KeyError>) -> bool {
         if self.is_empty() {

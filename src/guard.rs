@@ -135,7 +135,7 @@ pub fn plan(
     let mut confirmed: Vec<RawKey> = Vec::new();
     let mut plan = Plan::default();
     for e in &second.entries {
-        if !e.verdict.is_stale() || !filter.matches(&e.key()) {
+        if !e.verdict.is_stale() || !filter.selects(e) {
             continue;
         }
         plan.stale += 1;

@@ -178,11 +178,7 @@ impl Serialize for JsonEntries<'_> {
 
 /// The entries an operator asked about, in a stable order: stale first, then by key.
 pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
-    let mut v: Vec<&Judged> = o
-        .entries
-        .iter()
-        .filter(|e| filter.matches(&e.key()))
-        .collect();
+    let mut v: Vec<&Judged> = o.entries.iter().filter(|e| filter.selects(e)).collect();
     // Keys are unique, so an unstable sort gives the same order, without copying keys.
     v.sort_unstable_by(|a, b| {
         verdict_rank(&a.verdict)
