@@ -15,10 +15,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use sockmap_gc::deletion::Outcome;
+use sockmap_gc::guard::Guard;
+use sockmap_gc::report::Summary;
+use sockmap_gc::sweep::{Interrupted, SweepReport};
+use sockmap_gc::verdict::VerdictKind;
 use tokio::net::TcpListener;
-
-use crate::report::Summary;
-use crate::sweep::{Interrupted, SweepReport};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
@@ -40,24 +42,55 @@ struct GuardLabel {
     guard: &'static str,
 }
 
-const VERDICTS: [&str; 3] = ["live", "stale", "unknown"];
-const OUTCOMES: [&str; 4] = ["deleted", "already_gone", "spared", "failed"];
-const RESULTS: [&str; 4] = ["ok", "held", "interrupted", "error"];
-/// The guards that can stop deletions; `Hold::guard` names the first three.
-const GUARDS: [&str; 5] = [
-    "incomplete-inventory",
-    "map-replaced",
-    "inventory-shrank",
-    "recheck-incomplete",
-    "max-deletes",
+/// The guards whose trips are counted: the fail-closed ones that can stop a whole sweep,
+/// the re-check's, and the cap.
+const TRIPS: [Guard; 5] = [
+    Guard::IncompleteInventory,
+    Guard::MapReplaced,
+    Guard::InventoryShrank,
+    Guard::RecheckIncomplete,
+    Guard::MaxDeletes,
 ];
 
+/// How a sweep ended: the `result` label, and the summary line's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepResult {
+    Ok,
+    Held,
+    Interrupted,
+    Error,
+}
+
+impl SweepResult {
+    const ALL: [SweepResult; 4] = [
+        SweepResult::Ok,
+        SweepResult::Held,
+        SweepResult::Interrupted,
+        SweepResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepResult::Ok => "ok",
+            SweepResult::Held => "held",
+            SweepResult::Interrupted => "interrupted",
+            SweepResult::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for SweepResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a sweep ended, as the `result` label and the summary line say it.
-pub fn sweep_result(r: &SweepReport) -> &'static str {
+pub fn sweep_result(r: &SweepReport) -> SweepResult {
     match (&r.plan.hold, &r.interrupted) {
-        (Some(_), _) | (None, Some(Interrupted::RecheckIncomplete { .. })) => "held",
-        (None, Some(Interrupted::Signal)) => "interrupted",
-        (None, None) => "ok",
+        (Some(_), _) | (None, Some(Interrupted::RecheckIncomplete { .. })) => SweepResult::Held,
+        (None, Some(Interrupted::Signal)) => SweepResult::Interrupted,
+        (None, None) => SweepResult::Ok,
     }
 }
 
@@ -139,16 +172,20 @@ impl Metrics {
             m.interval.clone(),
         );
         // Every series from the start: a rate() over a series that appears late misses its start.
-        for verdict in VERDICTS {
+        for verdict in VerdictKind::ALL {
+            let verdict = verdict.as_str();
             m.entries.get_or_create_owned(&VerdictLabel { verdict });
         }
-        for outcome in OUTCOMES {
+        for outcome in Outcome::ALL {
+            let outcome = outcome.as_str();
             m.deletions.get_or_create_owned(&OutcomeLabel { outcome });
         }
-        for result in RESULTS {
+        for result in SweepResult::ALL {
+            let result = result.as_str();
             m.sweeps.get_or_create_owned(&ResultLabel { result });
         }
-        for guard in GUARDS {
+        for guard in TRIPS {
+            let guard = guard.as_str();
             m.guard_trips.get_or_create_owned(&GuardLabel { guard });
         }
         m
@@ -158,38 +195,44 @@ impl Metrics {
     pub fn record_sweep(&self, r: &SweepReport, ended: SystemTime) {
         let summary = Summary::of(&r.second.entries);
         for (verdict, n) in [
-            ("live", summary.live),
-            ("stale", summary.stale),
-            ("unknown", summary.unknown),
+            (VerdictKind::Live, summary.live),
+            (VerdictKind::Stale, summary.stale),
+            (VerdictKind::Unknown, summary.unknown),
         ] {
+            let verdict = verdict.as_str();
             self.entries
                 .get_or_create(&VerdictLabel { verdict })
                 .set(n as i64);
         }
         for (outcome, n) in [
-            ("deleted", r.deleted.len()),
-            ("already_gone", r.already_gone.len()),
-            ("spared", r.spared.len()),
-            ("failed", r.failed.len()),
+            (Outcome::Deleted, r.deleted.len()),
+            (Outcome::AlreadyGone, r.already_gone.len()),
+            (Outcome::Spared, r.spared.len()),
+            (Outcome::Failed, r.failed.len()),
         ] {
+            let outcome = outcome.as_str();
             self.deletions
                 .get_or_create(&OutcomeLabel { outcome })
                 .inc_by(n as u64);
         }
         let result = sweep_result(r);
-        self.sweeps.get_or_create(&ResultLabel { result }).inc();
+        self.sweeps
+            .get_or_create(&ResultLabel {
+                result: result.as_str(),
+            })
+            .inc();
         self.sweep_duration.observe(r.took.as_secs_f64());
         if let Some(hold) = &r.plan.hold {
             self.trip(hold.guard());
         }
         if let Some(Interrupted::RecheckIncomplete { .. }) = r.interrupted {
-            self.trip("recheck-incomplete");
+            self.trip(Guard::RecheckIncomplete);
         }
         if r.plan.over_cap > 0 {
-            self.trip("max-deletes");
+            self.trip(Guard::MaxDeletes);
         }
         self.map_id.set(i64::from(r.map_id));
-        if result != "held" {
+        if result != SweepResult::Held {
             let secs = ended
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -201,12 +244,15 @@ impl Metrics {
     /// Records a sweep that failed before its report (no map, say).
     pub fn record_error(&self, took: Duration) {
         self.sweeps
-            .get_or_create(&ResultLabel { result: "error" })
+            .get_or_create(&ResultLabel {
+                result: SweepResult::Error.as_str(),
+            })
             .inc();
         self.sweep_duration.observe(took.as_secs_f64());
     }
 
-    fn trip(&self, guard: &'static str) {
+    fn trip(&self, guard: Guard) {
+        let guard = guard.as_str();
         self.guard_trips.get_or_create(&GuardLabel { guard }).inc();
     }
 
@@ -307,6 +353,7 @@ mod tests {
         for want in [
             "sockmap_gc_entries{verdict=\"stale\"} 0",
             "sockmap_gc_deletions_total{outcome=\"deleted\"} 0",
+            "sockmap_gc_deletions_total{outcome=\"already-gone\"} 0",
             "sockmap_gc_sweeps_total{result=\"error\"} 1",
             "sockmap_gc_sweeps_total{result=\"ok\"} 0",
             "sockmap_gc_guard_trips_total{guard=\"map-replaced\"} 0",
