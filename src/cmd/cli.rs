@@ -574,3 +574,43 @@ fn write_stdout_with(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each sweep's flags and the flag the refusal names (none: accepted); the config file's
+    /// keys go through the same validator (config::tests::errors_name_the_key).
+    #[test]
+    fn sweep_flags_are_validated_as_the_config_is() {
+        let cases: [(&[&str], Option<&str>); 5] = [
+            (&[], None),
+            (&["--max-deletes", "1", "--confirm-after", "7d"], None),
+            (&["--rate-limit", "0", "--confirm-after", "0s"], None),
+            (
+                &["--max-deletes", "0"],
+                Some("--max-deletes 0: must be at least 1"),
+            ),
+            (
+                &["--confirm-after", "8d"],
+                Some("--confirm-after 8days: longer than"),
+            ),
+        ];
+        for (flags, refused) in cases {
+            let argv = ["sockmap-gc", "sweep"].iter().chain(flags).copied();
+            let Ok(Cli {
+                command: Command::Sweep(args),
+            }) = Cli::try_parse_from(argv)
+            else {
+                panic!("{flags:?} did not parse as a sweep");
+            };
+            match (args.guards(), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.to_string().starts_with(want), "{flags:?}: {e}");
+                }
+                (got, want) => panic!("{flags:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}

@@ -42,6 +42,44 @@ struct GuardLabel {
     guard: &'static str,
 }
 
+impl VerdictLabel {
+    fn of(v: VerdictKind) -> Self {
+        VerdictLabel {
+            verdict: v.as_str(),
+        }
+    }
+}
+
+impl OutcomeLabel {
+    fn of(o: Outcome) -> Self {
+        OutcomeLabel {
+            outcome: o.as_str(),
+        }
+    }
+}
+
+impl ResultLabel {
+    fn of(r: SweepResult) -> Self {
+        ResultLabel { result: r.as_str() }
+    }
+}
+
+impl GuardLabel {
+    fn of(g: Guard) -> Self {
+        GuardLabel { guard: g.as_str() }
+    }
+}
+
+/// Creates the series of `family` for every label in `labels`.
+fn create_every<L: Clone + std::hash::Hash + Eq, M: Default>(
+    family: &Family<L, M>,
+    labels: impl IntoIterator<Item = L>,
+) {
+    for label in labels {
+        drop(family.get_or_create(&label));
+    }
+}
+
 /// The guards whose trips are counted: the fail-closed ones that can stop a whole sweep,
 /// the re-check's, and the cap.
 const TRIPS: [Guard; 5] = [
@@ -129,98 +167,69 @@ impl Metrics {
             interval: Gauge::default(),
             registry: Registry::with_prefix("sockmap_gc"),
         };
-        let registry = &mut m.registry;
-        registry.register(
-            "entries",
-            "Entries of the map by verdict in the last sweep's second observation",
-            m.entries.clone(),
-        );
-        registry.register(
-            "deletions",
-            "Stale entries the sweeps acted on, by outcome",
-            m.deletions.clone(),
-        );
-        registry.register("sweeps", "Sweeps run, by result", m.sweeps.clone());
-        registry.register(
-            "sweep_duration_seconds",
-            "How long each sweep took, both observations and the deletes",
-            m.sweep_duration.clone(),
-        );
-        registry.register(
-            "last_success_timestamp_seconds",
-            "Unix time at which the last sweep that was neither held nor failed ended",
-            m.last_success.clone(),
-        );
-        registry.register(
-            "guard_trips",
-            "Sweeps in which a guard withheld deletions, by guard",
-            m.guard_trips.clone(),
-        );
-        registry.register(
-            "map_id",
-            "Kernel id of the map the last sweep read (it changes when the map is re-created)",
-            m.map_id.clone(),
-        );
-        registry.register(
-            "dry_run",
-            "1 while the daemon only reports, 0 while it deletes",
-            m.dry_run.clone(),
-        );
-        registry.register(
-            "interval_seconds",
-            "The wait before the next sweep (it adapts within interval_min and interval_max)",
-            m.interval.clone(),
-        );
+        // Name, help and metric of each; the registry owns a handle of each.
+        macro_rules! register {
+            ($($name:literal, $help:literal, $metric:expr;)+) => {
+                $( m.registry.register($name, $help, $metric.clone()); )+
+            };
+        }
+        register! {
+            "entries", "Entries of the map by verdict in the last sweep's second observation",
+                m.entries;
+            "deletions", "Stale entries the sweeps acted on, by outcome",
+                m.deletions;
+            "sweeps", "Sweeps run, by result",
+                m.sweeps;
+            "sweep_duration_seconds", "How long each sweep took, both observations and the deletes",
+                m.sweep_duration;
+            "last_success_timestamp_seconds", "Unix time at which the last sweep that was neither held nor failed ended",
+                m.last_success;
+            "guard_trips", "Sweeps in which a guard withheld deletions, by guard",
+                m.guard_trips;
+            "map_id", "Kernel id of the map the last sweep read (it changes when the map is re-created)",
+                m.map_id;
+            "dry_run", "1 while the daemon only reports, 0 while it deletes",
+                m.dry_run;
+            "interval_seconds", "The wait before the next sweep (it adapts within interval_min and interval_max)",
+                m.interval;
+        }
         // Every series from the start: a rate() over a series that appears late misses its start.
-        for verdict in VerdictKind::ALL {
-            let verdict = verdict.as_str();
-            m.entries.get_or_create_owned(&VerdictLabel { verdict });
-        }
-        for outcome in Outcome::ALL {
-            let outcome = outcome.as_str();
-            m.deletions.get_or_create_owned(&OutcomeLabel { outcome });
-        }
-        for result in SweepResult::ALL {
-            let result = result.as_str();
-            m.sweeps.get_or_create_owned(&ResultLabel { result });
-        }
-        for guard in TRIPS {
-            let guard = guard.as_str();
-            m.guard_trips.get_or_create_owned(&GuardLabel { guard });
-        }
+        let verdicts = VerdictKind::ALL.iter().map(|v| VerdictLabel::of(*v));
+        create_every(&m.entries, verdicts);
+        create_every(
+            &m.deletions,
+            Outcome::ALL.iter().map(|o| OutcomeLabel::of(*o)),
+        );
+        create_every(&m.sweeps, SweepResult::ALL.map(ResultLabel::of));
+        create_every(&m.guard_trips, TRIPS.map(GuardLabel::of));
         m
     }
 
     /// Records a sweep that ran to its report.
     pub fn record_sweep(&self, r: &SweepReport, ended: SystemTime) {
         let summary = Summary::of(&r.second.entries);
-        for (verdict, n) in [
+        let entries = [
             (VerdictKind::Live, summary.live),
             (VerdictKind::Stale, summary.stale),
             (VerdictKind::Unknown, summary.unknown),
-        ] {
-            let verdict = verdict.as_str();
+        ];
+        for (verdict, n) in entries {
             self.entries
-                .get_or_create(&VerdictLabel { verdict })
+                .get_or_create(&VerdictLabel::of(verdict))
                 .set(n as i64);
         }
-        for (outcome, n) in [
+        let deletions = [
             (Outcome::Deleted, r.deleted.len()),
             (Outcome::AlreadyGone, r.already_gone.len()),
             (Outcome::Spared, r.spared.len()),
             (Outcome::Failed, r.failed.len()),
-        ] {
-            let outcome = outcome.as_str();
-            self.deletions
-                .get_or_create(&OutcomeLabel { outcome })
-                .inc_by(n as u64);
+        ];
+        for (outcome, n) in deletions {
+            let counter = self.deletions.get_or_create(&OutcomeLabel::of(outcome));
+            counter.inc_by(n as u64);
         }
         let result = sweep_result(r);
-        self.sweeps
-            .get_or_create(&ResultLabel {
-                result: result.as_str(),
-            })
-            .inc();
+        self.sweeps.get_or_create(&ResultLabel::of(result)).inc();
         self.sweep_duration.observe(r.took.as_secs_f64());
         if let Some(hold) = &r.plan.hold {
             self.trip(hold.guard());
@@ -244,16 +253,13 @@ impl Metrics {
     /// Records a sweep that failed before its report (no map, say).
     pub fn record_error(&self, took: Duration) {
         self.sweeps
-            .get_or_create(&ResultLabel {
-                result: SweepResult::Error.as_str(),
-            })
+            .get_or_create(&ResultLabel::of(SweepResult::Error))
             .inc();
         self.sweep_duration.observe(took.as_secs_f64());
     }
 
     fn trip(&self, guard: Guard) {
-        let guard = guard.as_str();
-        self.guard_trips.get_or_create(&GuardLabel { guard }).inc();
+        self.guard_trips.get_or_create(&GuardLabel::of(guard)).inc();
     }
 
     pub fn set_interval(&self, wait: Duration) {
