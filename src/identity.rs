@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Iter, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
+use libbpf_rs::{ErrorKind, Iter, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
 
 use crate::diag::TcpState;
 use crate::key::{RawKey, KEY_LEN};
@@ -89,8 +89,6 @@ const CAD_PROGRAM: &str = "compare_and_delete";
 const HELD_MAP: &str = "held";
 const TARGETS_MAP: &str = "targets";
 
-/// Targets per pass: the `targets` map's max_entries in the BPF program (CAD_BATCH).
-const CAD_BATCH: usize = 8192;
 /// Outcome codes of the BPF program.
 const CAD_PENDING: i32 = 0;
 const CAD_DELETED: i32 = 1;
@@ -143,17 +141,17 @@ pub enum CadOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("the kernel refused to load the socket-identity iterator (iter/sockmap){}: {error}; {hint}", errno_text(*errno))]
+    #[error("the kernel refused to load the socket-identity iterator (iter/sockmap){}: {error}; {hint}", kind_text(*kind))]
     LoadRefused {
-        errno: Option<i32>,
+        kind: Option<ErrorKind>,
         error: String,
         hint: &'static str,
     },
-    #[error("the kernel refused to attach the socket-identity iterator to map {map_id} ({}){}: {error}; {hint}", path.display(), errno_text(*errno))]
+    #[error("the kernel refused to attach the socket-identity iterator to map {map_id} ({}){}: {error}; {hint}", path.display(), kind_text(*kind))]
     AttachRefused {
         map_id: u32,
         path: PathBuf,
-        errno: Option<i32>,
+        kind: Option<ErrorKind>,
         error: String,
         hint: &'static str,
     },
@@ -165,10 +163,10 @@ pub enum IdentityError {
     },
     #[error("the socket-identity iterator of map {map_id} returned a malformed record: {what}; this binary and its BPF program disagree, rebuild sockmap-gc")]
     Malformed { map_id: u32, what: String },
-    #[error("the kernel refused in-kernel compare-and-delete on map {map_id}{}: {error}; delete by key with the re-check instead", errno_text(*errno))]
+    #[error("the kernel refused in-kernel compare-and-delete on map {map_id}{}: {error}; delete by key with the re-check instead", kind_text(*kind))]
     CompareAndDeleteRefused {
         map_id: u32,
-        errno: Option<i32>,
+        kind: Option<ErrorKind>,
         error: String,
     },
     #[error("compare-and-delete needs {} opened for writing; open it with Access::ReadWrite", path.display())]
@@ -190,52 +188,29 @@ impl IdentityError {
     }
 }
 
-fn errno_text(errno: Option<i32>) -> String {
-    match errno {
-        Some(n) => format!(" (errno {n}, {})", errno_name(n)),
-        None => String::new(),
-    }
+/// How libbpf-rs classifies the failure (its error text carries the errno itself).
+fn kind_text(kind: Option<ErrorKind>) -> String {
+    kind.map_or_else(String::new, |k| format!(" ({k:?})"))
 }
 
-fn errno_name(n: i32) -> &'static str {
-    match n {
-        libc::EPERM => "EPERM",
-        libc::EACCES => "EACCES",
-        libc::EINVAL => "EINVAL",
-        libc::E2BIG => "E2BIG",
-        libc::ENOENT => "ENOENT",
-        libc::ENOMEM => "ENOMEM",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ENOSYS => "ENOSYS",
-        libc::ESRCH => "ESRCH",
-        // The kernel's internal ENOTSUPP, which BPF returns for helpers it lacks.
-        524 => "ENOTSUPP",
-        _ => "errno",
-    }
-}
-
-fn load_hint(errno: Option<i32>) -> &'static str {
-    match errno {
-        Some(libc::EPERM | libc::EACCES) => {
+fn load_hint(kind: Option<ErrorKind>) -> &'static str {
+    match kind {
+        Some(ErrorKind::PermissionDenied) => {
             "run as root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN), and check that no LSM or \
              lockdown policy forbids tracing programs; use --identity off to rely on tuple \
              evidence"
         }
-        Some(libc::EINVAL | libc::E2BIG | libc::ENOENT | 524) => {
+        Some(
+            ErrorKind::InvalidInput
+            | ErrorKind::TooBig
+            | ErrorKind::NotFound
+            | ErrorKind::Unsupported,
+        ) => {
             "this kernel lacks iter/sockmap with BTF (Linux 5.10 or later with \
              CONFIG_DEBUG_INFO_BTF is needed); use --identity off to rely on tuple evidence"
         }
         _ => "use --identity off to rely on tuple evidence",
     }
-}
-
-/// The errno behind a libbpf-rs error. libbpf-rs keeps it inside a `std::io::Error`, whose
-/// text ends in `(os error N)`, and does not expose it otherwise.
-fn errno_of(error: &libbpf_rs::Error) -> Option<i32> {
-    let text = error.to_string();
-    let start = text.rfind("(os error ")? + "(os error ".len();
-    let end = start + text[start..].find(')')?;
-    text[start..end].parse().ok()
 }
 
 /// A loaded skeleton and the storage its object lives in. The skeleton borrows the storage
@@ -291,7 +266,7 @@ impl Drop for Loaded {
 }
 
 /// Whether to look at the socket behind each entry: `--identity` and the `identity` config key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IdentityMode {
     /// Use the iterator when the kernel allows it; else warn once and use tuple evidence.
     #[default]
@@ -342,6 +317,12 @@ impl IdentitySource {
 
     pub fn is_active(&self) -> bool {
         self.reader.is_some()
+    }
+
+    /// How many targets one compare-and-delete pass takes (the BPF `targets` map's
+    /// max_entries); `None` when identity is not in use.
+    pub fn cad_batch(&self) -> Option<usize> {
+        self.reader.as_ref().map(IdentityReader::cad_batch)
     }
 
     /// The socket behind every entry, or `None` when identity is not in use.
@@ -415,18 +396,22 @@ impl IdentityReader {
             open.maps.held.set_autocreate(false)?;
             open.maps.targets.set_autocreate(false)
         })
-        .map_err(|e| {
-            let errno = errno_of(&e);
-            IdentityError::LoadRefused {
-                errno,
-                error: format!("{e:#}"),
-                hint: load_hint(errno),
-            }
+        .map_err(|e| IdentityError::LoadRefused {
+            kind: Some(e.kind()),
+            error: format!("{e:#}"),
+            hint: load_hint(Some(e.kind())),
         })?;
         Ok(IdentityReader {
             identity,
             cad: None,
         })
+    }
+
+    /// How many targets one compare-and-delete pass takes: the BPF `targets` map's
+    /// max_entries.
+    pub fn cad_batch(&self) -> usize {
+        let n = self.identity.skel.maps.targets.max_entries();
+        usize::try_from(n).unwrap_or(1).max(1)
     }
 
     /// One pass over the whole map: the socket behind every entry.
@@ -508,8 +493,10 @@ impl IdentityReader {
                 map_id: map.id(),
                 what: format!("the BPF object has no map {TARGETS_MAP}"),
             })?;
+        // A pass takes as many targets as the program's `targets` map holds.
+        let batch = usize::try_from(table.max_entries()).unwrap_or(1).max(1);
         let mut results = Vec::with_capacity(targets.len());
-        for chunk in chunks(targets) {
+        for chunk in chunks(targets, batch) {
             results.extend(cad_pass(&program, &table, map, chunk)?);
         }
         Ok(results)
@@ -521,7 +508,7 @@ impl IdentityReader {
             self.cad = None;
             let object = load_cad(map).map_err(|e| IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
-                errno: errno_of(&e),
+                kind: Some(e.kind()),
                 error: format!("{e:#}"),
             })?;
             self.cad = Some((map.id(), object));
@@ -530,7 +517,7 @@ impl IdentityReader {
             Some((_, object)) => Ok(object),
             None => Err(IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
-                errno: None,
+                kind: None,
                 error: "the program was not kept after loading".to_string(),
             }),
         }
@@ -576,30 +563,29 @@ fn find_program<'obj>(
 }
 
 fn attach_refused(map: &SockMap, e: &libbpf_rs::Error) -> IdentityError {
-    let errno = errno_of(e);
     IdentityError::AttachRefused {
         map_id: map.id(),
         path: map.path().to_path_buf(),
-        errno,
+        kind: Some(e.kind()),
         error: format!("{e:#}"),
-        hint: match errno {
-            Some(libc::EACCES) => {
-                "the map's keys are shorter than the 44 bytes the program reads: point --map \
-                 at Cilium's cilium_sock_ops"
+        // EACCES (keys too short for the program) and EPERM (not root) are one kind here.
+        hint: match e.kind() {
+            ErrorKind::PermissionDenied => {
+                "run as root; as root, the map's keys are shorter than the 44 bytes the \
+                 program reads: point --map at Cilium's cilium_sock_ops"
             }
-            Some(libc::EPERM) => "run as root; use --identity off to rely on tuple evidence",
             _ => "use --identity off to rely on tuple evidence",
         },
     }
 }
 
-/// Splits targets into passes of at most CAD_BATCH distinct keys, in order.
-fn chunks(targets: &[(RawKey, u64)]) -> Vec<&[(RawKey, u64)]> {
+/// Splits targets into passes of at most `batch` distinct keys, in order.
+fn chunks(targets: &[(RawKey, u64)], batch: usize) -> Vec<&[(RawKey, u64)]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut keys = std::collections::HashSet::new();
     for (i, (key, _)) in targets.iter().enumerate() {
-        if keys.len() == CAD_BATCH || !keys.insert(*key) {
+        if keys.len() == batch || !keys.insert(*key) {
             out.push(&targets[start..i]);
             start = i;
             keys.clear();
@@ -651,7 +637,7 @@ fn cad_pass(
             .attach_iter(map.fd())
             .map_err(|e| IdentityError::CompareAndDeleteRefused {
                 map_id: id,
-                errno: errno_of(&e),
+                kind: Some(e.kind()),
                 error: format!("{e:#}"),
             })?;
     let read = read_iter(id, &link);
@@ -713,7 +699,7 @@ fn require_writable(map: &SockMap) -> Result<(), IdentityError> {
     let flags = nix::fcntl::fcntl(map.fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
         IdentityError::CompareAndDeleteRefused {
             map_id: map.id(),
-            errno: Some(e as i32),
+            kind: Some(libbpf_rs::Error::from_raw_os_error(e as i32).kind()),
             error: format!("fcntl(F_GETFL) on the map fd: {e}"),
         }
     })?;
@@ -949,27 +935,32 @@ mod tests {
             k[..4].copy_from_slice(&i.to_be_bytes());
             RawKey(k)
         };
-        let many: Vec<(RawKey, u64)> = (0..(CAD_BATCH as u32 * 2 + 5))
-            .map(|i| (key(i), 1))
-            .collect();
-        let sizes: Vec<usize> = chunks(&many).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, vec![CAD_BATCH, CAD_BATCH, 5]);
+        const BATCH: usize = 8192;
+        let many: Vec<(RawKey, u64)> = (0..(BATCH as u32 * 2 + 5)).map(|i| (key(i), 1)).collect();
+        let sizes: Vec<usize> = chunks(&many, BATCH).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![BATCH, BATCH, 5]);
         let repeated = [(key(1), 1), (key(2), 2), (key(1), 3)];
-        let sizes: Vec<usize> = chunks(&repeated).iter().map(|c| c.len()).collect();
+        let sizes: Vec<usize> = chunks(&repeated, BATCH).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![2, 1]);
     }
 
     #[test]
-    fn errno_is_read_from_the_error_text() {
+    fn refusals_are_told_by_their_kind() {
         let e = libbpf_rs::Error::from_raw_os_error(libc::EPERM);
-        assert_eq!(errno_of(&e), Some(libc::EPERM));
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
         let refused = IdentityError::LoadRefused {
-            errno: Some(libc::EPERM),
+            kind: Some(e.kind()),
             error: e.to_string(),
-            hint: load_hint(Some(libc::EPERM)),
+            hint: load_hint(Some(e.kind())),
         };
         assert!(refused.is_refusal());
-        assert!(refused.to_string().contains("EPERM"));
+        let text = refused.to_string();
+        assert!(
+            text.contains("PermissionDenied") && text.contains("run as root"),
+            "{text}"
+        );
+        let e = libbpf_rs::Error::from_raw_os_error(libc::EINVAL);
+        assert!(load_hint(Some(e.kind())).contains("Linux 5.10"));
         let read = IdentityError::Read {
             map_id: 1,
             bytes: 0,

@@ -187,6 +187,15 @@ pub struct Evidence<'a> {
     pub gateways: &'a [IpAddr],
 }
 
+crate::label::labels! {
+    /// A verdict without its reason: the `verdict` of the report and the metrics.
+    pub enum VerdictKind {
+        Live => "live",
+        Stale => "stale",
+        Unknown => "unknown",
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Live(LiveReason),
@@ -252,10 +261,14 @@ pub enum UnknownReason {
 impl Verdict {
     /// `live`, `stale` or `unknown`.
     pub fn label(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub fn kind(&self) -> VerdictKind {
         match self {
-            Verdict::Live(_) => "live",
-            Verdict::Stale(_) => "stale",
-            Verdict::Unknown(_) => "unknown",
+            Verdict::Live(_) => VerdictKind::Live,
+            Verdict::Stale(_) => VerdictKind::Stale,
+            Verdict::Unknown(_) => VerdictKind::Unknown,
         }
     }
 
