@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use crate::diag;
 use crate::identity::{HeldSocket, IdentityError, IdentitySource};
 use crate::key::{KeyError, RawKey, SockKey};
-use crate::lookup::{self, Lookups, Tuple};
+use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
 use crate::procnet;
+use crate::socket::{LiveSocket, TcpState, Tuple};
 use crate::verdict::{
     classify, Evidence, HeldView, SeenSocket, SocketIndex, UnknownReason, Verdict,
 };
@@ -44,7 +45,7 @@ pub fn held_view(h: &HeldSocket) -> HeldView {
         cookie: h.cookie,
         local: h.local,
         remote: h.remote,
-        closed: h.state == diag::TcpState::Close,
+        closed: h.state == TcpState::Close,
     }
 }
 
@@ -176,7 +177,7 @@ impl Gathered {
         }
     }
 
-    fn add(&mut self, netns: NetnsId, sockets: Vec<diag::LiveSocket>) {
+    fn add(&mut self, netns: NetnsId, sockets: Vec<LiveSocket>) {
         *self.per_netns.entry(netns).or_default() += sockets.len();
         for s in &sockets {
             self.index.insert(s.seen());
@@ -185,7 +186,7 @@ impl Gathered {
 
     /// Adds the TCP tables of denied namespaces, read through procfs, and the inventory's
     /// accounting.
-    fn finish(mut self, inventory: diag::Inventory) -> Sockets {
+    fn finish<E: std::fmt::Display>(mut self, inventory: diag::Inventory<E>) -> Sockets {
         let mut unreadable: Vec<Unreadable> = inventory
             .failed
             .iter()
@@ -253,7 +254,7 @@ pub fn gather_owners(
         let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let closed = held.state == diag::TcpState::Close;
+        let closed = held.state == TcpState::Close;
         if !closed {
             lookups.in_netns(held.netns_inode, 2 * i);
         }

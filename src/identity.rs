@@ -27,9 +27,9 @@ use std::ptr::NonNull;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Iter, MapCore, MapFlags, Object, ObjectBuilder, OpenObject};
 
-use crate::diag::TcpState;
 use crate::key::{RawKey, KEY_LEN};
 use crate::map::SockMap;
+use crate::socket::TcpState;
 
 #[allow(clippy::all, clippy::pedantic, unsafe_op_in_unsafe_fn)]
 mod skel {

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::audit::{Filter, Judged, Observation};
-use crate::diag::TcpState;
 use crate::key::RawKey;
+use crate::socket::TcpState;
 use crate::sweep::{Interrupted, SweepReport};
 use crate::verdict::Verdict;
 

@@ -21,6 +21,7 @@ use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::{RawKey, SockKey, KEY_LEN};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns;
+use sockmap_gc::socket::unmap;
 use sockmap_gc_lab::peer::bulk::BulkClient;
 use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
@@ -677,16 +678,6 @@ fn parse_ss(text: &str, into: &mut HashSet<(SocketAddr, SocketAddr)>) {
         if let (Ok(l), Ok(p)) = (l.parse::<SocketAddr>(), p.parse::<SocketAddr>()) {
             into.insert((unmap(l), unmap(p)));
         }
-    }
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        SocketAddr::V4(_) => a,
     }
 }
 
