@@ -7,6 +7,8 @@
 //! ([`report`], [`metrics`]). [`audit`] runs one observation through it; [`cli`] is the
 //! command line.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod audit;
 pub mod cli;
 pub mod config;

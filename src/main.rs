@@ -1,5 +1,7 @@
 //! The `sockmap-gc` binary: parses flags, runs the subcommand, maps the outcome to an exit code.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -6,6 +6,8 @@
 //! key), and the kernel's own cost (one sockmap iterator read plus one sock_diag dump per
 //! namespace). docs/BENCHMARKS.md has the figures and how to run it.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
