@@ -1,9 +1,10 @@
 //! sockmap-gc: finds and removes stale entries of Cilium's socket-acceleration sockhash.
 //!
 //! The flow is a pipeline, one module a stage: snapshot the map ([`map`], or [`identity`] with
-//! the socket behind each entry) → inventory live sockets in every network namespace
-//! ([`netns`], [`diag`]; with identity, exact lookups of the tuples that matter, [`lookup`])
-//! → classify ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`]) → report
+//! the socket behind each entry) → inventory live sockets ([`socket`]) in every network
+//! namespace ([`netns`] finds them and enters each on a worker thread; [`diag`] dumps each
+//! one, or, with identity, [`lookup`] asks for the tuples that matter; both speak sock_diag
+//! through [`netlink`]) → classify ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`]) → report
 //! ([`report`], [`metrics`]). [`audit`] runs one observation through it; [`cli`] is the
 //! command line.
 
