@@ -3,11 +3,14 @@
 //! This library is the engine; the `sockmap-gc` binary (`src/main.rs`, `src/cmd/`) puts the
 //! command line, the daemon, its config file and its metrics on top of it. The engine is a
 //! pipeline, one module a stage: snapshot the map ([`map`], or [`identity`] with the socket
-//! behind each entry) → inventory live sockets in every network namespace ([`netns`],
-//! [`diag`]; with identity, exact lookups of the tuples that matter, [`lookup`]) → judge
-//! ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`], deciding through
-//! [`deletion`], pure) → report ([`report`]). [`observe`] runs one observation through the
-//! first stages into the plain data of [`observation`].
+//! behind each entry) → inventory live sockets ([`socket`]) in every network namespace
+//! ([`netns`] finds them and enters each on a worker thread; [`diag`] dumps each one, or, with
+//! identity, [`lookup`] asks for the tuples that matter; both speak sock_diag through
+//! [`netlink`]) → judge ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`],
+//! deciding through [`deletion`], pure) → report ([`report`]). [`observe`] runs one
+//! observation through the first stages into the plain data of [`observation`].
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod label;
 
@@ -18,10 +21,12 @@ pub mod identity;
 pub mod key;
 pub mod lookup;
 pub mod map;
+pub mod netlink;
 pub mod netns;
 pub mod observation;
 pub mod observe;
 pub mod procnet;
 pub mod report;
+pub mod socket;
 pub mod sweep;
 pub mod verdict;

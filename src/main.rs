@@ -2,6 +2,8 @@
 //! The command line, the daemon, its config and its metrics live in [`cmd`]; the engine is
 //! the `sockmap_gc` library.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod cmd;
 
 use std::process::ExitCode;

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use crate::diag;
 use crate::identity::HeldSocket;
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::netns::NetnsId;
+use crate::socket::TcpState;
 use crate::verdict::{HeldView, Verdict};
 
 /// One map entry with its decoding and verdict.
@@ -40,7 +40,7 @@ pub fn held_view(h: &HeldSocket) -> HeldView {
         cookie: h.cookie,
         local: h.local,
         remote: h.remote,
-        closed: h.state == diag::TcpState::Close,
+        closed: h.state == TcpState::Close,
     }
 }
 

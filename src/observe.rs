@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use crate::diag;
 use crate::identity::{IdentityError, IdentitySource};
-use crate::lookup::{self, Lookups, Tuple};
+use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
 use crate::observation::{Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
+use crate::socket::{LiveSocket, TcpState, Tuple};
 use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +78,7 @@ impl Gathered {
         }
     }
 
-    fn add(&mut self, netns: NetnsId, sockets: Vec<diag::LiveSocket>) {
+    fn add(&mut self, netns: NetnsId, sockets: Vec<LiveSocket>) {
         *self.per_netns.entry(netns).or_default() += sockets.len();
         for s in &sockets {
             self.index.insert(s.seen());
@@ -86,7 +87,7 @@ impl Gathered {
 
     /// Adds the TCP tables of denied namespaces, read through procfs, and the inventory's
     /// accounting.
-    fn finish(mut self, inventory: diag::Inventory) -> Sockets {
+    fn finish<E: std::fmt::Display>(mut self, inventory: diag::Inventory<E>) -> Sockets {
         let mut unreadable: Vec<Unreadable> = inventory
             .failed
             .iter()
@@ -154,7 +155,7 @@ pub fn gather_owners(
         let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let closed = held.state == diag::TcpState::Close;
+        let closed = held.state == TcpState::Close;
         if !closed {
             lookups.in_netns(held.netns_inode, 2 * i);
         }

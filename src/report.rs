@@ -7,10 +7,10 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::diag::TcpState;
 use crate::guard::Guard;
 use crate::key::RawKey;
 use crate::observation::{Filter, Judged, Observation};
+use crate::socket::TcpState;
 use crate::sweep::{Interrupted, SweepReport};
 use crate::verdict::Verdict;
 

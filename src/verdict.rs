@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::key::{KeyError, SockKey};
+use crate::socket::unmap;
 
 /// What the classifier needs to know of one socket seen through sock_diag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,18 +161,6 @@ impl SocketIndex {
 
     fn is_live_cookie(&self, cookie: u64) -> bool {
         self.live_cookies.contains(&cookie)
-    }
-}
-
-/// An IPv4 connection on a dual-stack socket shows as `::ffff:a.b.c.d`; Cilium's IPv4
-/// keys hold `a.b.c.d`. Both sides of every comparison go through here.
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
     }
 }
 
