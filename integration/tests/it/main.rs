@@ -7,6 +7,7 @@ mod faults;
 mod identity;
 mod inventory;
 mod lab;
+mod listener;
 mod package;
 mod rig;
 mod soak;
