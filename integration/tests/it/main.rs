@@ -5,6 +5,7 @@ mod bench_smoke;
 mod daemon;
 mod faults;
 mod identity;
+mod image;
 mod inventory;
 mod lab;
 mod listener;
