@@ -344,3 +344,43 @@ pub fn gateways(given: &[IpAddr]) -> Vec<IpAddr> {
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// Two processes in one denied namespace (their `net/dev` is one inode) and one in
+    /// another: two tables read, not three.
+    #[test]
+    fn a_denied_namespace_is_read_once_whatever_its_processes() {
+        let root = std::env::temp_dir().join(format!("smgc-observe-denied-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let table = "  sl  local_address rem_address   st\n   0: 0100007F:1F90 0100007F:9C40 01\n";
+        let proc_dir = |pid: u32| root.join(pid.to_string());
+        for pid in [1, 2, 3] {
+            fs::create_dir_all(proc_dir(pid).join("net")).expect("fake /proc");
+            fs::write(proc_dir(pid).join("net/tcp"), table).expect("fake tcp table");
+        }
+        fs::write(proc_dir(1).join("net/dev"), "").expect("net/dev");
+        fs::hard_link(proc_dir(1).join("net/dev"), proc_dir(2).join("net/dev")).expect("link");
+        fs::write(proc_dir(3).join("net/dev"), "").expect("net/dev");
+        let denied = |pid: u32| netns::NetnsError::Stat {
+            path: proc_dir(pid).join("ns/net"),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let mut read = HashSet::new();
+        let outcomes: Vec<&str> = [1, 2, 3]
+            .iter()
+            .map(|&pid| match read_denied_netns(&denied(pid), &mut read) {
+                Denied::Read(rows) if rows.len() == 1 => "read",
+                Denied::Read(_) => "read, wrong rows",
+                Denied::AlreadyRead => "already read",
+                Denied::Gone => "gone",
+                Denied::Unreadable => "unreadable",
+            })
+            .collect();
+        let _ = fs::remove_dir_all(&root);
+        assert_eq!(outcomes, ["read", "already read", "read"]);
+    }
+}
