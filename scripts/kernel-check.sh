@@ -156,16 +156,12 @@ say "test binaries built in $(secs "$t_build" "$(now)") s"
 out=$cache/out/$release
 rm -rf "$out" && mkdir -p "$out"
 # Writes part results as "RESULT NAME SECONDS DETAIL" to $out/parts; the host judges them.
-cat >"$out/guest.sh" <<EOF
-#!/bin/bash
-set -u
-out=$out
-repo=$repo
-it=$it
-probe_dir=$probe_dir
-soak_rate=$soak_rate
-full=$full
-EOF
+{
+  echo '#!/bin/bash'
+  echo 'set -u'
+  printf 'out=%q\nrepo=%q\nit=%q\nprobe_dir=%q\nsoak_rate=%q\nfull=%q\n' \
+    "$out" "$repo" "$it" "$probe_dir" "$soak_rate" "$full"
+} >"$out/guest.sh"
 cat >>"$out/guest.sh" <<'EOF'
 exec >>"$out/guest.log" 2>&1
 echo "booted $(uname -r) $(cat /proc/uptime | cut -d' ' -f1)" >"$out/booted"
