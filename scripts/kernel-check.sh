@@ -197,8 +197,8 @@ part "$([ $rc -eq 0 ] && echo ok || echo FAIL) demo $(( $(date +%s) - start )) e
 # the host's network and nothing of the kernel; the scale tests take minutes each under
 # emulation and measure the product, not the kernel (KERNEL_CHECK_FULL=1 runs them too).
 start=$(date +%s)
-skip=(--skip package::)
-skipped="package tests (no kernel in them)"
+skip=(--skip package:: --skip image::)
+skipped="package and container-image tests (no kernel in them; podman runs on the host)"
 if [ "$full" != 1 ]; then
   skip+=(--skip bench_smoke:: --skip faults::a_full_map_of_65535_entries
     --skip identity::identity_read_against_a_key_walk_at_scale --skip sweep::sweep_deletes_the_incidents_7325)
