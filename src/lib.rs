@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod diag;
 pub mod guard;
+pub mod holder;
 pub mod identity;
 pub mod key;
 pub mod lookup;

@@ -4,6 +4,7 @@ mod audit;
 mod bench_smoke;
 mod daemon;
 mod faults;
+mod holders;
 mod identity;
 mod inventory;
 mod lab;
