@@ -1,10 +1,11 @@
 //! Who keeps a stale entry's dead socket alive: the holding process and its pod, the
 //! listener's accept queue, or the kernel.
 //!
-//! Run only when an observation has stale entries: [`scan`] maps the stale sockets' inodes to
-//! the processes holding them (the `iter/task_file` program, else `/proc/*/fd`), [`kubepods`]
-//! reads each holder's pod and container from its cgroup path, and [`class`] decides each
-//! entry's [`HolderClass`]. [`summarize`] counts them for the report's "stale by holder".
+//! [`diagnose`] runs only when an observation has stale entries: [`scan`] maps the stale
+//! sockets' inodes (from identity) to the processes holding them (the `iter/task_file`
+//! program, else `/proc/*/fd`), [`kubepods`] reads each holder's pod and container from its
+//! cgroup path, and [`class`] decides each entry's [`HolderClass`]. [`summarize`] counts them
+//! for the report's "stale by holder".
 
 pub mod class;
 pub mod kubepods;
@@ -15,9 +16,13 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use class::{classify, HolderClass, Search, SocketFacts, UnknownHolder};
+use crate::identity::HeldSocket;
+use crate::key::RawKey;
+use crate::observation::Observation;
+
+pub use class::{classify, Classified, HolderClass, Search, SocketFacts, UnknownHolder};
 pub use kubepods::PodCgroup;
-pub use scan::{HolderScan, HolderSource, ScanMethod};
+pub use scan::{HolderScan, HolderSource, ScanInfo, ScanMethod};
 
 /// One process holding a socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,7 +53,7 @@ impl fmt::Display for Holder {
 /// Why one stale entry's socket is alive, and who holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnosis {
-    pub class: HolderClass,
+    pub classified: Classified,
     /// For `app-keeps-fd`: every process holding the socket (a forked child shares it).
     pub holders: Vec<Holder>,
 }
@@ -65,28 +70,94 @@ impl Diagnosis {
         };
         let search = match scan {
             _ if !holders.is_empty() => Search::Found,
-            Some(scan) if scan.complete => Search::NoneFound,
+            Some(scan) if scan.info.complete => Search::NoneFound,
             _ => Search::Incomplete,
         };
-        let class = classify(socket, search);
+        let classified = classify(socket, search);
         Diagnosis {
-            holders: if class == HolderClass::AppKeepsFd {
+            holders: if classified.class == HolderClass::AppKeepsFd {
                 holders
             } else {
                 Vec::new()
             },
-            class,
+            classified,
         }
+    }
+
+    pub fn class(&self) -> HolderClass {
+        self.classified.class
     }
 
     /// The report's holder column: the first holder (and how many more), or the class.
     pub fn column(&self) -> String {
         match self.holders.as_slice() {
-            [] => self.class.label().to_string(),
+            [] => self.class().to_string(),
             [one] => one.to_string(),
             [first, rest @ ..] => format!("{first} (+{} more)", rest.len()),
         }
     }
+}
+
+/// What the kernel says about a held socket, as the holder class weighs it.
+pub fn facts(h: &HeldSocket) -> SocketFacts {
+    SocketFacts {
+        inode: h.inode,
+        orphaned: h.orphaned,
+    }
+}
+
+/// Who keeps each stale entry of one observation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaleHolders {
+    /// One per stale entry.
+    pub by_key: HashMap<RawKey, Diagnosis>,
+    /// How the holders were searched; `None` when no stale socket had a file to search for
+    /// (identity off, or only accept-queue and orphaned sockets).
+    pub scan: Option<ScanInfo>,
+}
+
+impl StaleHolders {
+    pub fn of(&self, raw: &RawKey) -> Option<&Diagnosis> {
+        self.by_key.get(raw)
+    }
+}
+
+/// Names who keeps each stale entry of `o` (in [`Observation::holders`]); does nothing when
+/// it has none. Never fails: what the search could not see is `holder-unknown`.
+pub fn diagnose(o: &mut Observation, source: &mut HolderSource) {
+    let stale: Vec<(RawKey, Option<SocketFacts>)> = o
+        .entries
+        .iter()
+        .filter(|e| e.verdict.is_stale())
+        .map(|e| (e.raw, e.held.as_ref().map(facts)))
+        .collect();
+    if stale.is_empty() {
+        o.holders = None;
+        return;
+    }
+    let wanted: HashSet<u64> = stale
+        .iter()
+        .filter_map(|(_, f)| f.filter(|f| f.inode != 0 && !f.orphaned))
+        .map(|f| f.inode)
+        .collect();
+    let scan = (!wanted.is_empty()).then(|| source.scan(&wanted));
+    let by_key = stale
+        .into_iter()
+        .map(|(raw, f)| (raw, Diagnosis::of(f, scan.as_ref())))
+        .collect();
+    if let Some(info) = scan.as_ref().map(|s| &s.info) {
+        tracing::debug!(
+            method = info.method.label(),
+            complete = info.complete,
+            inodes = wanted.len(),
+            ms = info.took.as_millis(),
+            "holders searched"
+        );
+    }
+    o.holders = Some(StaleHolders {
+        by_key,
+        scan: scan.map(|s| s.info),
+    });
 }
 
 /// One process in the "stale by holder" summary.
@@ -111,8 +182,8 @@ impl fmt::Display for HolderProcess {
 /// "Stale by holder": stale entries counted per class, per holding process and per pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct HolderSummary {
-    /// Per class label, in [`HolderClass::ALL`] order; classes with no entry left out.
-    pub by_class: Vec<(&'static str, usize)>,
+    /// Per class, in [`HolderClass::ALL`] order; classes with no entry left out.
+    pub by_class: Vec<(HolderClass, usize)>,
     /// The processes holding the most stale entries, most first (ties by pid).
     pub top_processes: Vec<(HolderProcess, usize)>,
     /// The pods whose processes hold the most stale entries, most first (ties by UID).
@@ -125,11 +196,11 @@ pub fn summarize<'a>(
     diagnoses: impl IntoIterator<Item = &'a Diagnosis>,
     top: usize,
 ) -> HolderSummary {
-    let mut classes: HashMap<&'static str, usize> = HashMap::new();
+    let mut classes: HashMap<HolderClass, usize> = HashMap::new();
     let mut processes: BTreeMap<HolderProcess, usize> = BTreeMap::new();
     let mut pods: BTreeMap<String, usize> = BTreeMap::new();
     for d in diagnoses {
-        *classes.entry(d.class.label()).or_default() += 1;
+        *classes.entry(d.class()).or_default() += 1;
         let mut entry_processes = HashSet::new();
         let mut entry_pods = HashSet::new();
         for h in &d.holders {
@@ -151,7 +222,7 @@ pub fn summarize<'a>(
     HolderSummary {
         by_class: HolderClass::ALL
             .iter()
-            .filter_map(|c| classes.get(c.label()).map(|n| (c.label(), *n)))
+            .filter_map(|c| classes.get(c).map(|n| (*c, *n)))
             .collect(),
         top_processes: top_n(processes, top),
         top_pods: top_n(pods, top),
@@ -193,10 +264,12 @@ mod tests {
         }
         HolderScan {
             holders: by_inode,
-            method: ScanMethod::Iterator,
-            complete,
-            notes: Vec::new(),
-            took: std::time::Duration::ZERO,
+            info: ScanInfo {
+                method: ScanMethod::Iterator,
+                complete,
+                notes: Vec::new(),
+                took: std::time::Duration::ZERO,
+            },
         }
     }
 
@@ -206,35 +279,43 @@ mod tests {
         let full = scan(true, &[(10, nginx.clone())]);
         let partial = scan(false, &[(10, nginx.clone())]);
         let facts = |inode, orphaned| Some(SocketFacts { inode, orphaned });
-        let unknown = HolderClass::HolderUnknown;
+        use HolderClass::*;
+        use UnknownHolder::*;
         let table = [
-            (facts(10, false), Some(&full), HolderClass::AppKeepsFd, 1),
-            (facts(10, false), Some(&partial), HolderClass::AppKeepsFd, 1),
+            (facts(10, false), Some(&full), AppKeepsFd, None, 1),
+            (facts(10, false), Some(&partial), AppKeepsFd, None, 1),
             (
                 facts(11, false),
                 Some(&full),
-                unknown(UnknownHolder::NotInThisPidNamespace),
+                HolderUnknown,
+                Some(NotInThisPidNamespace),
                 0,
             ),
             (
                 facts(11, false),
                 Some(&partial),
-                unknown(UnknownHolder::SearchIncomplete),
+                HolderUnknown,
+                Some(SearchIncomplete),
                 0,
             ),
             (
                 facts(10, false),
                 None,
-                unknown(UnknownHolder::SearchIncomplete),
+                HolderUnknown,
+                Some(SearchIncomplete),
                 0,
             ),
-            (facts(0, false), Some(&full), HolderClass::AcceptQueue, 0),
-            (facts(0, true), None, HolderClass::KernelOrphan, 0),
-            (None, Some(&full), unknown(UnknownHolder::NoIdentity), 0),
+            (facts(0, false), Some(&full), AcceptQueue, None, 0),
+            (facts(0, true), None, KernelOrphan, None, 0),
+            (None, Some(&full), HolderUnknown, Some(NoIdentity), 0),
         ];
-        for (socket, scan, class, holders) in table {
+        for (socket, scan, class, unknown, holders) in table {
             let d = Diagnosis::of(socket, scan);
-            assert_eq!((d.class, d.holders.len()), (class, holders), "{socket:?}");
+            assert_eq!(
+                (d.classified, d.holders.len()),
+                (Classified { class, unknown }, holders),
+                "{socket:?}"
+            );
         }
         let d = Diagnosis::of(facts(10, false), Some(&full));
         assert_eq!(d.column(), "pid 4242 nginx, pod 7c1e3f4a…");
@@ -249,22 +330,26 @@ mod tests {
         let nginx = holder(4242, "nginx", Some(UID));
         let child = holder(4243, "nginx", Some(UID));
         let java = holder(99, "java", None);
-        let app = |hs: Vec<Holder>| Diagnosis {
-            class: HolderClass::AppKeepsFd,
-            holders: hs,
+        let diagnosis = |class, holders| Diagnosis {
+            classified: Classified {
+                class,
+                unknown: None,
+            },
+            holders,
         };
+        let app = |hs: Vec<Holder>| diagnosis(HolderClass::AppKeepsFd, hs);
         let diagnoses = [
             app(vec![nginx.clone()]),
             app(vec![nginx.clone(), child.clone()]),
             app(vec![nginx.clone()]),
             app(vec![java.clone()]),
-            Diagnosis {
-                class: HolderClass::AcceptQueue,
-                holders: vec![],
-            },
+            diagnosis(HolderClass::AcceptQueue, vec![]),
         ];
         let s = summarize(&diagnoses, 2);
-        assert_eq!(s.by_class, [("app-keeps-fd", 4), ("accept-queue", 1)]);
+        assert_eq!(
+            s.by_class,
+            [(HolderClass::AppKeepsFd, 4), (HolderClass::AcceptQueue, 1)]
+        );
         let procs: Vec<(u32, usize)> = s.top_processes.iter().map(|(p, n)| (p.pid, *n)).collect();
         assert_eq!(
             procs,

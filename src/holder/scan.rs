@@ -62,6 +62,12 @@ impl ScanMethod {
 pub struct HolderScan {
     /// Holders per inode, for the inodes asked about that some process holds.
     pub holders: HashMap<u64, Vec<Holder>>,
+    pub info: ScanInfo,
+}
+
+/// How a holder search went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanInfo {
     pub method: ScanMethod,
     /// Whether every process was looked at.
     pub complete: bool,
@@ -184,12 +190,15 @@ impl HolderSource {
                         .iter()
                         .filter(|r| wanted.contains(&r.inode))
                         .map(|r| (r.inode, r.tgid, r.fd, comm_of(&r.comm)));
+                    let holders = self.describe(found);
                     return HolderScan {
-                        holders: self.describe(found),
-                        method: ScanMethod::Iterator,
-                        complete: true,
-                        notes,
-                        took: start.elapsed(),
+                        holders,
+                        info: ScanInfo {
+                            method: ScanMethod::Iterator,
+                            complete: true,
+                            notes,
+                            took: start.elapsed(),
+                        },
                     };
                 }
                 Err(e) => notes.push(e),
@@ -212,12 +221,15 @@ impl HolderSource {
             .into_iter()
             .map(|(inode, pid, fd)| (inode, pid, fd, read_comm(&self.proc_root, pid)))
             .collect();
+        let holders = self.describe(with_comm);
         HolderScan {
-            holders: self.describe(with_comm),
-            method: ScanMethod::Procfs,
-            complete: denied == 0,
-            notes,
-            took: start.elapsed(),
+            holders,
+            info: ScanInfo {
+                method: ScanMethod::Procfs,
+                complete: denied == 0,
+                notes,
+                took: start.elapsed(),
+            },
         }
     }
 
@@ -382,8 +394,8 @@ mod tests {
         fs::create_dir_all(proc.0.join("self")).unwrap();
         let wanted: HashSet<u64> = [555, 999].into();
         let scan = HolderSource::procfs_only(&proc.0).scan(&wanted);
-        assert_eq!(scan.method, ScanMethod::Procfs);
-        assert!(scan.complete, "{:?}", scan.notes);
+        assert_eq!(scan.info.method, ScanMethod::Procfs);
+        assert!(scan.info.complete, "{:?}", scan.info.notes);
         assert_eq!(
             scan.holders.len(),
             1,
@@ -406,7 +418,7 @@ mod tests {
     fn a_denied_fd_directory_makes_the_scan_incomplete_not_failed() {
         // Root reads a mode-000 directory anyway: a missing /proc stands in for the denial.
         let scan = HolderSource::procfs_only("/nonexistent-smgc-proc").scan(&[1].into());
-        assert!(!scan.complete);
+        assert!(!scan.info.complete);
         assert!(scan.holders.is_empty());
         let proc = FakeProc::new("denied");
         proc.process(5, "app", "/", &[(3, "socket:[1]")]);
@@ -415,7 +427,7 @@ mod tests {
         let scan = HolderSource::procfs_only(&proc.0).scan(&[1].into());
         fs::set_permissions(&fd_dir, fs::Permissions::from_mode(0o755)).unwrap();
         // As root the directory is still read; as a user it is denied and counted.
-        assert_eq!(scan.complete, scan.holders.contains_key(&1));
+        assert_eq!(scan.info.complete, scan.holders.contains_key(&1));
     }
 
     #[test]

@@ -71,17 +71,17 @@ fn the_holder_iterator_and_the_procfs_scan_name_the_leaky_server_and_its_pod() {
 
     let by_iterator = HolderSource::new("/proc").scan(&inodes);
     assert_eq!(
-        by_iterator.method,
+        by_iterator.info.method,
         ScanMethod::Iterator,
         "this kernel runs iter/task_file (KERNEL-FACTS): {:?}",
-        by_iterator.notes
+        by_iterator.info.notes
     );
-    assert!(by_iterator.complete);
+    assert!(by_iterator.info.complete);
     let by_procfs = HolderSource::procfs_only("/proc").scan(&inodes);
     assert!(
-        by_procfs.complete,
+        by_procfs.info.complete,
         "root reads every fd: {:?}",
-        by_procfs.notes
+        by_procfs.info.notes
     );
     for inode in &inodes {
         let holders = &by_iterator.holders[inode];
@@ -102,8 +102,8 @@ fn the_holder_iterator_and_the_procfs_scan_name_the_leaky_server_and_its_pod() {
         "holders on the real kernel: {} socket inodes of pid {} found by the iterator in {:?} and by /proc in {:?}: {}",
         inodes.len(),
         server.pid(),
-        by_iterator.took,
-        by_procfs.took,
+        by_iterator.info.took,
+        by_procfs.info.took,
         by_iterator.holders.values().next().map(|h| h[0].to_string()).unwrap_or_default()
     ));
 }
