@@ -167,15 +167,34 @@ pub struct HolderProcess {
     pub comm: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+impl HolderProcess {
+    fn of(h: &Holder) -> HolderProcess {
+        HolderProcess {
+            pid: h.pid,
+            comm: h.comm.clone(),
+            pod_uid: h.pod.as_ref().map(|p| p.pod_uid.clone()),
+            container_id: h
+                .pod
+                .as_ref()
+                .and_then(|p| p.container.as_ref())
+                .map(|c| c.id.clone()),
+        }
+    }
 }
 
 impl fmt::Display for HolderProcess {
+    /// `pid 4242 nginx (pod UID, container ID)`, in full: the line to paste into a ticket.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "pid {} {}", self.pid, self.comm)?;
-        if let Some(uid) = &self.pod_uid {
-            write!(f, " (pod {uid})")?;
+        match (&self.pod_uid, &self.container_id) {
+            (Some(uid), Some(id)) => write!(f, " (pod {uid}, container {id})"),
+            (Some(uid), None) => write!(f, " (pod {uid})"),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -204,13 +223,8 @@ pub fn summarize<'a>(
         let mut entry_processes = HashSet::new();
         let mut entry_pods = HashSet::new();
         for h in &d.holders {
-            let uid = h.pod.as_ref().map(|p| p.pod_uid.clone());
-            entry_processes.insert(HolderProcess {
-                pid: h.pid,
-                comm: h.comm.clone(),
-                pod_uid: uid.clone(),
-            });
-            entry_pods.extend(uid);
+            entry_processes.insert(HolderProcess::of(h));
+            entry_pods.extend(h.pod.as_ref().map(|p| p.pod_uid.clone()));
         }
         for p in entry_processes {
             *processes.entry(p).or_default() += 1;
