@@ -10,6 +10,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioTimer;
 use prometheus_client::encoding::{prometheus_text, EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,6 +24,7 @@ use sockmap_gc::report::Summary;
 use sockmap_gc::sweep::{Interrupted, SweepReport};
 use sockmap_gc::verdict::VerdictKind;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// `verdict`, and for stale entries `held_by`, their holder class (only the class, never a pod
 /// or pid: the series stay bounded). Stale entries exist only split by class, so a sum over
@@ -328,9 +330,28 @@ impl Metrics {
     }
 }
 
-/// Answers `GET /metrics` on `listener` until the task is dropped.
+/// Connections served at once. A scrape is one short request; more connections wait in the
+/// kernel's accept queue, where they cost the daemon no memory.
+const MAX_CONNECTIONS: usize = 4;
+/// A client that has not sent its whole request head by then is dropped, so idle and
+/// half-sent connections do not keep the few slots from the scrapes and probes.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most one connection is kept, keep-alive included: a scraper that stalls holds one slot
+/// for this long at most.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// hyper's smallest read buffer: a request head is well under a kilobyte.
+const READ_BUFFER: usize = 8192;
+
+/// Answers `GET /metrics` on `listener` until the task is dropped. At most
+/// [`MAX_CONNECTIONS`] at once: the listener is on the pod IP in Kubernetes, and a
+/// connection flood must delay a scrape, never cost the daemon its memory.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first, then accept: the excess stays in the kernel's queue.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -347,13 +368,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(READ_BUFFER)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // A scraper that stalls holds one task, not the daemon; bound it.
-            match tokio::time::timeout(Duration::from_secs(30), conn).await {
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
                 Err(_) => tracing::debug!("metrics connection timed out"),
                 Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
