@@ -337,10 +337,15 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
         "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
     );
     let daemon = Daemon::start(&config);
+    // Stale entries by holder class: the planted sockets are this test process's fds.
     let counted = sys::wait_until(Duration::from_secs(15), || {
-        daemon.metric("sockmap_gc_entries{verdict=\"stale\"}") == Some(3.0)
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}") == Some(3.0)
     });
     assert!(counted, "stale count never reached 3:\n{}", daemon.log());
+    assert_eq!(
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"holder-unknown\"}"),
+        Some(0.0)
+    );
     let n = daemon.sweeps();
     daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
     for k in stale.iter().chain(&live) {
