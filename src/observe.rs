@@ -305,6 +305,7 @@ pub fn observe(
         unreadable: sockets.unreadable,
         per_netns: sockets.per_netns,
         took: started.elapsed(),
+        holders: None,
     })
 }
 

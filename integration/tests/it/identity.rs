@@ -97,6 +97,10 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
             "held socket's own remote end is A: {key}"
         );
         assert_eq!(h.state, TcpState::Established, "{key}");
+        assert!(
+            h.inode != 0 && !h.orphaned,
+            "a peer's fd refers to it: {key}"
+        );
         let owner = sockets
             .iter()
             .find(|s| s.local == h.local && s.remote == h.remote)
@@ -149,6 +153,14 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
             h.local.port()
         ));
         assert_eq!(h.state, TcpState::Close, "reset, fd kept: TCP_CLOSE");
+        assert!(
+            h.inode != 0 && !h.orphaned,
+            "the server's kept fd still refers to it: {h:?}"
+        );
+        assert!(
+            [0, libc::ECONNRESET].contains(&h.error),
+            "the reset, unless the server's read took it: {h:?}"
+        );
         assert_eq!(h.local.port(), 0, "unhashed: its local port reads 0");
         assert!(
             !sockets
