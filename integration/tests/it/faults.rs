@@ -359,7 +359,8 @@ impl Hidden {
         let script = format!(
             "ip link set lo up; exec 3<&0; \
              setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer server --port 7000 --bind 127.0.0.1 --max-life 120s <&3 & \
-             sleep 0.3; exec setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer client --connect 127.0.0.1:7000 --hold --count 1 --max-life 120s"
+             i=0; until ss -Hltn 'sport = :7000' | grep -q . || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done; \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer client --connect 127.0.0.1:7000 --hold --count 1 --max-life 120s"
         );
         let mut child = Command::new("unshare")
             .args(["--net", "--", "sh", "-c", &script])
