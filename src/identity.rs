@@ -8,8 +8,9 @@
 //!   syscall per key. It needs only direct BTF reads and `bpf_get_socket_cookie`, which a
 //!   kernel in lockdown's confidentiality mode allows.
 //! - `compare_and_delete` deletes an entry from inside the kernel only while it holds the
-//!   socket with the cookie that was judged stale, closing the window a delete by key leaves
-//!   between the last check and the delete. It references the sockhash itself, so it is
+//!   socket with the cookie that was judged stale and that socket is still stale (closed, or
+//!   with ends other than the key's), closing the window a delete by key leaves between the
+//!   last check and the delete: a socket that reconnects to the key's tuple is kept. It references the sockhash itself, so it is
 //!   loaded once per map (its fd replaces the object's `held` map before load).
 //!
 //! The sockhash iterator is no snapshot: it restarts its current hash bucket after each read,
@@ -70,18 +71,19 @@ const _: () = assert!(mem::size_of::<CadRecord>() == 56);
 /// `struct cad_target`: the value of the program's `targets` map.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-struct CadTarget {
+struct TargetRecord {
     cookie: u64,
     outcome: i32,
-    pad: u32,
+    /// CAD_LOCAL_ONLY for an L7-proxy entry.
+    flags: u32,
 }
-const _: () = assert!(mem::size_of::<CadTarget>() == 16);
+const _: () = assert!(mem::size_of::<TargetRecord>() == 16);
 
 /// Plain integers only, so every byte pattern is a valid value.
 trait Record: Copy {}
 impl Record for IdentityRecord {}
 impl Record for CadRecord {}
-impl Record for CadTarget {}
+impl Record for TargetRecord {}
 
 /// The compiled BPF object (the skeleton embeds the same bytes).
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap_identity.bpf.o"));
@@ -95,6 +97,9 @@ const CAD_BATCH: usize = 8192;
 const CAD_PENDING: i32 = 0;
 const CAD_DELETED: i32 = 1;
 const CAD_COOKIE_CHANGED: i32 = 2;
+const CAD_NOT_STALE: i32 = 3;
+/// `struct cad_target` flag: compare only the local end (an L7-proxy entry).
+const CAD_LOCAL_ONLY: u32 = 1;
 
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
@@ -128,6 +133,27 @@ pub struct Identities {
     pub entries: Vec<(RawKey, HeldSocket)>,
 }
 
+/// One entry for in-kernel compare-and-delete: deleted only if it still holds the socket
+/// judged stale and that socket is still stale (closed, or with ends other than the key's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub key: RawKey,
+    /// The cookie of the socket judged stale.
+    pub cookie: u64,
+    /// An L7-proxy entry (its A side is the gateway): only the local end is compared.
+    pub local_only: bool,
+}
+
+impl Target {
+    pub fn new(key: RawKey, cookie: u64) -> Target {
+        Target {
+            key,
+            cookie,
+            local_only: false,
+        }
+    }
+}
+
 /// How an in-kernel compare-and-delete of one target ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CadOutcome {
@@ -135,6 +161,9 @@ pub enum CadOutcome {
     Deleted,
     /// The entry holds another socket now; it was kept.
     CookieChanged,
+    /// The entry holds the judged socket, but that socket is alive with the key's ends now
+    /// (it reconnected to the key's tuple): the verdict no longer holds, it was kept.
+    NotStale,
     /// The iteration never met the key: the entry was gone already.
     Gone,
     /// The delete failed with this errno; the entry was kept.
@@ -365,7 +394,7 @@ impl IdentitySource {
     pub fn compare_and_delete(
         &mut self,
         map: &SockMap,
-        targets: &[(RawKey, u64)],
+        targets: &[Target],
     ) -> Result<Option<Vec<(RawKey, CadOutcome)>>, IdentityError> {
         let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
             return Ok(None);
@@ -485,7 +514,8 @@ impl IdentityReader {
     }
 
     /// Deletes each target's entry from inside the kernel only if it still holds the socket
-    /// with the given cookie. One outcome per target, in order. A key given twice is handled
+    /// with the given cookie and that socket is still stale (closed, or with ends other than
+    /// the key's: a socket that reconnected to the key's tuple is kept). One outcome per target, in order. A key given twice is handled
     /// in a later pass the second time (it is then `Gone` if the first pass deleted it).
     ///
     /// Fails with [`IdentityError::CompareAndDeleteRefused`] when the kernel refuses the
@@ -493,7 +523,7 @@ impl IdentityReader {
     pub fn compare_and_delete(
         &mut self,
         map: &SockMap,
-        targets: &[(RawKey, u64)],
+        targets: &[Target],
     ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
         if targets.is_empty() {
             return Ok(Vec::new());
@@ -594,11 +624,11 @@ fn attach_refused(map: &SockMap, e: &libbpf_rs::Error) -> IdentityError {
 }
 
 /// Splits targets into passes of at most CAD_BATCH distinct keys, in order.
-fn chunks(targets: &[(RawKey, u64)]) -> Vec<&[(RawKey, u64)]> {
+fn chunks(targets: &[Target]) -> Vec<&[Target]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut keys = std::collections::HashSet::new();
-    for (i, (key, _)) in targets.iter().enumerate() {
+    for (i, Target { key, .. }) in targets.iter().enumerate() {
         if keys.len() == CAD_BATCH || !keys.insert(*key) {
             out.push(&targets[start..i]);
             start = i;
@@ -615,7 +645,7 @@ fn cad_pass(
     program: &libbpf_rs::ProgramMut<'_>,
     table: &libbpf_rs::Map<'_>,
     map: &SockMap,
-    chunk: &[(RawKey, u64)],
+    chunk: &[Target],
 ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
     let id = map.id();
     let fill_error = |e: libbpf_rs::Error| IdentityError::Targets {
@@ -633,13 +663,13 @@ fn cad_pass(
         error: format!("{} targets in one pass", chunk.len()),
     })?;
     let mut keys = Vec::with_capacity(chunk.len() * KEY_LEN);
-    let mut values = Vec::with_capacity(chunk.len() * mem::size_of::<CadTarget>());
-    for (key, cookie) in chunk {
-        keys.extend_from_slice(&key.0);
-        let value = CadTarget {
-            cookie: *cookie,
+    let mut values = Vec::with_capacity(chunk.len() * mem::size_of::<TargetRecord>());
+    for target in chunk {
+        keys.extend_from_slice(&target.key.0);
+        let value = TargetRecord {
+            cookie: target.cookie,
             outcome: CAD_PENDING,
-            pad: 0,
+            flags: if target.local_only { CAD_LOCAL_ONLY } else { 0 },
         };
         values.extend_from_slice(record_bytes(&value));
     }
@@ -660,7 +690,7 @@ fn cad_pass(
     let mut met: HashMap<RawKey, i32> =
         records.iter().map(|r| (RawKey(r.key), r.outcome)).collect();
     let mut results = Vec::with_capacity(chunk.len());
-    for (key, _) in chunk {
+    for Target { key, .. } in chunk {
         // A record lost to a read boundary still left its outcome in the target.
         let code = match met.remove(key) {
             Some(code) => code,
@@ -686,7 +716,7 @@ fn stored_outcome(
             error: format!("{e:#}"),
         })?;
     match value {
-        Some(bytes) => Ok(parse_records::<CadTarget>(map_id, &bytes)?
+        Some(bytes) => Ok(parse_records::<TargetRecord>(map_id, &bytes)?
             .first()
             .map_or(CAD_PENDING, |t| t.outcome)),
         None => Ok(CAD_PENDING),
@@ -698,6 +728,7 @@ fn outcome(map_id: u32, key: &RawKey, code: i32) -> Result<CadOutcome, IdentityE
         CAD_PENDING => Ok(CadOutcome::Gone),
         CAD_DELETED => Ok(CadOutcome::Deleted),
         CAD_COOKIE_CHANGED => Ok(CadOutcome::CookieChanged),
+        CAD_NOT_STALE => Ok(CadOutcome::NotStale),
         // Removed between the lookup and the delete: gone by itself.
         n if n == -libc::ENOENT => Ok(CadOutcome::Gone),
         n if n < 0 => Ok(CadOutcome::Failed(-n)),
@@ -934,6 +965,7 @@ mod tests {
         assert_eq!(outcome(1, &k, 0).unwrap(), CadOutcome::Gone);
         assert_eq!(outcome(1, &k, 1).unwrap(), CadOutcome::Deleted);
         assert_eq!(outcome(1, &k, 2).unwrap(), CadOutcome::CookieChanged);
+        assert_eq!(outcome(1, &k, 3).unwrap(), CadOutcome::NotStale);
         assert_eq!(outcome(1, &k, -libc::ENOENT).unwrap(), CadOutcome::Gone);
         assert_eq!(
             outcome(1, &k, -libc::EBUSY).unwrap(),
@@ -949,12 +981,16 @@ mod tests {
             k[..4].copy_from_slice(&i.to_be_bytes());
             RawKey(k)
         };
-        let many: Vec<(RawKey, u64)> = (0..(CAD_BATCH as u32 * 2 + 5))
-            .map(|i| (key(i), 1))
+        let many: Vec<Target> = (0..(CAD_BATCH as u32 * 2 + 5))
+            .map(|i| Target::new(key(i), 1))
             .collect();
         let sizes: Vec<usize> = chunks(&many).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![CAD_BATCH, CAD_BATCH, 5]);
-        let repeated = [(key(1), 1), (key(2), 2), (key(1), 3)];
+        let repeated = [
+            Target::new(key(1), 1),
+            Target::new(key(2), 2),
+            Target::new(key(1), 3),
+        ];
         let sizes: Vec<usize> = chunks(&repeated).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![2, 1]);
     }

@@ -15,10 +15,10 @@ use serde::Serialize;
 
 use crate::audit::{self, Filter, Observation, ObserveError, Sockets};
 use crate::guard::{self, GuardSettings, Plan};
-use crate::identity::{CadOutcome, IdentitySource};
+use crate::identity::{CadOutcome, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::{DeleteOutcome, SockMap};
-use crate::verdict::{classify, HeldView, Verdict};
+use crate::verdict::{classify, has_key_ends, is_proxy_key, HeldView, Verdict};
 
 /// Everything a sweep needs besides the map, validated once.
 #[derive(Debug, Clone)]
@@ -272,8 +272,8 @@ struct Deleter<'a> {
     map: &'a SockMap,
     identity: &'a mut IdentitySource,
     trail: Option<&'a mut Trail>,
-    /// Re-checked entries waiting for compare-and-delete: key, held cookie, verdict.
-    pending: Vec<(RawKey, u64, Verdict)>,
+    /// Re-checked entries waiting for compare-and-delete, with their verdicts.
+    pending: Vec<(Target, Verdict)>,
     /// When the first of `pending` was queued.
     pending_since: Instant,
 }
@@ -296,6 +296,11 @@ impl Deleter<'_> {
             Outcome::AlreadyGone => {
                 report.already_gone.push(raw);
                 "already-gone"
+            }
+            Outcome::NotStale => {
+                tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the held socket has the key's ends now");
+                report.spared.push(raw);
+                "spared-not-stale-now"
             }
             Outcome::HoldsAnother => {
                 tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the entry holds another socket now");
@@ -333,32 +338,34 @@ impl Deleter<'_> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let targets: Vec<(RawKey, u64)> = pending.iter().map(|(k, c, _)| (*k, *c)).collect();
+        let targets: Vec<Target> = pending.iter().map(|(t, _)| *t).collect();
         match self.identity.compare_and_delete(self.map, &targets) {
             Ok(Some(outcomes)) => {
-                for ((raw, _, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
+                for ((target, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
                     let outcome = match outcome {
                         CadOutcome::Deleted => Outcome::Deleted,
                         CadOutcome::Gone => Outcome::AlreadyGone,
                         CadOutcome::CookieChanged => Outcome::HoldsAnother,
+                        CadOutcome::NotStale => Outcome::NotStale,
                         CadOutcome::Failed(errno) => {
                             Outcome::Failed(io::Error::from_raw_os_error(errno).to_string())
                         }
                     };
-                    self.record(report, *raw, verdict, outcome)?;
+                    self.record(report, target.key, verdict, outcome)?;
                 }
             }
             Ok(None) => {
                 // Compare in userspace instead: a fresh read of who each entry holds, then
-                // a delete by key only where it still holds the judged socket.
-                let now: HashMap<RawKey, u64> = match self.identity.read(self.map) {
+                // a delete by key only where it still holds the judged socket and that
+                // socket is still stale (the kernel program's rule).
+                let now: HashMap<RawKey, HeldView> = match self.identity.read(self.map) {
                     Ok(Some(ids)) => ids
                         .entries
-                        .into_iter()
-                        .map(|(k, h)| (k, h.cookie))
+                        .iter()
+                        .map(|(k, h)| (*k, audit::held_view(h)))
                         .collect(),
                     Ok(None) | Err(_) => {
-                        for (raw, _, verdict) in &pending {
+                        for (Target { key: raw, .. }, verdict) in &pending {
                             let why =
                                 "not deleted: the held socket could not be read again".to_string();
                             self.record(report, *raw, verdict, Outcome::Failed(why))?;
@@ -366,16 +373,24 @@ impl Deleter<'_> {
                         return Ok(());
                     }
                 };
-                for (raw, cookie, verdict) in &pending {
-                    match now.get(raw) {
-                        None => self.record(report, *raw, verdict, Outcome::AlreadyGone)?,
-                        Some(c) if c == cookie => self.delete_by_key(report, *raw, verdict)?,
-                        Some(_) => self.record(report, *raw, verdict, Outcome::HoldsAnother)?,
-                    }
+                for (target, verdict) in &pending {
+                    let raw = target.key;
+                    let outcome = match now.get(&raw) {
+                        None => Outcome::AlreadyGone,
+                        Some(h) if h.cookie != target.cookie => Outcome::HoldsAnother,
+                        Some(h) if !h.closed && still_owner(&raw, h, target.local_only) => {
+                            Outcome::NotStale
+                        }
+                        Some(_) => {
+                            self.delete_by_key(report, raw, verdict)?;
+                            continue;
+                        }
+                    };
+                    self.record(report, raw, verdict, outcome)?;
                 }
             }
             Err(e) => {
-                for (raw, _, verdict) in &pending {
+                for (Target { key: raw, .. }, verdict) in &pending {
                     self.record(report, *raw, verdict, Outcome::Failed(e.to_string()))?;
                 }
             }
@@ -384,10 +399,17 @@ impl Deleter<'_> {
     }
 }
 
+/// Whether the held socket has the ends `raw` files it under: the verdict no longer holds.
+fn still_owner(raw: &RawKey, held: &HeldView, local_only: bool) -> bool {
+    SockKey::decode(raw).is_ok_and(|key| has_key_ends(&key, held, local_only))
+}
+
 enum Outcome {
     Deleted,
     AlreadyGone,
     HoldsAnother,
+    /// The held socket has the key's ends now (it reconnected to the key's tuple).
+    NotStale,
     Failed(String),
 }
 
@@ -447,7 +469,16 @@ fn delete_phase(
             if deleter.pending.is_empty() {
                 deleter.pending_since = Instant::now();
             }
-            deleter.pending.push((raw, h.cookie, verdict));
+            let local_only =
+                SockKey::decode(&raw).is_ok_and(|key| is_proxy_key(&key, &settings.gateways));
+            deleter.pending.push((
+                Target {
+                    key: raw,
+                    cookie: h.cookie,
+                    local_only,
+                },
+                verdict,
+            ));
             if deleter.pending.len() >= CAD_BATCH
                 || deleter.pending_since.elapsed() >= CAD_MAX_DELAY
             {

@@ -352,15 +352,26 @@ pub fn classify(
         Ok(key) => key,
         Err(e) => return Verdict::Unknown(UnknownReason::Undecodable(e.clone())),
     };
-    let proxy = evidence
-        .gateways
-        .iter()
-        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip());
+    let proxy = is_proxy_key(key, evidence.gateways);
     match held {
         Some(held) => by_identity(key, held, proxy, evidence),
         None if proxy => proxy_by_tuple(key, evidence),
         None => by_tuple(key, evidence),
     }
+}
+
+/// Whether `key` is one of Cilium's L7-proxy entries: its A side is a gateway address.
+pub fn is_proxy_key(key: &SockKey, gateways: &[IpAddr]) -> bool {
+    gateways
+        .iter()
+        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip())
+}
+
+/// Whether the held socket has exactly the ends `key` files it under (for an L7-proxy entry,
+/// the local end alone). The in-kernel compare-and-delete applies the same rule
+/// (bpf/sockmap_identity.bpf.c, `has_key_ends`).
+pub fn has_key_ends(key: &SockKey, held: &HeldView, proxy: bool) -> bool {
+    unmap(held.local) == unmap(key.local) && (proxy || unmap(held.remote) == unmap(key.remote))
 }
 
 fn proxy_by_tuple(key: &SockKey, evidence: &Evidence<'_>) -> Verdict {
@@ -400,9 +411,7 @@ fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<
         return Verdict::Stale(StaleReason::HeldClosed);
     }
     let index = evidence.sockets;
-    let local_matches = unmap(held.local) == unmap(key.local);
-    let remote_matches = proxy || unmap(held.remote) == unmap(key.remote);
-    if !local_matches || !remote_matches {
+    if !has_key_ends(key, held, proxy) {
         let ends = Box::new(Ends {
             local: held.local,
             remote: held.remote,
