@@ -4,7 +4,12 @@
 //! `sockmap-gc sweep --execute` without a rate limit, the product's peak RSS, the manual
 //! remedy (`bpftool map dump`, `ss -tn` in every namespace, `bpftool map delete` per stale
 //! key), and the kernel's own cost (one sockmap iterator read plus one sock_diag dump per
-//! namespace). docs/BENCHMARKS.md has the figures and how to run it.
+//! namespace). With `--hung`, the hung-request benchmark instead ([`hung`]): requests hung
+//! and stale-entry lifetimes under the incident's load, without a collector, with full sweeps
+//! only and with the shipped config. docs/BENCHMARKS.md has the figures and how to run it.
+
+#[path = "bench/hung.rs"]
+mod hung;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -22,6 +27,8 @@ use sockmap_gc::key::{RawKey, SockKey, KEY_LEN};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns;
 use sockmap_gc_lab::peer::bulk::BulkClient;
+use sockmap_gc_lab::peer::child::churn::parse_port_range;
+use sockmap_gc_lab::peer::child::{churn::parse_share, parse_duration};
 use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
 /// Cilium's map size (`SOCKOPS_MAP_SIZE`) and the incident's stale entries.
@@ -82,11 +89,35 @@ struct Args {
     /// Lab id (names its namespaces smgc-ID-*, cgroup and pin directory)
     #[arg(long, default_value = "bench")]
     id: String,
+    /// The hung-request benchmark instead: the same load with no collector, the daemon's
+    /// full sweeps only, and the shipped config (with --smoke: 8 s each)
+    #[arg(long)]
+    hung: bool,
+    /// --hung: how long each collector's run lasts
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    hung_duration: Duration,
+    /// --hung: requests started per second
+    #[arg(long, default_value_t = 50)]
+    hung_rate: u32,
+    /// --hung: node-side client ports, cycled (within the lab's reserved 40000-49999)
+    #[arg(long, default_value = "41000-41199", value_parser = parse_port_range)]
+    hung_ports: (u16, u16),
+    /// --hung: share of requests that reset after their reply instead of closing
+    #[arg(long, default_value = "0.1", value_parser = parse_share)]
+    reset_share: f64,
+    /// --hung: how long a request waits for its reply before it counts as hung
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    hung_timeout: Duration,
+    /// --hung: how often the map is read to time the stale entries' lifetimes
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    hung_poll: Duration,
 }
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
-    if args.smoke {
+    if args.smoke && args.hung {
+        args.hung_duration = Duration::from_secs(8);
+    } else if args.smoke {
         args.entries = vec![1000];
         args.pods = 5;
         args.runs = 1;
@@ -138,6 +169,9 @@ fn run(args: &Args) -> Result<()> {
     }
     println!("machine    {}", machine());
     println!("product    {}", product.display());
+    if args.hung {
+        return run_hung(args, &product, &peer_bin);
+    }
     let mut results = Vec::new();
     for &entries in &args.entries {
         interrupt::check()?;
@@ -147,6 +181,31 @@ fn run(args: &Args) -> Result<()> {
     println!("\n{}", markdown(&results));
     if let Some(path) = &args.json {
         std::fs::write(path, json(&results))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_hung(args: &Args, product: &Path, peer_bin: &Path) -> Result<()> {
+    let load = hung::Load {
+        duration: args.hung_duration,
+        rate: args.hung_rate,
+        ports: args.hung_ports,
+        reset_share: args.reset_share,
+        timeout: args.hung_timeout,
+        poll: args.hung_poll,
+    };
+    if !(40_000..=49_999).contains(&load.ports.0) || !(40_000..=49_999).contains(&load.ports.1) {
+        bail!(
+            "--hung-ports must lie within the lab's reserved {}",
+            sockmap_gc_lab::FIXED_PORTS
+        );
+    }
+    let runs = hung::bench(&args.id, &load, product, peer_bin)?;
+    println!("\n{}", hung::markdown(&load, &runs));
+    if let Some(path) = &args.json {
+        std::fs::write(path, hung::json(&machine(), &load, &runs))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("figures written to {}", path.display());
     }
