@@ -19,6 +19,7 @@ pub mod lookup;
 pub mod map;
 pub mod metrics;
 pub mod netns;
+pub mod pass;
 pub mod procnet;
 pub mod report;
 pub mod sweep;

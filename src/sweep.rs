@@ -129,7 +129,7 @@ impl Trail {
         })
     }
 
-    fn record(
+    pub(crate) fn record(
         &mut self,
         map: &SockMap,
         raw: &RawKey,
@@ -286,35 +286,15 @@ impl Deleter<'_> {
         verdict: &Verdict,
         outcome: Outcome,
     ) -> Result<(), SweepError> {
-        let described = SockKey::decode(&raw).map_or_else(|e| e.to_string(), |k| k.to_string());
-        let label = match &outcome {
-            Outcome::Deleted => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, "deleted stale entry");
-                report.deleted.push(raw);
-                "deleted"
-            }
-            Outcome::AlreadyGone => {
-                report.already_gone.push(raw);
-                "already-gone"
-            }
-            Outcome::NotStale => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the held socket has the key's ends now");
-                report.spared.push(raw);
-                "spared-not-stale-now"
-            }
-            Outcome::HoldsAnother => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the entry holds another socket now");
-                report.spared.push(raw);
-                "spared-holds-another-socket"
-            }
-            Outcome::Failed(e) => {
-                tracing::warn!(key = %raw.to_hex(), entry = %described, error = %e, "delete failed");
-                report.failed.push((raw, e.clone()));
-                "failed"
-            }
-        };
+        outcome.log(&raw, verdict);
+        match &outcome {
+            Outcome::Deleted => report.deleted.push(raw),
+            Outcome::AlreadyGone => report.already_gone.push(raw),
+            Outcome::NotStale | Outcome::HoldsAnother => report.spared.push(raw),
+            Outcome::Failed(e) => report.failed.push((raw, e.clone())),
+        }
         if let Some(t) = self.trail.as_deref_mut() {
-            t.record(self.map, &raw, &verdict.to_string(), label)?;
+            t.record(self.map, &raw, &verdict.to_string(), outcome.label())?;
         }
         Ok(())
     }
@@ -342,16 +322,7 @@ impl Deleter<'_> {
         match self.identity.compare_and_delete(self.map, &targets) {
             Ok(Some(outcomes)) => {
                 for ((target, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
-                    let outcome = match outcome {
-                        CadOutcome::Deleted => Outcome::Deleted,
-                        CadOutcome::Gone => Outcome::AlreadyGone,
-                        CadOutcome::CookieChanged => Outcome::HoldsAnother,
-                        CadOutcome::NotStale => Outcome::NotStale,
-                        CadOutcome::Failed(errno) => {
-                            Outcome::Failed(io::Error::from_raw_os_error(errno).to_string())
-                        }
-                    };
-                    self.record(report, target.key, verdict, outcome)?;
+                    self.record(report, target.key, verdict, Outcome::of(outcome))?;
                 }
             }
             Ok(None) => {
@@ -404,13 +375,59 @@ fn still_owner(raw: &RawKey, held: &HeldView, local_only: bool) -> bool {
     SockKey::decode(raw).is_ok_and(|key| has_key_ends(&key, held, local_only))
 }
 
-enum Outcome {
+/// What became of one delete, shared by sweeps and passes.
+pub(crate) enum Outcome {
     Deleted,
     AlreadyGone,
     HoldsAnother,
     /// The held socket has the key's ends now (it reconnected to the key's tuple).
     NotStale,
     Failed(String),
+}
+
+impl Outcome {
+    pub(crate) fn of(cad: CadOutcome) -> Outcome {
+        match cad {
+            CadOutcome::Deleted => Outcome::Deleted,
+            CadOutcome::Gone => Outcome::AlreadyGone,
+            CadOutcome::CookieChanged => Outcome::HoldsAnother,
+            CadOutcome::NotStale => Outcome::NotStale,
+            CadOutcome::Failed(errno) => {
+                Outcome::Failed(io::Error::from_raw_os_error(errno).to_string())
+            }
+        }
+    }
+
+    /// The trail's `outcome`.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Outcome::Deleted => "deleted",
+            Outcome::AlreadyGone => "already-gone",
+            Outcome::NotStale => "spared-not-stale-now",
+            Outcome::HoldsAnother => "spared-holds-another-socket",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+
+    /// The journal line of a delete that did something, or was kept from it.
+    pub(crate) fn log(&self, raw: &RawKey, verdict: &Verdict) {
+        let described = || SockKey::decode(raw).map_or_else(|e| e.to_string(), |k| k.to_string());
+        match self {
+            Outcome::Deleted => {
+                tracing::info!(key = %raw.to_hex(), entry = %described(), reason = %verdict, "deleted stale entry");
+            }
+            Outcome::AlreadyGone => {}
+            Outcome::NotStale => {
+                tracing::info!(key = %raw.to_hex(), entry = %described(), "spared: the held socket has the key's ends now");
+            }
+            Outcome::HoldsAnother => {
+                tracing::info!(key = %raw.to_hex(), entry = %described(), "spared: the entry holds another socket now");
+            }
+            Outcome::Failed(e) => {
+                tracing::warn!(key = %raw.to_hex(), entry = %described(), error = %e, "delete failed");
+            }
+        }
+    }
 }
 
 fn delete_phase(
