@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::pass::PassReport;
 use crate::report::Summary;
 use crate::sweep::{Interrupted, SweepReport};
 
@@ -68,6 +69,8 @@ pub struct Metrics {
     deletions: Family<OutcomeLabel, Counter>,
     sweeps: Family<ResultLabel, Counter>,
     sweep_duration: Histogram,
+    passes: Family<ResultLabel, Counter>,
+    stale_age: Histogram,
     last_success: Gauge<f64, AtomicU64>,
     guard_trips: Family<GuardLabel, Counter>,
     map_id: Gauge,
@@ -89,6 +92,10 @@ impl Metrics {
             sweeps: Family::default(),
             // 0.25 s .. 512 s: a sweep takes at least confirm_after (1 s by default).
             sweep_duration: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            passes: Family::default(),
+            // 0.25 s .. 1024 s: a pass deletes after confirm_after (1 s by default), a sweep
+            // after its interval.
+            stale_age: Histogram::new(exponential_buckets(0.25, 2.0, 13)),
             last_success: Gauge::default(),
             guard_trips: Family::default(),
             map_id: Gauge::default(),
@@ -112,6 +119,16 @@ impl Metrics {
             "sweep_duration_seconds",
             "How long each sweep took, both observations and the deletes",
             m.sweep_duration.clone(),
+        );
+        registry.register(
+            "passes",
+            "Continuous passes run (one iterator read each), by result",
+            m.passes.clone(),
+        );
+        registry.register(
+            "stale_age_seconds",
+            "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete)",
+            m.stale_age.clone(),
         );
         registry.register(
             "last_success_timestamp_seconds",
@@ -147,6 +164,7 @@ impl Metrics {
         }
         for result in RESULTS {
             m.sweeps.get_or_create_owned(&ResultLabel { result });
+            m.passes.get_or_create_owned(&ResultLabel { result });
         }
         for guard in GUARDS {
             m.guard_trips.get_or_create_owned(&GuardLabel { guard });
@@ -196,6 +214,39 @@ impl Metrics {
                 .as_secs_f64();
             self.last_success.set(secs);
         }
+    }
+
+    /// Records a continuous pass that ran to its report.
+    pub fn record_pass(&self, r: &PassReport) {
+        for (outcome, n) in [
+            ("deleted", r.deleted.len()),
+            ("already_gone", r.already_gone),
+            ("spared", r.spared),
+            ("failed", r.failed),
+        ] {
+            self.deletions
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n as u64);
+        }
+        for (_, age) in &r.deleted {
+            self.stale_age.observe(age.as_secs_f64());
+        }
+        if let Some(hold) = &r.hold {
+            self.trip(hold.guard());
+        }
+        if r.decision.over_cap > 0 {
+            self.trip("max-deletes");
+        }
+        let result = if r.hold.is_some() { "held" } else { "ok" };
+        self.passes.get_or_create(&ResultLabel { result }).inc();
+        self.map_id.set(i64::from(r.map_id));
+    }
+
+    /// Records a continuous pass that failed before its report.
+    pub fn record_pass_error(&self) {
+        self.passes
+            .get_or_create(&ResultLabel { result: "error" })
+            .inc();
     }
 
     /// Records a sweep that failed before its report (no map, say).
@@ -311,6 +362,8 @@ mod tests {
             "sockmap_gc_sweeps_total{result=\"ok\"} 0",
             "sockmap_gc_guard_trips_total{guard=\"map-replaced\"} 0",
             "sockmap_gc_sweep_duration_seconds_count 1",
+            "sockmap_gc_passes_total{result=\"ok\"} 0",
+            "sockmap_gc_stale_age_seconds_count 0",
             "sockmap_gc_last_success_timestamp_seconds 0",
             "sockmap_gc_map_id 0",
             "sockmap_gc_dry_run 1",

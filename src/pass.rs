@@ -15,7 +15,7 @@ use crate::audit::held_view;
 use crate::guard::{GuardSettings, Hold};
 use crate::identity::{IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
-use crate::map::SockMap;
+use crate::map::{MapError, SockMap};
 use crate::sweep::{Outcome, SweepError, Trail};
 use crate::verdict::{is_proxy_key, judge_held, Verdict};
 
@@ -142,14 +142,22 @@ impl PassState {
     }
 }
 
-/// The wait from one pass's start to the next: `interval`, stretched so that passes cost at
-/// most `budget` of one core on average (a pass that took `cpu` waits `cpu / budget`).
-pub fn next_pass_wait(interval: Duration, cpu: Duration, budget: f64) -> Duration {
+/// The wait from one pass's start to the next: `interval`, or `confirm_after` when sooner and
+/// entries await confirmation (the pass that confirms them comes as soon as it may), stretched
+/// so that passes cost at most `budget` of one core on average (a pass that took `cpu` waits
+/// at least `cpu / budget`).
+pub fn next_pass_wait(
+    interval: Duration,
+    awaiting: Option<Duration>,
+    cpu: Duration,
+    budget: f64,
+) -> Duration {
+    let want = awaiting.map_or(interval, |confirm| confirm.min(interval));
     let stretched = cpu.as_secs_f64() / budget.max(f64::MIN_POSITIVE);
-    if stretched > interval.as_secs_f64() {
+    if stretched > want.as_secs_f64() {
         Duration::try_from_secs_f64(stretched).unwrap_or(Duration::MAX)
     } else {
-        interval
+        want
     }
 }
 
@@ -188,6 +196,8 @@ impl PassReport {
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
     #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Trail(#[from] SweepError),
@@ -198,7 +208,9 @@ pub enum PassError {
 }
 
 /// One pass over `map`: read the socket behind every entry, judge, decide with `state`, and
-/// unless it is a dry run delete through compare-and-delete.
+/// unless it is a dry run delete through compare-and-delete. `started` is when the pass was
+/// due to start, the time its judgements are filed under: the caller schedules the next pass
+/// from it, so passes meant to be `confirm_after` apart are.
 pub fn pass(
     map: &SockMap,
     identity: &mut IdentitySource,
@@ -206,8 +218,8 @@ pub fn pass(
     guards: &GuardSettings,
     gateways: &[IpAddr],
     trail: Option<&mut Trail>,
+    started: Instant,
 ) -> Result<PassReport, PassError> {
-    let started = Instant::now();
     let cpu_started = thread_cpu_time();
     let ids = identity.read(map)?.ok_or(PassError::NoIdentity)?;
     let entries: Vec<PassEntry> = ids
@@ -420,14 +432,28 @@ mod tests {
     }
 
     #[test]
-    fn passes_stretch_to_the_cpu_budget() {
+    fn passes_come_sooner_to_confirm_and_stretch_to_the_cpu_budget() {
         let second = Duration::from_secs(1);
-        assert_eq!(next_pass_wait(second, MS(5), 0.01), second);
-        assert_eq!(next_pass_wait(second, MS(10), 0.01), second);
-        assert_eq!(next_pass_wait(second, MS(60), 0.01), MS(6000));
-        assert_eq!(next_pass_wait(second, MS(60), 1.0), second);
+        // (awaiting confirmation, CPU of the pass, wait)
+        let table = [
+            (None, MS(5), second),
+            (None, MS(10), second),
+            (None, MS(60), MS(6000)),
+            (Some(MS(500)), MS(2), MS(500)),
+            (Some(MS(500)), MS(8), MS(800)),
+            (Some(MS(3000)), MS(2), second),
+            (Some(MS(500)), MS(60), MS(6000)),
+        ];
+        for (awaiting, cpu, wait) in table {
+            assert_eq!(
+                next_pass_wait(second, awaiting, cpu, 0.01),
+                wait,
+                "{awaiting:?} {cpu:?}"
+            );
+        }
+        assert_eq!(next_pass_wait(second, None, MS(60), 1.0), second);
         assert_eq!(
-            next_pass_wait(second, Duration::MAX, 0.01),
+            next_pass_wait(second, None, Duration::MAX, 0.01),
             Duration::MAX,
             "never a panic"
         );
