@@ -86,7 +86,7 @@ struct Swept {
 
 /// What a sweep or pass thread hands back.
 enum Done {
-    Sweep(Swept),
+    Sweep(Box<Swept>),
     Pass(Result<(PassReport, PathBuf), PassError>, Instant),
 }
 
@@ -193,7 +193,7 @@ impl Daemon {
                 () = due, if idle => self.start_sweep(),
                 () = maybe(pass_due), if idle => self.start_pass(),
                 Some(done) = self.done_rx.recv() => match done {
-                    Done::Sweep(swept) => self.finish(swept),
+                    Done::Sweep(swept) => self.finish(*swept),
                     Done::Pass(outcome, started) => self.finish_pass(outcome, started),
                 },
                 signal = self.signals.next() => match signal {
@@ -221,10 +221,10 @@ impl Daemon {
                 let started = Instant::now();
                 let outcome = sweep_once(&settings, &stop, &identity);
                 // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(Done::Sweep(Swept {
+                let _ = done.send(Done::Sweep(Box::new(Swept {
                     outcome,
                     took: started.elapsed(),
-                }));
+                })));
             });
         match spawned {
             Ok(_) => self.running = Running::Sweep,
@@ -398,7 +398,7 @@ impl Daemon {
         }
         tracing::info!("{name}: stopping the running sweep or pass between two deletes");
         match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
-            Ok(Some(Done::Sweep(swept))) => self.finish(swept),
+            Ok(Some(Done::Sweep(swept))) => self.finish(*swept),
             Ok(Some(Done::Pass(outcome, started))) => self.finish_pass(outcome, started),
             _ => tracing::warn!(
                 "{name}: the sweep is still observing; leaving without it (no delete is half-done)"
