@@ -87,7 +87,13 @@ struct Swept {
 /// What a sweep or pass thread hands back.
 enum Done {
     Sweep(Box<Swept>),
-    Pass(Result<(PassReport, PathBuf), PassError>, Instant),
+    Pass(Box<Passed>),
+}
+
+/// What a pass thread hands back, and when the pass started.
+struct Passed {
+    outcome: Result<(PassReport, PathBuf), PassError>,
+    started: Instant,
 }
 
 /// What runs now: one at a time.
@@ -194,7 +200,7 @@ impl Daemon {
                 () = maybe(pass_due), if idle => self.start_pass(),
                 Some(done) = self.done_rx.recv() => match done {
                     Done::Sweep(swept) => self.finish(*swept),
-                    Done::Pass(outcome, started) => self.finish_pass(outcome, started),
+                    Done::Pass(passed) => self.finish_pass(*passed),
                 },
                 signal = self.signals.next() => match signal {
                     Some(SIGHUP) => self.reload(),
@@ -247,7 +253,7 @@ impl Daemon {
             .spawn(move || {
                 let outcome = pass_once(&settings, &identity, &state, started);
                 // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(Done::Pass(outcome, started));
+                let _ = done.send(Done::Pass(Box::new(Passed { outcome, started })));
             });
         match spawned {
             Ok(_) => self.running = Running::Pass,
@@ -259,7 +265,7 @@ impl Daemon {
         }
     }
 
-    fn finish_pass(&mut self, outcome: Result<(PassReport, PathBuf), PassError>, started: Instant) {
+    fn finish_pass(&mut self, Passed { outcome, started }: Passed) {
         self.running = Running::Nothing;
         match outcome {
             Ok((report, path)) => {
@@ -399,7 +405,7 @@ impl Daemon {
         tracing::info!("{name}: stopping the running sweep or pass between two deletes");
         match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
             Ok(Some(Done::Sweep(swept))) => self.finish(*swept),
-            Ok(Some(Done::Pass(outcome, started))) => self.finish_pass(outcome, started),
+            Ok(Some(Done::Pass(passed))) => self.finish_pass(*passed),
             _ => tracing::warn!(
                 "{name}: the sweep is still observing; leaving without it (no delete is half-done)"
             ),
