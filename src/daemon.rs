@@ -402,7 +402,10 @@ impl Daemon {
             tracing::info!("{name}: stopping");
             return;
         }
-        tracing::info!("{name}: stopping the running sweep or pass between two deletes");
+        match self.running {
+            Running::Pass => tracing::info!("{name}: stopping after the running pass"),
+            _ => tracing::info!("{name}: stopping the running sweep between two deletes"),
+        }
         match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
             Ok(Some(Done::Sweep(swept))) => self.finish(*swept),
             Ok(Some(Done::Pass(passed))) => self.finish_pass(*passed),

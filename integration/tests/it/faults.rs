@@ -107,7 +107,8 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
     let old_stale = plant(&lab, server.addr(), 41000..41003);
     let config = scratch.config(
         &lab.map_path(),
-        &format!("dry_run = false\n{SLOW}\nconfirm_after = \"5s\""),
+        // Full sweeps only: the continuous pass would delete the old map's keys itself.
+        &format!("dry_run = false\n{SLOW}\nconfirm_after = \"5s\"\npass_interval = \"0s\""),
     );
     // The first sweep starts at once; the next only on SIGUSR1.
     let daemon = Daemon::start(&config);
