@@ -8,6 +8,8 @@
 //! and stale-entry lifetimes under the incident's load, without a collector, with full sweeps
 //! only and with the shipped config. docs/BENCHMARKS.md has the figures and how to run it.
 
+#[path = "bench/daemon.rs"]
+mod daemon;
 #[path = "bench/hung.rs"]
 mod hung;
 
@@ -108,6 +110,10 @@ struct Args {
     /// --hung: how long a request waits for its reply before it counts as hung
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     hung_timeout: Duration,
+    /// After each size's runs, run `sockmap-gc daemon` (the shipped config, a dry run) on its
+    /// map this long and measure its CPU and memory between sweeps (0 skips it)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pass_duration: Duration,
     /// --hung: how often the map is read to time the stale entries' lifetimes
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     hung_poll: Duration,
@@ -289,6 +295,10 @@ struct RunFigures {
     audit_off_rss_kib: u64,
     audit_on: f64,
     audit_on_rss_kib: u64,
+    /// The identity audit selecting no entry (a filter nothing matches): no rows to write.
+    audit_quiet: f64,
+    /// `sockmap-gc --version`: a process start and exit.
+    start: f64,
     sweep: f64,
     sweep_delete_phase: f64,
     sweep_rss_kib: u64,
@@ -310,6 +320,70 @@ struct SizeResult {
     sockets: usize,
     namespaces: usize,
     runs: Vec<RunFigures>,
+    daemon: Option<DaemonFigures>,
+}
+
+/// The daemon between sweeps on one size's map: the continuous passes' cost.
+#[derive(Debug, Clone, Copy)]
+struct DaemonFigures {
+    window: Duration,
+    passes: usize,
+    cpu: Duration,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+}
+
+impl DaemonFigures {
+    fn cpu_share(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.window.as_secs_f64().max(1e-9)
+    }
+}
+
+/// `sockmap-gc daemon` with the shipped config (a dry run) on `map` for `window` after its
+/// first sweep: its CPU (utime+stime), passes (their debug lines) and memory.
+fn measure_daemon(product: &Path, map: &Path, window: Duration) -> Result<DaemonFigures> {
+    let scratch = std::env::temp_dir().join(format!("smgc-bench-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let config = daemon::with_keys(
+        daemon::SHIPPED,
+        &[
+            ("map", format!("\"{}\"", map.display())),
+            ("trail", "\"\"".to_string()),
+            ("metrics_listen", "\"\"".to_string()),
+        ],
+    );
+    let d = daemon::DaemonProc::start(
+        product,
+        &config,
+        &scratch,
+        "passes",
+        &[("RUST_LOG", "info,sockmap_gc::daemon=debug")],
+    )?;
+    if !d.wait_log(Duration::from_secs(120), "sweep ok:") {
+        bail!("the daemon's first sweep did not end well:\n{}", d.log_text());
+    }
+    let passes = |d: &daemon::DaemonProc| d.log_text().matches("pass ok:").count();
+    let (cpu0, n0) = (d.cpu()?, passes(&d));
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        interrupt::check()?;
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (cpu1, n1) = (d.cpu()?, passes(&d));
+    let rss_kib = d.status_kib("VmRSS")?;
+    let peak_rss_kib = d.status_kib("VmHWM")?;
+    let log = d.stop()?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    if log.matches("sweep ok:").count() > 1 || log.contains("failed") {
+        bail!("a sweep or a failure fell in the measured window:\n{log}");
+    }
+    Ok(DaemonFigures {
+        window,
+        passes: n1 - n0,
+        cpu: cpu1.saturating_sub(cpu0),
+        rss_kib,
+        peak_rss_kib,
+    })
 }
 
 fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Result<SizeResult> {
@@ -402,6 +476,14 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
             *secs = m.secs;
             *rss = m.max_rss_kib;
         }
+        // What the audit costs beyond the iterator's read: without its rows (a filter no entry
+        // matches; TEST-NET-1) and a process start alone.
+        f.audit_quiet = measure(
+            product,
+            &["audit", "--map", &map_arg, "--local", "192.0.2.1"],
+        )?
+        .secs;
+        f.start = measure(product, &["--version"])?.secs;
 
         let max_deletes = size.entries.to_string();
         let m = measure(
@@ -465,6 +547,22 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         );
         runs.push(f);
     }
+    let daemon = if args.pass_duration.is_zero() {
+        None
+    } else {
+        interrupt::check()?;
+        let d = measure_daemon(product, &map_path, args.pass_duration)?;
+        println!(
+            "   daemon (shipped config, dry run) over {:.0} s between sweeps: {} passes, {:.3} s CPU ({:.2}% of one core), VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            d.window.as_secs_f64(),
+            d.passes,
+            d.cpu.as_secs_f64(),
+            d.cpu_share() * 100.0,
+            d.rss_kib as f64 / 1024.0,
+            d.peak_rss_kib as f64 / 1024.0
+        );
+        Some(d)
+    };
     drop(clients);
     drop(servers);
     drop(reader);
@@ -476,6 +574,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         sockets,
         namespaces,
         runs,
+        daemon,
     })
 }
 
@@ -769,6 +868,8 @@ struct Medians {
     kernel_diag: f64,
     audit_off: f64,
     audit_on: f64,
+    audit_quiet: f64,
+    start: f64,
     sweep: f64,
     sweep_delete_phase: f64,
     rss_mib: f64,
@@ -794,6 +895,8 @@ impl SizeResult {
             kernel_diag: m(&|r| Some(r.kernel_diag)),
             audit_off: m(&|r| Some(r.audit_off)),
             audit_on: m(&|r| Some(r.audit_on)),
+            audit_quiet: m(&|r| Some(r.audit_quiet)),
+            start: m(&|r| Some(r.start)),
             sweep: m(&|r| Some(r.sweep)),
             sweep_delete_phase: m(&|r| Some(r.sweep_delete_phase)),
             rss_mib: m(&|r| {
@@ -848,6 +951,45 @@ fn markdown(results: &[SizeResult]) -> String {
             m.manual_over_sweep,
         );
     }
+    let _ = writeln!(
+        out,
+        "\n| entries | iterator read | process start | audit on, no rows | audit on | (no rows - start) / read | manual find / audit on |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in results {
+        let m = r.medians();
+        let _ = writeln!(
+            out,
+            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2}× | {:.0}× |",
+            r.size.entries,
+            m.kernel_iter,
+            m.start,
+            m.audit_quiet,
+            m.audit_on,
+            (m.audit_quiet - m.start) / m.kernel_iter,
+            m.manual_over_audit,
+        );
+    }
+    if results.iter().any(|r| r.daemon.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n| entries | daemon window | passes | CPU | of one core | VmRSS | VmHWM |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for r in results {
+            if let Some(d) = &r.daemon {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} s | {} | {:.3} s | {:.2}% | {:.1} MiB | {:.1} MiB |",
+                    r.size.entries,
+                    d.window.as_secs_f64(),
+                    d.passes,
+                    d.cpu.as_secs_f64(),
+                    d.cpu_share() * 100.0,
+                    d.rss_kib as f64 / 1024.0,
+                    d.peak_rss_kib as f64 / 1024.0
+                );
+            }
+        }
+    }
     let _ = write!(
         out,
         "medians over {} run(s) per size (manual remedy: {} run(s))",
@@ -882,7 +1024,7 @@ fn json(results: &[SizeResult]) -> String {
         let m = r.medians();
         let _ = write!(
             out,
-            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"audit_off\": {}, \"audit_on\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
+            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"audit_off\": {}, \"audit_on\": {}, \"audit_quiet\": {}, \"start\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
             r.size.entries,
             r.size.stale,
             r.size.pods,
@@ -894,6 +1036,8 @@ fn json(results: &[SizeResult]) -> String {
             num(m.kernel_diag),
             num(m.audit_off),
             num(m.audit_on),
+            num(m.audit_quiet),
+            num(m.start),
             num(m.sweep),
             num(m.sweep_delete_phase),
             num(m.rss_mib),
@@ -923,7 +1067,25 @@ fn json(results: &[SizeResult]) -> String {
                 opt(f.manual_delete),
             );
         }
-        let _ = writeln!(out, "]}}{}", if i + 1 == results.len() { "" } else { "," });
+        let daemon = r.daemon.map_or_else(
+            || "null".to_string(),
+            |d| {
+                format!(
+                    "{{\"window_seconds\": {}, \"passes\": {}, \"cpu_seconds\": {}, \"cpu_share\": {}, \"rss_kib\": {}, \"peak_rss_kib\": {}}}",
+                    num(d.window.as_secs_f64()),
+                    d.passes,
+                    num(d.cpu.as_secs_f64()),
+                    num(d.cpu_share()),
+                    d.rss_kib,
+                    d.peak_rss_kib
+                )
+            },
+        );
+        let _ = writeln!(
+            out,
+            "],\n     \"daemon\": {daemon}}}{}",
+            if i + 1 == results.len() { "" } else { "," }
+        );
     }
     out.push_str("  ]\n}\n");
     out

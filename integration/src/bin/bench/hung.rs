@@ -17,17 +17,12 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use sockmap_gc::diag::TcpState;
 use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::RawKey;
@@ -35,8 +30,7 @@ use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc_lab::peer::child::churn::{ChurnOpts, ChurnReport};
 use sockmap_gc_lab::{interrupt, sys, Lab, LabConfig};
 
-/// The shipped daemon config, as built into this binary.
-const SHIPPED: &str = include_str!("../../../../config/sockmap-gc.toml");
+use crate::daemon::{self, DaemonProc, SHIPPED};
 const SERVER_PORT: u16 = 8080;
 
 /// The load and how it is watched.
@@ -197,13 +191,16 @@ fn run_one(
     // A fresh leaky server: the previous run's kept sockets, and their entries, went with its
     // predecessor.
     let server = lab.start_server(0, SERVER_PORT, true)?;
+    let label = collector.label();
+    let trail = scratch.join(format!("{label}-trail.jsonl"));
     let daemon = match collector {
         Collector::None => None,
         _ => Some(DaemonProc::start(
             product,
-            collector,
-            &lab.map_path(),
+            &daemon_config(SHIPPED, collector, &lab.map_path(), &trail),
             scratch,
+            label,
+            &[],
         )?),
     };
     let stop = AtomicBool::new(false);
@@ -231,7 +228,7 @@ fn run_one(
         Ok((churn?, lifetimes, cpu))
     })?;
     let daemon = match (daemon, cpu) {
-        (Some(d), Some((cpu, window))) => Some(d.finish(cpu, window)?),
+        (Some(d), Some((cpu, window))) => Some(finish(d, &trail, cpu, window)?),
         _ => None,
     };
     server.stop()?;
@@ -295,167 +292,30 @@ pub fn daemon_config(shipped: &str, collector: Collector, map: &Path, trail: &Pa
         ("metrics_listen", "\"\"".to_string()),
         ("dry_run", "false".to_string()),
     ];
-    let has = |key: &str| shipped.lines().any(|l| is_key_line(l, key));
-    if collector == Collector::FullSweeps && has("pass_interval") {
+    if collector == Collector::FullSweeps && daemon::has_key(shipped, "pass_interval") {
         set.push(("pass_interval", "\"0s\"".to_string()));
     }
-    let mut out = String::new();
-    for line in shipped.lines() {
-        match set.iter().find(|(k, _)| is_key_line(line, k)) {
-            Some((k, v)) => {
-                let _ = writeln!(out, "{k} = {v}");
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    for (k, v) in set.iter().filter(|(k, _)| !has(k)) {
-        let _ = writeln!(out, "{k} = {v}");
-    }
-    out
+    daemon::with_keys(shipped, &set)
 }
 
-fn is_key_line(line: &str, key: &str) -> bool {
-    line.strip_prefix(key)
-        .is_some_and(|rest| rest.trim_start().starts_with('='))
-}
-
-/// The daemon under measurement, with its log in a file.
-struct DaemonProc {
-    child: Child,
-    log: PathBuf,
-    trail: PathBuf,
-}
-
-impl DaemonProc {
-    fn start(
-        product: &Path,
-        collector: Collector,
-        map: &Path,
-        scratch: &Path,
-    ) -> Result<DaemonProc> {
-        let label = collector.label();
-        let config = scratch.join(format!("{label}.toml"));
-        let trail = scratch.join(format!("{label}-trail.jsonl"));
-        let log = scratch.join(format!("{label}.log"));
-        std::fs::write(&config, daemon_config(SHIPPED, collector, map, &trail))
-            .with_context(|| format!("writing {}", config.display()))?;
-        let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(product);
-        cmd.arg("daemon")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        // SAFETY: prctl, sigemptyset and sigprocmask are async-signal-safe, and nothing else
-        // runs between fork and exec. The daemon dies with the bench, and gets SIGTERM and
-        // SIGINT unblocked: the bench blocks them for its own handler (interrupt.rs), and a
-        // child inherits the mask.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-                if libc::sigemptyset(none.as_mut_ptr()) != 0
-                    || libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut())
-                        != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} daemon", product.display()))?;
-        let daemon = DaemonProc { child, log, trail };
-        let started = sys::wait_until(Duration::from_secs(10), || {
-            daemon.log_text().contains("daemon started")
-        });
-        if !started {
-            bail!("the daemon did not start:\n{}", daemon.log_text());
-        }
-        Ok(daemon)
+/// Its peak RSS, its deletions (from its trail), then SIGTERM and the exit.
+fn finish(d: DaemonProc, trail: &Path, cpu: Duration, window: Duration) -> Result<DaemonCost> {
+    let peak_rss_kib = d.status_kib("VmHWM")?;
+    let log = d.stop()?;
+    if log.contains("sweep failed") || log.contains("pass failed") {
+        bail!("the daemon failed during the run:\n{log}");
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// utime + stime so far, every thread's (live and exited) included.
-    fn cpu(&self) -> Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .context("reading the daemon's /proc/PID/stat")?;
-        cpu_of_stat(&stat).context("parsing the daemon's /proc/PID/stat")
-    }
-
-    /// Its peak RSS, then SIGTERM and the exit (killed after 5 s).
-    fn finish(mut self, cpu: Duration, window: Duration) -> Result<DaemonCost> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .context("reading the daemon's /proc/PID/status")?;
-        let peak_rss_kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in the daemon's /proc/PID/status")?;
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).context("pid")?);
-        let _ = kill(pid, Signal::SIGTERM);
-        let exited = sys::wait_until(Duration::from_secs(5), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if !exited {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            bail!("the daemon ignored SIGTERM:\n{}", self.log_text());
-        }
-        let log = self.log_text();
-        if log.contains("sweep failed") || log.contains("pass failed") {
-            bail!("the daemon failed during the run:\n{log}");
-        }
-        let deleted = std::fs::read_to_string(&self.trail)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"outcome\":\"deleted\""))
-            .count();
-        Ok(DaemonCost {
-            cpu,
-            window,
-            peak_rss_kib,
-            deleted,
-        })
-    }
-}
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// utime + stime (fields 14 and 15, in clock ticks) of a `/proc/PID/stat` line. The command
-/// name (field 2) may hold spaces and parentheses: fields are counted after its last `)`.
-fn cpu_of_stat(stat: &str) -> Option<Duration> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = u64::try_from(ticks).ok().filter(|&t| t > 0)?;
-    Some(Duration::from_secs_f64(
-        (utime + stime) as f64 / ticks as f64,
-    ))
+    let deleted = std::fs::read_to_string(trail)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"outcome\":\"deleted\""))
+        .count();
+    Ok(DaemonCost {
+        cpu,
+        window,
+        peak_rss_kib,
+        deleted,
+    })
 }
 
 fn fmt_quantile(q: Option<Quantile>) -> String {
@@ -645,14 +505,18 @@ mod tests {
                 assert_eq!(&value[k], v, "{k} as shipped");
             }
         }
-        // Full sweeps only: the continuous pass off once the key exists.
-        let with_pass = format!("{SHIPPED}pass_interval = \"1s\"\n");
-        let full = daemon_config(&with_pass, Collector::FullSweeps, map, trail);
+        // Full sweeps only: the continuous pass off, where the config has the key.
+        let full = daemon_config(SHIPPED, Collector::FullSweeps, map, trail);
         let value: toml::Table = full.parse().expect("TOML");
         assert_eq!(value["pass_interval"].as_str(), Some("0s"));
-        let shipped = daemon_config(&with_pass, Collector::Shipped, map, trail);
-        let value: toml::Table = shipped.parse().expect("TOML");
-        assert_eq!(value["pass_interval"].as_str(), Some("1s"));
+        let without: String = SHIPPED
+            .lines()
+            .filter(|l| !l.starts_with("pass_interval"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let full = daemon_config(&without, Collector::FullSweeps, map, trail);
+        let value: toml::Table = full.parse().expect("TOML");
+        assert!(value.get("pass_interval").is_none());
         // Absent keys are added; comments mentioning a key are left alone.
         let text = daemon_config("# dry_run = true\n", Collector::Shipped, map, trail);
         assert!(text.starts_with("# dry_run = true\n"));
@@ -687,15 +551,5 @@ mod tests {
         assert!(!old.quantile(0.5).expect("some").at_least);
         assert!(old.quantile(1.0).expect("some").at_least);
         assert_eq!(Lifetimes::default().quantile(0.5), None);
-    }
-
-    #[test]
-    fn cpu_is_read_after_the_command_name() {
-        let stat = "4242 (sock map) gc)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 1000 200 18446744073709551615";
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let cpu = cpu_of_stat(stat).expect("parses");
-        assert!((cpu.as_secs_f64() - 300.0 / ticks).abs() < 1e-9);
-        assert_eq!(cpu_of_stat("garbage"), None);
     }
 }
