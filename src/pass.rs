@@ -11,12 +11,13 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::audit::held_view;
-use crate::guard::{GuardSettings, Hold};
+use crate::deletion::{self, Settled};
+use crate::guard::{GuardSettings, Hold, SettingsError};
 use crate::identity::{IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::{MapError, SockMap};
-use crate::sweep::{Outcome, SweepError, Trail};
+use crate::observation::held_view;
+use crate::sweep::{log_settled, SweepError, Trail};
 use crate::verdict::{is_proxy_key, judge_held, Verdict};
 
 /// One entry as a pass judged it.
@@ -201,6 +202,8 @@ pub enum PassError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Trail(#[from] SweepError),
+    #[error("config: {0}")]
+    Settings(#[from] SettingsError),
     #[error("identity is not in use (off, or refused by this kernel): the continuous pass needs the sockmap iterator; full sweeps continue")]
     NoIdentity,
     #[error("in-kernel compare-and-delete is refused on this kernel: the continuous pass deletes only through it; full sweeps continue")]
@@ -275,16 +278,16 @@ fn delete(
         .compare_and_delete(map, &targets)?
         .ok_or(PassError::NoCompareAndDelete)?;
     for ((target, verdict, age), (_, cad)) in report.decision.delete.iter().zip(outcomes) {
-        let outcome = Outcome::of(cad);
-        outcome.log(&target.key, verdict);
-        match &outcome {
-            Outcome::Deleted => report.deleted.push((target.key, *age)),
-            Outcome::AlreadyGone => report.already_gone += 1,
-            Outcome::NotStale | Outcome::HoldsAnother => report.spared += 1,
-            Outcome::Failed(_) => report.failed += 1,
+        let settled = deletion::after_compare_and_delete(cad);
+        log_settled(&target.key, verdict, &settled);
+        if let (Some(t), Some(label)) = (trail.as_deref_mut(), settled.trail_label()) {
+            t.record(map, &target.key, &verdict.to_string(), &label)?;
         }
-        if let Some(t) = trail.as_deref_mut() {
-            t.record(map, &target.key, &verdict.to_string(), outcome.label())?;
+        match settled {
+            Settled::Deleted => report.deleted.push((target.key, *age)),
+            Settled::AlreadyGone => report.already_gone += 1,
+            Settled::Spared(_) => report.spared += 1,
+            Settled::Failed(_) => report.failed += 1,
         }
     }
     Ok(())

@@ -23,10 +23,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sockmap_gc::diag::TcpState;
 use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::RawKey;
 use sockmap_gc::map::{Access, SockMap};
+use sockmap_gc::socket::TcpState;
 use sockmap_gc_lab::peer::child::churn::{ChurnOpts, ChurnReport};
 use sockmap_gc_lab::{interrupt, sys, Lab, LabConfig};
 
