@@ -138,6 +138,8 @@ struct Daemon {
     identity: Arc<Mutex<Option<(IdentityMode, IdentitySource)>>>,
     /// What the continuous passes carry from one to the next.
     pass_state: Arc<Mutex<PassState>>,
+    /// The last pass failed: further failures are logged at debug.
+    pass_failing: bool,
 }
 
 impl Daemon {
@@ -192,6 +194,7 @@ impl Daemon {
             watchdog,
             identity: Arc::new(Mutex::new(None)),
             pass_state: Arc::new(Mutex::new(PassState::default())),
+            pass_failing: false,
         };
         notify(&[
             NotifyState::Ready,
@@ -281,6 +284,9 @@ impl Daemon {
         self.running = Running::Nothing;
         match outcome {
             Ok((report, path)) => {
+                if std::mem::take(&mut self.pass_failing) {
+                    tracing::info!("passes work again");
+                }
                 self.metrics.record_pass(&report);
                 let line = pass_line(&report, &path);
                 if report.is_quiet() {
@@ -299,7 +305,13 @@ impl Daemon {
             }
             Err(e) => {
                 self.metrics.record_pass_error();
-                tracing::error!("pass failed: {e}");
+                // A missing map fails every pass, once a second: said once, then at debug
+                // (the sweeps say it on their own cadence, and the metric counts each).
+                if std::mem::replace(&mut self.pass_failing, true) {
+                    tracing::debug!("pass failed: {e}");
+                } else {
+                    tracing::error!("pass failed: {e}; said once until a pass works again");
+                }
                 self.schedule_pass(started, false, Duration::ZERO);
             }
         }

@@ -95,7 +95,7 @@ struct Args {
     #[arg(long, default_value = "bench")]
     id: String,
     /// The hung-request benchmark instead: the same load with no collector, the daemon's
-    /// full sweeps only, and the shipped config (with --smoke: 8 s each)
+    /// full sweeps only, and the shipped config (with --smoke: 5 s each)
     #[arg(long)]
     hung: bool,
     /// --hung: how long each collector's run lasts
@@ -114,7 +114,7 @@ struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     hung_timeout: Duration,
     /// After each size's runs, run `sockmap-gc daemon` (the shipped config, a dry run) on its
-    /// map this long and measure its CPU and memory between sweeps (0 skips it)
+    /// map this long and measure its CPU and memory between sweeps (0 skips it; --smoke: 5 s)
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pass_duration: Duration,
     /// --hung: how often the map is read to time the stale entries' lifetimes
@@ -125,8 +125,9 @@ struct Args {
 fn main() -> ExitCode {
     let mut args = Args::parse();
     if args.smoke && args.hung {
-        args.hung_duration = Duration::from_secs(8);
+        args.hung_duration = Duration::from_secs(5);
     } else if args.smoke {
+        args.pass_duration = Duration::from_secs(5);
         args.entries = vec![1000];
         args.pods = 5;
         args.runs = 1;
@@ -360,7 +361,7 @@ fn measure_daemon(product: &Path, map: &Path, window: Duration) -> Result<Daemon
         &config,
         &scratch,
         "passes",
-        &[("RUST_LOG", "info,sockmap_gc::daemon=debug")],
+        &[("RUST_LOG", "info,sockmap_gc::cmd::daemon=debug")],
     )?;
     if !d.wait_log(Duration::from_secs(120), "sweep ok:") {
         bail!(
