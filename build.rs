@@ -1,5 +1,6 @@
-//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c) and generates its
-//! libbpf-rs skeleton into OUT_DIR, where src/identity.rs includes it.
+//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c) and the socket-holder
+//! iterator (bpf/sockmap_holders.bpf.c) and generates their libbpf-rs skeletons into OUT_DIR,
+//! where src/identity.rs and src/holder/scan.rs include them.
 //!
 //! The program is CO-RE against the few kernel types declared in bpf/vmlinux_min.h, so the
 //! build needs clang and the Linux UAPI headers but no /sys/kernel/btf/vmlinux: field offsets
@@ -16,6 +17,11 @@ fn main() {
     skeleton::build(
         &manifest.join("bpf/sockmap_identity.bpf.c"),
         "sockmap_identity",
+        &["-Werror"],
+    );
+    skeleton::build(
+        &manifest.join("bpf/sockmap_holders.bpf.c"),
+        "sockmap_holders",
         &["-Werror"],
     );
     println!(

@@ -22,12 +22,13 @@ use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 
 use sockmap_gc::guard::SettingsError;
+use sockmap_gc::holder::{self, HolderSource};
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
 use sockmap_gc::map::{Access, MapError, SockMap};
-use sockmap_gc::observation::Filter;
+use sockmap_gc::observation::{Filter, Judged};
 use sockmap_gc::observe;
 use sockmap_gc::pass::{self, PassError, PassReport, PassState};
-use sockmap_gc::report::Summary;
+use sockmap_gc::report::{self, Summary};
 use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings, Trail};
 
 use crate::cmd::config::{self, Overrides, Settings};
@@ -140,6 +141,8 @@ struct Daemon {
     pass_state: Arc<Mutex<PassState>>,
     /// The last pass failed: further failures are logged at debug.
     pass_failing: bool,
+    /// The holder search, its iterator loaded at the first sweep with stale entries.
+    holders: Arc<Mutex<HolderSource>>,
 }
 
 impl Daemon {
@@ -195,6 +198,7 @@ impl Daemon {
             identity: Arc::new(Mutex::new(None)),
             pass_state: Arc::new(Mutex::new(PassState::default())),
             pass_failing: false,
+            holders: Arc::new(Mutex::new(HolderSource::new("/proc"))),
         };
         notify(&[
             NotifyState::Ready,
@@ -235,12 +239,13 @@ impl Daemon {
         let settings = Arc::clone(&self.settings);
         let stop = Arc::clone(&self.stop);
         let identity = Arc::clone(&self.identity);
+        let holders = Arc::clone(&self.holders);
         let done = self.done_tx.clone();
         let spawned = std::thread::Builder::new()
             .name("sweep".into())
             .spawn(move || {
                 let started = Instant::now();
-                let outcome = sweep_once(&settings, &stop, &identity);
+                let outcome = sweep_once(&settings, &stop, &identity, &holders);
                 // The receiver is gone only when the daemon is exiting.
                 let _ = done.send(Done::Sweep(Box::new(Swept {
                     outcome,
@@ -341,6 +346,9 @@ impl Daemon {
                 );
                 let line = summary_line(&report, &path, self.wait);
                 tracing::info!("{line}");
+                if let Some(holders) = holders_line(&report) {
+                    tracing::info!("{holders}");
+                }
                 line
             }
             Err(e) => {
@@ -485,6 +493,7 @@ fn sweep_once(
     settings: &Settings,
     stop: &AtomicBool,
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+    holders: &Mutex<HolderSource>,
 ) -> Result<(SweepReport, PathBuf), SweepFailed> {
     let access = if settings.dry_run {
         Access::ReadOnly
@@ -505,7 +514,7 @@ fn sweep_once(
     // One sweep or pass runs at a time, so the lock is never contended.
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
     let source = identity_source(settings, &mut held)?;
-    let report = sweep::sweep(
+    let mut report = sweep::sweep(
         &map,
         &sweep_settings,
         source,
@@ -513,6 +522,10 @@ fn sweep_once(
         trail.as_mut(),
         &mut |_| {},
     )?;
+    // After the deletes, so the search never delays one; a deleted entry's holder still
+    // keeps its socket.
+    let mut holders = holders.lock().unwrap_or_else(|e| e.into_inner());
+    holder::diagnose(&mut report.second, &mut holders);
     Ok((report, map.path().to_path_buf()))
 }
 
@@ -604,6 +617,33 @@ fn pass_line(r: &PassReport, map: &Path) -> String {
         r.cpu.as_millis()
     );
     line
+}
+
+/// One log line per sweep with stale entries naming who keeps them: the counts per holder
+/// class and the top processes and pods.
+fn holders_line(r: &SweepReport) -> Option<String> {
+    let stale: Vec<&Judged> = r
+        .second
+        .entries
+        .iter()
+        .filter(|e| e.verdict.is_stale())
+        .collect();
+    let s = report::stale_by_holder(&r.second, &stale)?;
+    let classes: Vec<String> = s.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let mut line = format!("stale by holder: {}", classes.join(", "));
+    if !s.top_processes.is_empty() {
+        let top: Vec<String> = s
+            .top_processes
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        line += &format!("; top processes: {}", top.join(", "));
+    }
+    if !s.top_pods.is_empty() {
+        let top: Vec<String> = s.top_pods.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        line += &format!("; top pods: {}", top.join(", "));
+    }
+    Some(line)
 }
 
 /// The sweep's one-line summary: the log line and systemd's `STATUS=`.

@@ -424,10 +424,15 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
         "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
     );
     let daemon = Daemon::start(&config);
+    // Stale entries by holder class: the planted sockets are this test process's fds.
     let counted = sys::wait_until(Duration::from_secs(15), || {
-        daemon.metric("sockmap_gc_entries{verdict=\"stale\"}") == Some(3.0)
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}") == Some(3.0)
     });
     assert!(counted, "stale count never reached 3:\n{}", daemon.log());
+    assert_eq!(
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"holder-unknown\"}"),
+        Some(0.0)
+    );
     let n = daemon.sweeps();
     daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
     for k in stale.iter().chain(&live) {
@@ -548,7 +553,7 @@ fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
 }
 
 /// The unit's `CapabilityBoundingSet=` as setpriv spells it: `-all,+sys_admin,...`.
-fn unit_capabilities() -> String {
+pub fn unit_capabilities() -> String {
     let unit = std::fs::read_to_string(unit_file()).expect("read the unit");
     let caps: Vec<String> = unit
         .lines()
@@ -622,6 +627,24 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     evidence(&format!(
         "the daemon with only {caps} (CapEff {eff}) deleted the stale entries"
     ));
+    // The sweep that deleted them named who kept them: the server keeps the reset one's fd.
+    let named = format!("pid {} sockmap-gc-lab", server.pid());
+    let said = sys::wait_until(Duration::from_secs(5), || {
+        daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("stale by holder: app-keeps-fd") && l.contains(&named))
+    });
+    assert!(said, "no holder line naming {named}:\n{}", daemon.log());
+    // Stale entries are exported by holder class (their count is the last sweep's: 0 again
+    // once deleted).
+    let metrics = daemon.scrape();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}")
+        ),
+        "{metrics}"
+    );
     let log = daemon.stop_promptly();
     assert!(
         !log.contains("could not read"),

@@ -7,6 +7,7 @@ mod audit;
 mod bench_smoke;
 mod daemon;
 mod faults;
+mod holders;
 mod identity;
 mod image;
 mod inventory;
