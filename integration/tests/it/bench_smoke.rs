@@ -12,29 +12,7 @@ const BENCH: &str = env!("CARGO_BIN_EXE_sockmap-gc-bench");
 
 #[test]
 fn smoke_mode_builds_a_full_map_measures_and_tears_down() {
-    let dir = std::env::temp_dir().join(format!("smgc-bench-smoke-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let json_path = dir.join("figures.json");
-    let out = Command::new(BENCH)
-        .args(["--smoke", "--id", "it-bench", "--product"])
-        .arg(product())
-        .arg("--peer-bin")
-        .arg(PEER)
-        .arg("--json")
-        .arg(&json_path)
-        .output()
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "bench --smoke failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    evidence(&stdout);
-    let text = std::fs::read_to_string(&json_path).expect("figures written");
-    let _ = std::fs::remove_dir_all(&dir);
-    let figures: Value = serde_json::from_str(&text).expect("figures are JSON");
+    let figures = run_bench(&["--smoke"], "it-bench", "smgc-bench-smoke", "figures.json");
     let sizes = figures["sizes"].as_array().expect("sizes");
     assert_eq!(sizes.len(), 1);
     let size = &sizes[0];
@@ -94,29 +72,12 @@ fn smoke_mode_builds_a_full_map_measures_and_tears_down() {
 
 #[test]
 fn hung_smoke_runs_the_three_collectors_and_the_shipped_config_deletes() {
-    let dir = std::env::temp_dir().join(format!("smgc-bench-hung-smoke-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let json_path = dir.join("hung.json");
-    let out = Command::new(BENCH)
-        .args(["--hung", "--smoke", "--id", "it-hung", "--product"])
-        .arg(product())
-        .arg("--peer-bin")
-        .arg(PEER)
-        .arg("--json")
-        .arg(&json_path)
-        .output()
-        .expect("the bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "bench --hung --smoke failed ({}):\n{stdout}\n{stderr}",
-        out.status
+    let figures = run_bench(
+        &["--hung", "--smoke"],
+        "it-hung",
+        "smgc-bench-hung-smoke",
+        "hung.json",
     );
-    evidence(&stdout);
-    let text = std::fs::read_to_string(&json_path).expect("figures written");
-    let _ = std::fs::remove_dir_all(&dir);
-    let figures: Value = serde_json::from_str(&text).expect("figures are JSON");
     let runs = figures["hung"]["runs"].as_array().expect("runs");
     let collectors: Vec<&str> = runs
         .iter()
@@ -139,4 +100,34 @@ fn hung_smoke_runs_the_three_collectors_and_the_shipped_config_deletes() {
         "{shipped}"
     );
     assert!(!std::path::Path::new("/sys/fs/bpf/smgc-it-hung").exists());
+}
+
+/// Runs the bench in `modes` as lab `id`, its figures written to `json` in a temp dir named
+/// after `dir`; asserts it succeeded and returns the figures.
+fn run_bench(modes: &[&str], id: &str, dir: &str, json: &str) -> Value {
+    let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json_path = dir.join(json);
+    let out = Command::new(BENCH)
+        .args(modes)
+        .args(["--id", id, "--product"])
+        .arg(product())
+        .arg("--peer-bin")
+        .arg(PEER)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("the bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench {} failed ({}):\n{stdout}\n{stderr}",
+        modes.join(" "),
+        out.status
+    );
+    evidence(&stdout);
+    let text = std::fs::read_to_string(&json_path).expect("figures written");
+    let _ = std::fs::remove_dir_all(&dir);
+    serde_json::from_str(&text).expect("figures are JSON")
 }
