@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Lab};
+use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
 
 use crate::rig::{self, Scratch};
 use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, HANG};
@@ -237,31 +237,24 @@ fn plant_for_ports(lab: &Lab, server: SocketAddr, ports: &[u16]) -> Vec<SockKey>
 #[test]
 fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
     let id = "dmn-del";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(
-            &ClientOpts::to(server.addr())
-                .from_port(45000)
-                .from_port(45001),
-        )
-        .expect("hold two connections");
-    let live = live_keys(&lab, &[&held]);
-    let config = write_config(
-        &scratch,
-        &lab,
+    let Running {
+        scratch,
+        lab,
+        server,
+        held,
+        live,
+        daemon,
+    } = running(
+        id,
+        45000,
         "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"200ms\"",
     );
-    let daemon = Daemon::start(&config);
-    daemon.wait_sweeps(1.0, Duration::from_secs(15));
 
     // Planted while it runs: one natural (reset client, busy server), two planted.
     let ok_before = daemon
         .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
         .unwrap_or(0.0);
-    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45010))];
-    stale.extend(plant_for_ports(&lab, server.addr(), &[45020, 45021]));
+    let stale = make_stale(&lab, server.addr(), 45010);
     let planted = Instant::now();
     let gone = sys::wait_until(Duration::from_secs(30), || {
         stale.iter().all(|k| !lab.contains(k))
@@ -322,30 +315,23 @@ fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
 #[test]
 fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say_nothing() {
     let id = "dmn-pass";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(
-            &ClientOpts::to(server.addr())
-                .from_port(45100)
-                .from_port(45101),
-        )
-        .expect("hold two connections");
-    let live = live_keys(&lab, &[&held]);
     // Sweeps an hour apart: after the first, only the passes (the shipped 1 s) can delete. No
     // CPU budget to stretch them (it is unit-tested): under emulation (the 6.1 guest) a pass
     // that loads compare-and-delete takes ~0.4 s of CPU, which the shipped 1% makes 40 s.
-    let config = write_config(
-        &scratch,
-        &lab,
+    let Running {
+        scratch,
+        lab,
+        server,
+        held,
+        live,
+        daemon,
+    } = running(
+        id,
+        45100,
         "dry_run = false\ninterval_min = \"1h\"\ninterval_max = \"1h\"\npass_cpu_budget = 1.0",
     );
-    let daemon = Daemon::start(&config);
-    daemon.wait_sweeps(1.0, Duration::from_secs(15));
 
-    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45110))];
-    stale.extend(plant_for_ports(&lab, server.addr(), &[45120, 45121]));
+    let stale = make_stale(&lab, server.addr(), 45110);
     let planted = Instant::now();
     let gone = sys::wait_until(Duration::from_secs(30), || {
         stale.iter().all(|k| !lab.contains(k))
@@ -767,4 +753,48 @@ fn a_bad_config_at_start_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("rate_limt"), "{stderr}");
     assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+}
+
+/// A lab whose busy server holds two live connections (from `port` and the next), and a daemon
+/// run with `settings` that has finished its first sweep. Fields in the order the tests declared
+/// them as locals, so that they still drop daemon first, scratch dir last.
+struct Running {
+    scratch: Scratch,
+    lab: Lab,
+    server: Server,
+    held: Held,
+    live: HashSet<SockKey>,
+    daemon: Daemon,
+}
+
+fn running(id: &str, port: u16, settings: &str) -> Running {
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(
+            &ClientOpts::to(server.addr())
+                .from_port(port)
+                .from_port(port + 1),
+        )
+        .expect("hold two connections");
+    let live = live_keys(&lab, &[&held]);
+    let daemon = Daemon::start(&write_config(&scratch, &lab, settings));
+    daemon.wait_sweeps(1.0, Duration::from_secs(15));
+    Running {
+        scratch,
+        lab,
+        server,
+        held,
+        live,
+        daemon,
+    }
+}
+
+/// Three stale keys for `server`: one natural (a reset client from `port`), two planted for
+/// `port + 10` and the next.
+fn make_stale(lab: &Lab, server: SocketAddr, port: u16) -> Vec<SockKey> {
+    let mut stale = vec![natural_stale(lab, server, node_end(lab, port))];
+    stale.extend(plant_for_ports(lab, server, &[port + 10, port + 11]));
+    stale
 }
