@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Lab};
+use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
 
 use crate::rig::{read_trail, Daemon, Scratch};
 use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, run_command, PEER};
@@ -38,6 +38,52 @@ fn plant(lab: &Lab, server: SocketAddr, ports: std::ops::Range<u16>) -> Vec<Sock
             key
         })
         .collect()
+}
+
+/// Stale keys for `server`: a natural one (a reset client from `natural`) and planted ones.
+fn make_stale(
+    lab: &Lab,
+    server: SocketAddr,
+    natural: u16,
+    planted: std::ops::Range<u16>,
+) -> Vec<SockKey> {
+    let mut stale = vec![natural_stale(lab, server, sa(lab.node_ip(0), natural))];
+    stale.extend(plant(lab, server, planted));
+    stale
+}
+
+/// The keys the daemon's trail says it deleted.
+fn trail_keys(scratch: &Scratch) -> HashSet<String> {
+    read_trail(&scratch.trail())
+        .into_iter()
+        .map(|t| t.key)
+        .collect()
+}
+
+/// A lab whose busy server holds one live connection from `port`, and a daemon deleting
+/// (sweeps 1 s apart, stale entries confirmed after `confirm_after`) that has finished a sweep.
+/// In the order the tests declare them, so that they drop daemon first, scratch dir last.
+fn running(
+    id: &str,
+    port: u16,
+    confirm_after: &str,
+) -> (Scratch, Lab, Server, Held, HashSet<SockKey>, Daemon) {
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(&ClientOpts::to(server.addr()).from_port(port))
+        .expect("hold");
+    let live = live_keys(&lab, &[&held]);
+    let config = scratch.config(
+        &lab.map_path(),
+        &format!(
+            "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"{confirm_after}\""
+        ),
+    );
+    let daemon = Daemon::start(&config);
+    daemon.wait_more_sweeps(1, Duration::from_secs(20));
+    (scratch, lab, server, held, live, daemon)
 }
 
 /// A sockhash shaped like Cilium's (44-byte keys, 4-byte values), pinned at `path`.
@@ -184,19 +230,7 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
 #[test]
 fn the_map_missing_for_a_while_fails_those_sweeps_and_the_daemon_carries_on() {
     let id = "flt-gone";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(43000))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
-    let config = scratch.config(
-        &lab.map_path(),
-        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
-    let daemon = Daemon::start(&config);
-    daemon.wait_more_sweeps(1, Duration::from_secs(20));
+    let (scratch, lab, server, held, live, daemon) = running(id, 43000, "0s");
     let aside = lab.pin_dir().join("aside");
     std::fs::rename(lab.map_path(), &aside).expect("move the pin aside");
     let missing = Instant::now();
@@ -211,12 +245,7 @@ fn the_map_missing_for_a_while_fails_those_sweeps_and_the_daemon_carries_on() {
         daemon.log()
     );
     // Stale entries appear while it is missing.
-    let mut stale = vec![natural_stale(
-        &lab,
-        server.addr(),
-        sa(lab.node_ip(0), 43010),
-    )];
-    stale.extend(plant(&lab, server.addr(), 43020..43022));
+    let stale = make_stale(&lab, server.addr(), 43010, 43020..43022);
     std::fs::rename(&aside, lab.map_path()).expect("put the pin back");
     let gone = sys::wait_until(Duration::from_secs(30), || {
         stale.iter().all(|k| !lab.contains(k))
@@ -242,10 +271,7 @@ fn the_map_missing_for_a_while_fails_those_sweeps_and_the_daemon_carries_on() {
         "the failure says what is missing and when it tries again: {failure}"
     );
     let want: HashSet<String> = stale.iter().map(hex).collect();
-    let trail: HashSet<String> = read_trail(&scratch.trail())
-        .into_iter()
-        .map(|t| t.key)
-        .collect();
+    let trail = trail_keys(&scratch);
     assert_eq!(trail, want, "only the stale keys were deleted");
     evidence(&format!(
         "map missing: {} sweeps failed with \"{}\"; back after {:.1} s and the {} stale keys deleted",
@@ -403,6 +429,19 @@ impl Drop for Hidden {
     }
 }
 
+/// `sockmap-gc SUBCOMMAND --map <the lab's map>` as the unit runs it: CAP_SYS_ADMIN only.
+fn as_the_unit(subcommand: &str, lab: &Lab) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
+        .args(["--inh-caps=-all", "--ambient-caps=-all"])
+        .arg("--bounding-set=-all,+sys_admin")
+        .arg("--")
+        .arg(product())
+        .args([subcommand, "--map"])
+        .arg(lab.map_path());
+    cmd
+}
+
 #[test]
 fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_kept() {
     let lab = lab("flt-denied", 1);
@@ -412,17 +451,9 @@ fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_ke
     lab.plant(owned).expect("plant");
     let server = lab.start_server(0, 8080, false).expect("server");
     let stale = plant(&lab, server.addr(), 44000..44001);
-    // As the unit runs it: CAP_SYS_ADMIN only. Tuple evidence only, so the hidden
-    // namespace's table is what decides.
+    // As the unit runs it. Tuple evidence only, so the hidden namespace's table is what decides.
     let out = run_command(
-        Command::new("setpriv")
-            .args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
-            .args(["--inh-caps=-all", "--ambient-caps=-all"])
-            .arg("--bounding-set=-all,+sys_admin")
-            .arg("--")
-            .arg(product())
-            .args(["sweep", "--map"])
-            .arg(lab.map_path())
+        as_the_unit("sweep", &lab)
             .args(["--execute", "--confirm-after", "0s", "--identity", "off"])
             .args(["--output", "json"]),
     );
@@ -442,17 +473,7 @@ fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_ke
         "the hidden connection's entry was deleted"
     );
     assert!(!lab.contains(&stale[0]), "{}", out.stdout);
-    let text = run_command(
-        Command::new("setpriv")
-            .args(["--reuid=0", "--regid=0", "--clear-groups", "--no-new-privs"])
-            .args(["--inh-caps=-all", "--ambient-caps=-all"])
-            .arg("--bounding-set=-all,+sys_admin")
-            .arg("--")
-            .arg(product())
-            .args(["audit", "--map"])
-            .arg(lab.map_path())
-            .args(["--identity", "off"]),
-    );
+    let text = run_command(as_the_unit("audit", &lab).args(["--identity", "off"]));
     assert!(
         text.stdout
             .contains("read from /proc/PID/net (namespace file denied)"),
@@ -469,19 +490,7 @@ fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_ke
 #[test]
 fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_sweep() {
     let id = "flt-nsdel";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(45500))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
-    let config = scratch.config(
-        &lab.map_path(),
-        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"200ms\"",
-    );
-    let daemon = Daemon::start(&config);
-    daemon.wait_more_sweeps(1, Duration::from_secs(20));
+    let (scratch, lab, server, held, live, daemon) = running(id, 45500, "200ms");
     let churning = AtomicBool::new(true);
     let names: Vec<String> = (0..4).map(|i| format!("smgc-{id}-x{i}")).collect();
     let mut made = 0usize;
@@ -503,12 +512,12 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
             n
         });
         for i in 0..5u16 {
-            stale.push(natural_stale(
+            stale.extend(make_stale(
                 &lab,
                 server.addr(),
-                sa(lab.node_ip(0), 45510 + i),
+                45510 + i,
+                45520 + 2 * i..45522 + 2 * i,
             ));
-            stale.extend(plant(&lab, server.addr(), 45520 + 2 * i..45522 + 2 * i));
             daemon.wait_more_sweeps(1, Duration::from_secs(30));
         }
         sys::wait_until(Duration::from_secs(30), || {
@@ -544,10 +553,7 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
         "sweeps failed or held while namespaces came and went: {not_ok:?}"
     );
     let want: HashSet<String> = stale.iter().map(hex).collect();
-    let trail: HashSet<String> = read_trail(&scratch.trail())
-        .into_iter()
-        .map(|t| t.key)
-        .collect();
+    let trail = trail_keys(&scratch);
     assert_eq!(trail, want);
     evidence(&format!(
         "namespace churn: {made} namespaces made and deleted during {} sweeps, all ok; {} stale keys deleted, {} live kept",
