@@ -133,6 +133,19 @@ static __always_inline __u64 file_inode(struct sock *sk)
 	return inode ? inode->i_ino : 0;
 }
 
+/* An IPv6 socket's local and remote addresses, as four words each. */
+static __always_inline void v6_ends(struct sock *sk, __u32 *local, __u32 *remote)
+{
+	local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+	local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+	local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+	local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+	remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
+	remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
+	remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
+	remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+}
+
 SEC("iter/sockmap")
 int identity(struct bpf_iter__sockmap *ctx)
 {
@@ -152,17 +165,7 @@ int identity(struct bpf_iter__sockmap *ctx)
 	rec.state = sk->__sk_common.skc_state;
 	rec.cookie = bpf_get_socket_cookie(sk);
 	if (family == AF_INET6) {
-		__u32 *local = (__u32 *)rec.local_addr;
-		__u32 *remote = (__u32 *)rec.remote_addr;
-
-		local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
-		local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
-		local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
-		local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
-		remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
-		remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
-		remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
-		remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+		v6_ends(sk, (__u32 *)rec.local_addr, (__u32 *)rec.remote_addr);
 	} else {
 		*(__u32 *)rec.local_addr = sk->__sk_common.skc_rcv_saddr;
 		*(__u32 *)rec.remote_addr = sk->__sk_common.skc_daddr;
@@ -223,14 +226,7 @@ static __always_inline int has_key_ends(struct sock *sk, const struct raw_key *k
 		mapped_v4(local, sk->__sk_common.skc_rcv_saddr);
 		mapped_v4(remote, sk->__sk_common.skc_daddr);
 	} else if (family == AF_INET6) {
-		local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
-		local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
-		local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
-		local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
-		remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
-		remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
-		remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
-		remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+		v6_ends(sk, local, remote);
 	} else {
 		return 0;
 	}
