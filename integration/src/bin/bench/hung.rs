@@ -31,6 +31,7 @@ use sockmap_gc_lab::peer::child::churn::{ChurnOpts, ChurnReport};
 use sockmap_gc_lab::{interrupt, sys, Lab, LabConfig};
 
 use crate::daemon::{self, DaemonProc, SHIPPED};
+use crate::num;
 const SERVER_PORT: u16 = 8080;
 
 /// The load and how it is watched.
@@ -409,14 +410,6 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
         load.poll.as_millis()
     );
     out
-}
-
-fn num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.6}")
-    } else {
-        "null".to_string()
-    }
 }
 
 fn quantile_json(q: Option<Quantile>) -> String {
