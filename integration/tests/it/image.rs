@@ -128,7 +128,8 @@ fn text(v: &Value, what: &str) -> String {
         .to_string()
 }
 
-fn texts(v: &Value) -> Vec<String> {
+/// The strings of a YAML list (none where it is absent), collected as the caller wants them.
+pub(crate) fn texts<C: FromIterator<String> + Default>(v: &Value) -> C {
     v.as_array()
         .map(|a| {
             a.iter()

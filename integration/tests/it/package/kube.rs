@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::{ok, output, read, repo, target_dir, CONFFILE};
+use crate::image::texts;
 use crate::support::{evidence, product};
 
 /// Kubernetes versions the manifests are validated against: the oldest and the newest that
@@ -73,14 +74,7 @@ fn daemonset() -> Value {
 }
 
 fn strings(v: &Value) -> BTreeSet<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default()
+    texts(v)
 }
 
 #[test]
