@@ -1,7 +1,8 @@
-//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c) and generates its
-//! libbpf-rs skeleton into OUT_DIR, where src/identity.rs includes it.
+//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c) and the event programs
+//! (bpf/sockmap_events.bpf.c), generating their libbpf-rs skeletons into OUT_DIR, where
+//! src/identity.rs and src/events.rs include them.
 //!
-//! The program is CO-RE against the few kernel types declared in bpf/vmlinux_min.h, so the
+//! Both programs are CO-RE against the few kernel types declared in bpf/vmlinux_min.h, so the
 //! build needs clang and the Linux UAPI headers but no /sys/kernel/btf/vmlinux: field offsets
 //! are relocated at load time against the running kernel's BTF.
 
@@ -16,6 +17,11 @@ fn main() {
     skeleton::build(
         &manifest.join("bpf/sockmap_identity.bpf.c"),
         "sockmap_identity",
+        &["-Werror"],
+    );
+    skeleton::build(
+        &manifest.join("bpf/sockmap_events.bpf.c"),
+        "sockmap_events",
         &["-Werror"],
     );
     println!(

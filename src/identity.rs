@@ -190,7 +190,7 @@ impl IdentityError {
     }
 }
 
-fn errno_text(errno: Option<i32>) -> String {
+pub(crate) fn errno_text(errno: Option<i32>) -> String {
     match errno {
         Some(n) => format!(" (errno {n}, {})", errno_name(n)),
         None => String::new(),
@@ -231,7 +231,7 @@ fn load_hint(errno: Option<i32>) -> &'static str {
 
 /// The errno behind a libbpf-rs error. libbpf-rs keeps it inside a `std::io::Error`, whose
 /// text ends in `(os error N)`, and does not expose it otherwise.
-fn errno_of(error: &libbpf_rs::Error) -> Option<i32> {
+pub(crate) fn errno_of(error: &libbpf_rs::Error) -> Option<i32> {
     let text = error.to_string();
     let start = text.rfind("(os error ")? + "(os error ".len();
     let end = start + text[start..].find(')')?;
@@ -384,7 +384,7 @@ impl IdentitySource {
 
 /// libbpf prints its own diagnostics to stderr; an operator sees our one-line error
 /// instead, and the details with `RUST_LOG=libbpf=debug`.
-fn route_libbpf_messages() {
+pub(crate) fn route_libbpf_messages() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |_, msg| {

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod diag;
+pub mod events;
 pub mod guard;
 pub mod identity;
 pub mod key;

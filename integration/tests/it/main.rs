@@ -3,6 +3,7 @@
 mod audit;
 mod bench_smoke;
 mod daemon;
+mod events;
 mod faults;
 mod identity;
 mod inventory;

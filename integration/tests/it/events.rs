@@ -1,0 +1,181 @@
+//! Kernel events on the real kernel: where tracing programs load (Debian 12's 6.1 in the
+//! kernel-check guest), a reset socket in the map and a refused insert are reported as they
+//! happen; where they do not (this project's 6.18 machines), `auto` falls back with a reason.
+//!
+//! `SMGC_EXPECT_EVENTS=1` (set by scripts/kernel-check.sh for its kernels) makes a refusal a
+//! failure; without it a refusal is recorded as a kernel fact and the fallback is checked.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sockmap_gc::events::{monotonic_now, Event, EventWatcher, EventsError, EventsMode, Watching};
+use sockmap_gc::key::SockKey;
+use sockmap_gc_lab::Lab;
+
+use crate::support::{evidence, lab, natural_stale};
+
+fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn expect_events() -> bool {
+    std::env::var("SMGC_EXPECT_EVENTS").is_ok_and(|v| v == "1")
+}
+
+/// Starts the watcher on the lab's map with both programs, or with what `auto` keeps if that
+/// covers `need`; else checks the fallback and returns `None` (a failure under
+/// `SMGC_EXPECT_EVENTS=1`).
+fn watch(
+    lab: &Lab,
+    need: impl Fn(Watching) -> bool,
+) -> Option<(EventWatcher, mpsc::Receiver<Heard>)> {
+    let map_id = lab.map_id().expect("the lab's map has an id");
+    let start = |mode| {
+        let (tx, rx) = mpsc::channel();
+        EventWatcher::start(mode, map_id, move |event| {
+            let _ = tx.send(Heard {
+                event,
+                at: monotonic_now(),
+            });
+        })
+        .map(|w| w.map(|w| (w, rx)))
+    };
+    let refusal = match start(EventsMode::On) {
+        Ok(Some(watched)) => {
+            evidence(&format!(
+                "kernel fact: events: {} watched",
+                watched.0.watching().label()
+            ));
+            return Some(watched);
+        }
+        Ok(None) => panic!("events = on never falls back"),
+        Err(e) => e,
+    };
+    assert!(!expect_events(), "SMGC_EXPECT_EVENTS=1 but: {refusal}");
+    assert!(
+        refusal.is_refusal(),
+        "a refusal, not another failure: {refusal}"
+    );
+    assert!(
+        matches!(refusal, EventsError::Refused { errno: Some(_), .. }),
+        "the refusal names its errno: {refusal}"
+    );
+    // auto keeps what loads, or falls back without an error.
+    match start(EventsMode::Auto) {
+        Ok(Some(watched)) => {
+            let watching = watched.0.watching();
+            evidence(&format!(
+                "kernel fact: events: only {} watched ({refusal})",
+                watching.label()
+            ));
+            need(watching).then_some(watched)
+        }
+        Ok(None) => {
+            evidence(&format!("kernel fact: events refused: {refusal}"));
+            None
+        }
+        Err(e) => panic!("auto falls back without an error, got: {e}"),
+    }
+}
+
+/// An event and when the reader thread handed it over (CLOCK_MONOTONIC).
+struct Heard {
+    event: Event,
+    at: Duration,
+}
+
+/// The first event `pick` accepts within `timeout`, with when it was handed over.
+fn wait_for<T>(
+    rx: &mpsc::Receiver<Heard>,
+    timeout: Duration,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> Option<(T, Duration)> {
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(heard) => {
+                if let Some(t) = pick(&heard.event) {
+                    return Some((t, heard.at));
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+#[test]
+fn events_report_the_reset_socket_that_stays_in_the_map() {
+    let lab = lab("ev-close", 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let Some((watcher, rx)) = watch(&lab, |w| w.closes) else {
+        return;
+    };
+    let node = sa(lab.node_ip(0), 42100);
+    let stale = natural_stale(&lab, server.addr(), node);
+    let seen = wait_for(&rx, Duration::from_secs(2), |e| match e {
+        Event::Closed { socket, at, .. } if socket.key() == Some(stale.encode()) => {
+            Some((*socket, *at))
+        }
+        _ => None,
+    });
+    let ((socket, at), heard) = seen.unwrap_or_else(|| panic!("no close event for {stale}"));
+    let delay = heard.saturating_sub(at);
+    assert_eq!(socket.local, server.addr(), "its own local end");
+    assert_eq!(socket.remote, node, "its own remote end");
+    assert_ne!(socket.cookie, 0);
+    evidence(&format!(
+        "kernel fact: events: close of {stale} heard {} us after the kernel saw it",
+        delay.as_micros()
+    ));
+    // Ordinary closes (both ends close their fds) report nothing of theirs.
+    let outcome = lab
+        .request_from(server.addr(), 42101, Duration::from_secs(2))
+        .expect("client runs");
+    assert!(outcome.is_replied(), "{outcome}");
+    let ordinary = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 42101)).expect("v4");
+    let noisy = wait_for(&rx, Duration::from_millis(300), |e| match e {
+        Event::Closed { socket, .. } if socket.key() == Some(ordinary.encode()) => Some(()),
+        _ => None,
+    });
+    assert!(noisy.is_none(), "an ordinary close is no event");
+    assert_eq!(watcher.lost(), 0);
+    assert!(watcher.is_running());
+}
+
+#[test]
+fn events_report_an_insert_refused_by_a_stale_entry() {
+    let lab = lab("ev-collide", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let Some((watcher, rx)) = watch(&lab, |w| w.collisions) else {
+        return;
+    };
+    let port = 40000;
+    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), port)).expect("v4");
+    lab.plant(stale).expect("plant");
+    let outcome = lab
+        .request_from(server.addr(), port, Duration::from_millis(500))
+        .expect("client runs");
+    assert!(
+        !outcome.is_replied(),
+        "the planted entry hijacks it: {outcome}"
+    );
+    let map_id = lab.map_id().expect("id");
+    let seen = wait_for(&rx, Duration::from_secs(2), |e| match e {
+        Event::Collision {
+            map_id: m,
+            key,
+            socket,
+            ..
+        } if *key == stale.encode() => Some((*m, *socket)),
+        _ => None,
+    });
+    let ((m, socket), _) = seen.unwrap_or_else(|| panic!("no collision event for {stale}"));
+    assert_eq!(m, map_id);
+    // The socket that could not be filed is the new connection's server end.
+    assert_eq!(socket.local, server.addr());
+    assert_eq!(socket.remote, sa(lab.node_ip(0), port));
+    evidence(&format!("kernel fact: events: collision on {stale} heard"));
+    assert_eq!(watcher.lost(), 0);
+}
