@@ -21,6 +21,7 @@ pub mod map;
 pub mod metrics;
 pub mod netns;
 pub mod procnet;
+pub mod react;
 pub mod report;
 pub mod sweep;
 pub mod verdict;
