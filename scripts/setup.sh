@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
-packages=(clang llvm libelf-dev zlib1g-dev pkg-config bpftool iproute2 libbpf-dev linux-libc-dev prometheus systemd groff-base python3-venv binutils time)
+packages=(clang llvm libelf-dev zlib1g-dev pkg-config bpftool iproute2 libbpf-dev linux-libc-dev prometheus python3-yaml systemd groff-base python3-venv binutils time)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -29,7 +29,7 @@ fn unit_file() -> PathBuf {
 /// A config for the lab's map: metrics on an ephemeral loopback port, the trail in `scratch`,
 /// and `extra` lines last (a later duplicate key would be an error, so callers add only new
 /// keys).
-fn write_config(scratch: &Scratch, lab: &Lab, extra: &str) -> PathBuf {
+pub(crate) fn write_config(scratch: &Scratch, lab: &Lab, extra: &str) -> PathBuf {
     let path = scratch.path("sockmap-gc.toml");
     let text = format!(
         "map = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\ntrail = \"{}\"\n{extra}\n",
@@ -41,13 +41,13 @@ fn write_config(scratch: &Scratch, lab: &Lab, extra: &str) -> PathBuf {
 }
 
 /// A running daemon (the shared harness in `rig`) with its metrics listener.
-struct Daemon {
+pub(crate) struct Daemon {
     inner: rig::Daemon,
     metrics: SocketAddr,
 }
 
 impl Daemon {
-    fn start(config: &Path) -> Daemon {
+    pub(crate) fn start(config: &Path) -> Daemon {
         Daemon::with_metrics(rig::Daemon::start(config))
     }
 
@@ -91,7 +91,7 @@ impl Daemon {
         self.inner.wait_line(timeout, pred)
     }
 
-    fn scrape(&self) -> String {
+    pub(crate) fn scrape(&self) -> String {
         let timeout = Duration::from_secs(5);
         let mut stream =
             TcpStream::connect_timeout(&self.metrics, timeout).expect("connect to metrics");
@@ -132,7 +132,7 @@ impl Daemon {
             .sum()
     }
 
-    fn wait_sweeps(&self, at_least: f64, timeout: Duration) -> f64 {
+    pub(crate) fn wait_sweeps(&self, at_least: f64, timeout: Duration) -> f64 {
         let mut n = 0.0;
         sys::wait_until(timeout, || {
             n = self.sweeps();
@@ -151,7 +151,7 @@ impl Daemon {
     }
 
     /// SIGTERM must end the daemon with status 0 within two seconds.
-    fn stop_promptly(self) -> String {
+    pub(crate) fn stop_promptly(self) -> String {
         let (status, took, log) = self.inner.terminate();
         assert!(
             status.success(),

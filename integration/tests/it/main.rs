@@ -1,5 +1,6 @@
 //! Integration tests on the real kernel (run as root): one test binary, one module per area.
 
+mod alerts;
 mod audit;
 mod bench_smoke;
 mod daemon;
