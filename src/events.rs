@@ -23,11 +23,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, RingBufferBuilder};
+use libbpf_rs::{
+    ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, RingBufferBuilder,
+};
 
-use crate::diag::TcpState;
-use crate::identity::{errno_of, errno_text};
+use crate::identity::kind_text;
 use crate::key::{RawKey, SockKey, KEY_LEN};
+use crate::socket::TcpState;
 
 /// The compiled BPF object (build.rs also generates its skeleton; the object is opened
 /// directly so that one or both programs can be left out when the kernel refuses them).
@@ -143,10 +145,10 @@ impl Watching {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
-    #[error("the kernel refused the event program {program}{}: {error}; {hint}", errno_text(*errno))]
+    #[error("the kernel refused the event program {program}{}: {error}; {hint}", kind_text(*kind))]
     Refused {
         program: &'static str,
-        errno: Option<i32>,
+        kind: Option<ErrorKind>,
         error: String,
         hint: &'static str,
     },
@@ -166,14 +168,14 @@ impl EventsError {
     }
 }
 
-fn refusal_hint(errno: Option<i32>) -> &'static str {
-    match errno {
-        Some(libc::EPERM | libc::EACCES) => {
+fn refusal_hint(kind: Option<ErrorKind>) -> &'static str {
+    match kind {
+        Some(ErrorKind::PermissionDenied) => {
             "this kernel (or its security policy) forbids tracing programs (fentry, fexit, \
              tp_btf), or the process lacks CAP_BPF and CAP_PERFMON; the periodic pass still \
              finds stale entries"
         }
-        Some(libc::ESRCH | libc::ENOENT) => {
+        Some(ErrorKind::NotFound) => {
             "this kernel's BTF lacks the traced function (inlined, or renamed); the periodic \
              pass still finds stale entries"
         }
@@ -267,7 +269,7 @@ impl EventWatcher {
                 let _keep = (object, links);
                 while !stopped.load(Ordering::Relaxed) {
                     if let Err(e) = ring.poll(POLL) {
-                        if errno_of(&e) == Some(libc::EINTR) {
+                        if e.kind() == ErrorKind::Interrupted {
                             continue;
                         }
                         tracing::error!(error = %e, "reading kernel events failed; the periodic pass goes on alone");
@@ -368,12 +370,12 @@ fn load(closes: bool, collisions: bool) -> Result<Loaded, EventsError> {
         _ => "on_close and on_update",
     };
     let refused = |e: libbpf_rs::Error, program: &'static str| {
-        let errno = errno_of(&e);
+        let kind = Some(e.kind());
         EventsError::Refused {
             program,
-            errno,
+            kind,
             error: format!("{e:#}"),
-            hint: refusal_hint(errno),
+            hint: refusal_hint(kind),
         }
     };
     let mut open = ObjectBuilder::default()
@@ -584,12 +586,13 @@ mod tests {
         assert_eq!(both.label(), "closes-and-collisions");
         let e = EventsError::Refused {
             program: CLOSE_PROGRAM,
-            errno: Some(libc::EPERM),
+            kind: Some(ErrorKind::PermissionDenied),
             error: "Operation not permitted (os error 1)".into(),
-            hint: refusal_hint(Some(libc::EPERM)),
+            hint: refusal_hint(Some(ErrorKind::PermissionDenied)),
         };
         assert!(e.is_refusal());
-        assert!(e.to_string().contains("EPERM"));
+        assert!(e.to_string().contains("PermissionDenied"));
+        assert!(e.to_string().contains("os error 1"));
         assert!(!EventsError::Ring { error: "x".into() }.is_refusal());
     }
 }

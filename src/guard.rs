@@ -13,8 +13,49 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::audit::{Filter, Observation};
 use crate::key::RawKey;
+use crate::label::labels;
+use crate::observation::{Filter, Observation};
+
+labels! {
+    /// The guards, as the sweep's report lists them and the `guard` label of the metrics
+    /// counts them.
+    pub enum Guard {
+        /// `--execute` not given, or `dry_run = true`.
+        DryRun => "dry-run",
+        /// Stale in two observations `confirm_after` apart.
+        Confirmation => "confirmation",
+        MaxDeletes => "max-deletes",
+        RateLimit => "rate-limit",
+        /// The re-check just before each delete.
+        Recheck => "recheck",
+        /// Nothing is deleted on evidence that cannot be trusted: one of the next four.
+        FailClosed => "fail-closed",
+        IncompleteInventory => "incomplete-inventory",
+        MapReplaced => "map-replaced",
+        InventoryShrank => "inventory-shrank",
+        /// A re-check inventory could not read every namespace: deleting stopped.
+        RecheckIncomplete => "recheck-incomplete",
+    }
+}
+
+/// The longest confirmation wait (or daemon interval) a setting may be. Far beyond any
+/// useful value, and far below what overflows the clock arithmetic
+/// (`interval_max = "500000000000y"` once made the daemon panic computing its next sweep).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A guard setting refused by [`GuardSettings::new`]; the front end (flag or config key)
+/// names the setting, this says what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("must be at least 1; a dry run deletes nothing")]
+    NoDeletes,
+    #[error(
+        "longer than {}, the most any duration here may be",
+        humantime::format_duration(MAX_DURATION)
+    )]
+    ConfirmTooLong,
+}
 
 /// The guards' settings, validated once.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +72,31 @@ pub struct GuardSettings {
     /// in the second (when they held at least [`SHRINK_FLOOR`] in the first). A namespace
     /// that went away takes its sockets with it and does not count.
     pub max_inventory_shrink: f64,
+}
+
+impl GuardSettings {
+    /// The one constructor and validator of the guards, for the command line and the config
+    /// file alike. `rate_limit` 0 is no limit.
+    pub fn new(
+        dry_run: bool,
+        rate_limit: u32,
+        max_deletes: usize,
+        confirm_after: Duration,
+    ) -> Result<GuardSettings, SettingsError> {
+        if max_deletes == 0 {
+            return Err(SettingsError::NoDeletes);
+        }
+        if confirm_after > MAX_DURATION {
+            return Err(SettingsError::ConfirmTooLong);
+        }
+        Ok(GuardSettings {
+            dry_run,
+            rate_limit: NonZeroU32::new(rate_limit),
+            max_deletes,
+            confirm_after,
+            ..GuardSettings::default()
+        })
+    }
 }
 
 /// Below this many sockets a shrinking inventory is ordinary churn, not a blind spot.
@@ -63,11 +129,11 @@ pub enum Hold {
 }
 
 impl Hold {
-    pub fn guard(&self) -> &'static str {
+    pub fn guard(&self) -> Guard {
         match self {
-            Hold::Incomplete { .. } => "incomplete-inventory",
-            Hold::MapReplaced { .. } => "map-replaced",
-            Hold::InventoryShrank { .. } => "inventory-shrank",
+            Hold::Incomplete { .. } => Guard::IncompleteInventory,
+            Hold::MapReplaced { .. } => Guard::MapReplaced,
+            Hold::InventoryShrank { .. } => Guard::InventoryShrank,
         }
     }
 }
@@ -192,9 +258,9 @@ fn hold(first: &Observation, second: &Observation, settings: &GuardSettings) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{Judged, Unreadable};
     use crate::key::SockKey;
     use crate::netns::NetnsId;
+    use crate::observation::{Judged, Unreadable};
     use crate::verdict::{LiveReason, StaleReason, Verdict};
 
     fn entry(port: u16, stale: bool) -> Judged {
@@ -325,7 +391,10 @@ mod tests {
         let second = obs(2, 10, vec![entry(1, true)]);
         let p = plan(&first, &second, &Filter::default(), &settings());
         assert!(p.delete.is_empty());
-        assert_eq!(p.hold.as_ref().map(Hold::guard), Some("map-replaced"));
+        assert_eq!(
+            p.hold.as_ref().map(|h| h.guard().as_str()),
+            Some("map-replaced")
+        );
     }
 
     #[test]
@@ -414,6 +483,37 @@ mod tests {
         ] {
             let s = h.to_string();
             assert!(s.contains("nothing deleted"), "{s}");
+        }
+    }
+
+    /// Each setting and whether it is refused (the command line and the config share it).
+    #[test]
+    fn settings_are_validated_once_for_flags_and_file() {
+        let s = Duration::from_secs;
+        let cases = [
+            (1000, 10_000, s(1), Ok(())),
+            (0, 1, s(0), Ok(())),
+            (1000, 0, s(1), Err(SettingsError::NoDeletes)),
+            (1000, 1, MAX_DURATION, Ok(())),
+            (
+                1000,
+                1,
+                MAX_DURATION + s(1),
+                Err(SettingsError::ConfirmTooLong),
+            ),
+            (1000, 1, Duration::MAX, Err(SettingsError::ConfirmTooLong)),
+        ];
+        for (rate, cap, confirm, want) in cases {
+            let got = GuardSettings::new(false, rate, cap, confirm);
+            assert_eq!(
+                got.as_ref().map(|_| ()),
+                want.as_ref().map(|_| ()),
+                "{rate} {cap} {confirm:?}"
+            );
+            if let Ok(g) = got {
+                assert_eq!(g.rate_limit.map(NonZeroU32::get).unwrap_or(0), rate);
+                assert_eq!(g.max_deletes, cap);
+            }
         }
     }
 }

@@ -1,16 +1,20 @@
 //! sockmap-gc: finds and removes stale entries of Cilium's socket-acceleration sockhash.
 //!
-//! The flow is a pipeline, one module a stage: snapshot the map ([`map`], or [`identity`] with
-//! the socket behind each entry) → inventory live sockets in every network namespace
-//! ([`netns`], [`diag`]; with identity, exact lookups of the tuples that matter, [`lookup`])
-//! → classify ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`]) → report
-//! ([`report`], [`metrics`]). [`audit`] runs one observation through it; [`cli`] is the
-//! command line.
+//! This library is the engine; the `sockmap-gc` binary (`src/main.rs`, `src/cmd/`) puts the
+//! command line, the daemon, its config file and its metrics on top of it. The engine is a
+//! pipeline, one module a stage: snapshot the map ([`map`], or [`identity`] with the socket
+//! behind each entry) → inventory live sockets ([`socket`]) in every network namespace
+//! ([`netns`] finds them and enters each on a worker thread; [`diag`] dumps each one, or, with
+//! identity, [`lookup`] asks for the tuples that matter; both speak sock_diag through
+//! [`netlink`]) → judge ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`],
+//! deciding through [`deletion`], pure) → report ([`report`]). [`observe`] runs one
+//! observation through the first stages into the plain data of [`observation`].
 
-pub mod audit;
-pub mod cli;
-pub mod config;
-pub mod daemon;
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod label;
+
+pub mod deletion;
 pub mod diag;
 pub mod events;
 pub mod guard;
@@ -18,10 +22,13 @@ pub mod identity;
 pub mod key;
 pub mod lookup;
 pub mod map;
-pub mod metrics;
+pub mod netlink;
 pub mod netns;
+pub mod observation;
+pub mod observe;
 pub mod procnet;
 pub mod react;
 pub mod report;
+pub mod socket;
 pub mod sweep;
 pub mod verdict;

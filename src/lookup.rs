@@ -8,20 +8,17 @@
 //! socket lives, so it asks for those alone.
 
 use std::collections::{HashMap, HashSet};
-use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use netlink_packet_core::{NetlinkBuffer, NLMSG_ERROR, NLM_F_REQUEST};
-use netlink_packet_sock_diag::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
+use netlink_packet_core::NLMSG_ERROR;
+use netlink_packet_sock_diag::SOCK_DIAG_BY_FAMILY;
 
-use crate::diag::{self, DiagError, Inventory, LiveSocket, Sink};
-use crate::netns::{discover, NetnsError, NetnsId};
+use crate::diag::{Inventory, Sink};
+use crate::netlink::{self, NetlinkError, EXACT_REQUEST_LEN};
+use crate::netns::{self, discover, NetnsError, NetnsId, WalkError};
+use crate::socket::{unmap, LiveSocket, Tuple};
 
-/// `nlmsghdr` and `struct inet_diag_req_v2`.
-const REQUEST_LEN: usize = 16 + 56;
 /// Room for one reply datagram: an `inet_diag_msg` with the few attributes the kernel adds
 /// unasked is under 200 bytes.
 const SLOT: usize = 1024;
@@ -33,34 +30,22 @@ const REPLY_TRUESIZE: usize = 4096;
 const RECV_BUFFER: libc::c_int = 1 << 20;
 const MIN_BATCH: usize = 8;
 const MAX_BATCH: usize = 256;
-/// `INET_DIAG_NOCOOKIE`: match on the tuple alone.
-const NO_COOKIE: [u8; 8] = [0xff; 8];
 
-/// A connection tuple: the ends a socket has as its own. IPv4-mapped IPv6 addresses are
-/// stored as IPv4, as Cilium's keys hold them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Tuple {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
-
-impl Tuple {
-    pub fn new(local: SocketAddr, remote: SocketAddr) -> Tuple {
-        Tuple {
-            local: unmap(local),
-            remote: unmap(remote),
-        }
-    }
-}
-
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => addr,
-        },
-        SocketAddr::V4(_) => addr,
-    }
+/// Why the lookups in a namespace could not be (fully) answered.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("the kernel refused the sock_diag lookup of local {local} remote {remote}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Refused {
+        local: SocketAddr,
+        remote: SocketAddr,
+        errno: i32,
+    },
+    #[error("cannot list the namespace's addresses (getifaddrs): {0}")]
+    Addresses(nix::Error),
 }
 
 /// Which tuples to look up, and where. Tuples are filed by id and produced by the caller's
@@ -132,7 +117,7 @@ impl<'a> Lookups<'a> {
 #[derive(Debug, Default)]
 pub struct Looked {
     /// The namespaces entered, vanished or failed.
-    pub inventory: Inventory,
+    pub inventory: Inventory<LookupError>,
     /// Requests sent.
     pub asked: usize,
     /// Held sockets' namespaces that no path on the node reaches (say, a namespace only a
@@ -167,7 +152,7 @@ pub fn lookup_node(
         .inspect(|inode| tracing::debug!(netns = %inode, "a held socket's namespace is not reachable from this node's paths; its tuples are not looked up"))
         .count();
     let asked = std::sync::atomic::AtomicUsize::new(0);
-    let mut inventory = diag::walk(
+    let walked = netns::walk(
         &namespaces,
         |ns, _buf| {
             let addresses = if by_address {
@@ -181,17 +166,16 @@ pub fn lookup_node(
         },
         sink,
     );
-    inventory.unreadable = discovery.unreadable;
     Ok(Looked {
-        inventory,
+        inventory: Inventory::walked(walked, discovery.unreadable),
         asked: asked.into_inner(),
         unreached,
     })
 }
 
 /// The addresses on the calling thread's namespace's interfaces.
-fn local_addresses() -> Result<HashSet<IpAddr>, DiagError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(DiagError::Addresses)?;
+fn local_addresses() -> Result<HashSet<IpAddr>, LookupError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(LookupError::Addresses)?;
     Ok(addrs
         .filter_map(|a| {
             let addr = a.address?;
@@ -205,44 +189,42 @@ fn local_addresses() -> Result<HashSet<IpAddr>, DiagError> {
 }
 
 /// Looks up `tuples` in the calling thread's namespace; returns the sockets found.
-fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, DiagError> {
+fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, LookupError> {
     if tuples.is_empty() {
         return Ok(Vec::new());
     }
-    // Created after the setns: a netlink socket belongs to the namespace it was created in.
-    let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
-    socket
-        .connect(&netlink_sys::SocketAddr::new(0, 0))
-        .map_err(DiagError::Socket)?;
-    diag::set_recv_timeout(&socket, diag::RECV_TIMEOUT).map_err(DiagError::Socket)?;
-    let batch = batch_size(&socket);
+    let socket = netlink::open()?;
+    // As many requests per batch as the receive buffer holds replies.
+    let batch = (netlink::grow_recv_buffer(&socket, RECV_BUFFER) / REPLY_TRUESIZE)
+        .clamp(MIN_BATCH, MAX_BATCH);
     let mut slots = vec![0u8; batch * SLOT];
     let mut found = Vec::with_capacity(tuples.len());
     let mut seq = 0u32;
-    let mut request = Vec::with_capacity(batch * REQUEST_LEN);
+    let mut request = Vec::with_capacity(batch * EXACT_REQUEST_LEN);
     for chunk in tuples.chunks(batch) {
         let base = seq.wrapping_add(1);
         request.clear();
         for t in chunk {
             seq = seq.wrapping_add(1);
-            request.extend_from_slice(&exact_request(*t, seq));
+            request.extend_from_slice(&netlink::exact_request(*t, seq));
         }
         // The kernel handles every request of the datagram in this call, in order.
-        socket.send(&request, 0).map_err(DiagError::Send)?;
+        socket.send(&request, 0).map_err(NetlinkError::Send)?;
         let mut answers = Answers::new(base, chunk);
         // Each request gets one reply or one error; anything beyond is not for us.
         for _ in 0..chunk.len() * 2 + 8 {
             if answers.left == 0 {
                 break;
             }
-            for datagram in recv_many(&socket, &mut slots)? {
+            for datagram in netlink::recv_many(&socket, &mut slots, SLOT)? {
                 answers.feed(datagram, netns, &mut found)?;
             }
         }
         if answers.left > 0 {
-            return Err(DiagError::Malformed {
+            return Err(NetlinkError::Malformed {
                 detail: format!("{} of {} lookups got no answer", answers.left, chunk.len()),
-            });
+            }
+            .into());
         }
     }
     Ok(found)
@@ -272,15 +254,10 @@ impl Answers<'_> {
         datagram: &[u8],
         netns: NetnsId,
         found: &mut Vec<LiveSocket>,
-    ) -> Result<(), DiagError> {
-        let mut rest = datagram;
-        while !rest.is_empty() {
-            let msg = NetlinkBuffer::new_checked(rest).map_err(|e| DiagError::Truncated {
-                detail: format!("lookup reply: {e}"),
-            })?;
-            let step = (msg.length() as usize).div_ceil(diag::NLMSG_ALIGN) * diag::NLMSG_ALIGN;
+    ) -> Result<(), LookupError> {
+        for msg in netlink::messages(datagram) {
+            let msg = msg?;
             let index = msg.sequence_number().wrapping_sub(self.base) as usize;
-            rest = rest.get(step..).unwrap_or_default();
             let (Some(tuple), Some(false)) = (
                 self.tuples.get(index).copied(),
                 self.answered.get(index).copied(),
@@ -289,27 +266,22 @@ impl Answers<'_> {
             };
             match msg.message_type() {
                 SOCK_DIAG_BY_FAMILY => {
-                    let socket = diag::parse_socket(msg.payload(), netns)?;
+                    let socket = netlink::parse_socket(msg.payload(), netns)?;
                     // A miss may be answered with the listener on the local port: that
                     // socket does not own the tuple.
                     if Tuple::new(socket.local, socket.remote) == tuple {
                         found.push(socket);
                     }
                 }
-                NLMSG_ERROR => match diag::read_i32(msg.payload()) {
+                NLMSG_ERROR => match netlink::error_code(msg.payload())? {
                     // An acknowledgement, which these requests do not ask for.
-                    Some(0) => continue,
-                    Some(code) if code == -libc::ENOENT => {}
-                    Some(code) => {
-                        return Err(DiagError::Lookup {
+                    0 => continue,
+                    code if code == -libc::ENOENT => {}
+                    code => {
+                        return Err(LookupError::Refused {
                             local: tuple.local,
                             remote: tuple.remote,
                             errno: code.saturating_neg(),
-                        })
-                    }
-                    None => {
-                        return Err(DiagError::Truncated {
-                            detail: "NLMSG_ERROR without an error code".into(),
                         })
                     }
                 },
@@ -324,181 +296,13 @@ impl Answers<'_> {
     }
 }
 
-/// `SOCK_DIAG_BY_FAMILY` without `NLM_F_DUMP`: the kernel looks the tuple up in its hash
-/// tables (`inet_diag_find_one_icsk`) and answers with that socket or `ENOENT`.
-fn exact_request(t: Tuple, seq: u32) -> [u8; REQUEST_LEN] {
-    let mut b = [0u8; REQUEST_LEN];
-    b[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
-    b[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    b[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    b[8..12].copy_from_slice(&seq.to_ne_bytes());
-    let (family, local, remote) = match (t.local.ip(), t.remote.ip()) {
-        (IpAddr::V4(l), IpAddr::V4(r)) => {
-            let (mut local, mut remote) = ([0u8; 16], [0u8; 16]);
-            local[..4].copy_from_slice(&l.octets());
-            remote[..4].copy_from_slice(&r.octets());
-            (AF_INET, local, remote)
-        }
-        (l, r) => (AF_INET6, v6_octets(l), v6_octets(r)),
-    };
-    let r = &mut b[16..];
-    r[0] = family;
-    r[1] = IPPROTO_TCP;
-    r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
-    r[8..10].copy_from_slice(&t.local.port().to_be_bytes());
-    r[10..12].copy_from_slice(&t.remote.port().to_be_bytes());
-    r[12..28].copy_from_slice(&local);
-    r[28..44].copy_from_slice(&remote);
-    r[48..56].copy_from_slice(&NO_COOKIE);
-    b
-}
-
-fn v6_octets(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// How many requests one batch may carry: as many replies as the receive buffer holds.
-fn batch_size(socket: &Socket) -> usize {
-    let fd = socket.as_raw_fd();
-    let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` is a live socket owned by `socket`; the value is a c_int whose size is
-    // passed. A refusal only leaves the default buffer, which the read below measures.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&RECV_BUFFER as *const libc::c_int).cast(),
-            size,
-        )
-    };
-    let mut effective: libc::c_int = 0;
-    let mut len = size;
-    // SAFETY: as above; `effective` and `len` are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&mut effective as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    let bytes = if rc == 0 {
-        usize::try_from(effective).unwrap_or(0)
-    } else {
-        0
-    };
-    (bytes / REPLY_TRUESIZE).clamp(MIN_BATCH, MAX_BATCH)
-}
-
-/// Receives every datagram waiting (at least one, or the receive timeout) in one syscall.
-fn recv_many<'s>(socket: &Socket, slots: &'s mut [u8]) -> Result<Vec<&'s [u8]>, DiagError> {
-    let mut iovecs: Vec<libc::iovec> = slots
-        .chunks_exact_mut(SLOT)
-        .map(|s| libc::iovec {
-            iov_base: s.as_mut_ptr().cast(),
-            iov_len: s.len(),
-        })
-        .collect();
-    let mut headers: Vec<libc::mmsghdr> = iovecs
-        .iter_mut()
-        .map(|iov| {
-            // SAFETY: mmsghdr is a C struct of integers and pointers; all zeroes is a valid
-            // (empty) value.
-            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h
-        })
-        .collect();
-    let count = loop {
-        // SAFETY: every header points at one iovec of `iovecs`, each at its own SLOT-sized
-        // part of `slots`; all outlive the call and none is aliased while it runs.
-        let n = unsafe {
-            libc::recvmmsg(
-                socket.as_raw_fd(),
-                headers.as_mut_ptr(),
-                headers.len() as libc::c_uint,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Err(DiagError::Timeout),
-            _ => return Err(DiagError::Recv(e)),
-        }
-    };
-    let lens: Vec<(usize, bool)> = headers
-        .iter()
-        .take(count)
-        .map(|h| {
-            (
-                h.msg_len as usize,
-                h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
-            )
-        })
-        .collect();
-    drop(headers);
-    drop(iovecs);
-    let mut out = Vec::with_capacity(count);
-    for ((len, truncated), slot) in lens.into_iter().zip(slots.chunks_exact(SLOT)) {
-        if truncated || len > SLOT {
-            return Err(DiagError::Truncated {
-                detail: format!("lookup reply of {len} bytes, slot of {SLOT}"),
-            });
-        }
-        out.push(&slot[..len]);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_sock_diag::AF_INET;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("test address")
-    }
-
-    #[test]
-    fn exact_request_is_a_non_dump_lookup_of_the_tuple() {
-        let t = Tuple::new(sa("10.0.1.2:8080"), sa("10.0.1.1:40000"));
-        let b = exact_request(t, 7);
-        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().expect("4")), 72);
-        assert_eq!(
-            u16::from_ne_bytes(b[4..6].try_into().expect("2")),
-            SOCK_DIAG_BY_FAMILY
-        );
-        assert_eq!(
-            u16::from_ne_bytes(b[6..8].try_into().expect("2")),
-            NLM_F_REQUEST
-        );
-        assert_eq!(u32::from_ne_bytes(b[8..12].try_into().expect("4")), 7);
-        assert_eq!(b[16], AF_INET);
-        assert_eq!(b[17], IPPROTO_TCP);
-        assert_eq!(&b[24..26], &8080u16.to_be_bytes());
-        assert_eq!(&b[26..28], &40000u16.to_be_bytes());
-        assert_eq!(&b[28..32], &[10, 0, 1, 2]);
-        assert_eq!(&b[44..48], &[10, 0, 1, 1]);
-        assert_eq!(&b[64..72], &NO_COOKIE);
-    }
-
-    #[test]
-    fn ipv6_and_mapped_tuples() {
-        let v6 = Tuple::new(sa("[fd00::2]:8080"), sa("[fd00::1]:40000"));
-        assert_eq!(exact_request(v6, 1)[16], AF_INET6);
-        let mapped = Tuple::new(sa("[::ffff:10.0.0.2]:8080"), sa("[::ffff:10.0.0.1]:1"));
-        assert_eq!(mapped.local, sa("10.0.0.2:8080"));
-        assert_eq!(exact_request(mapped, 1)[16], AF_INET);
     }
 
     #[test]

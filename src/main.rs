@@ -1,10 +1,16 @@
 //! The `sockmap-gc` binary: parses flags, runs the subcommand, maps the outcome to an exit code.
+//! The command line, the daemon, its config and its metrics live in [`cmd`]; the engine is
+//! the `sockmap_gc` library.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod cmd;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use sockmap_gc::cli::{self, Cli};
-use sockmap_gc::config::LogFormat;
+use cmd::cli::{self, Cli};
+use cmd::config::LogFormat;
 
 fn main() -> ExitCode {
     one_malloc_arena();

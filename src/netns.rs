@@ -22,14 +22,20 @@
 //!
 //! Not found: namespaces held only by an open file descriptor or a socket, with no process,
 //! thread or mount in them. Reaching those would mean walking every fd of every process.
+//!
+//! `walk` runs work inside each namespace found, on threads of its own.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+mod walk;
+
+pub(crate) use walk::walk;
+pub use walk::{WalkError, Walked};
 
 /// How many extra paths a [`Netns`] keeps besides its first one.
 const MAX_FALLBACKS: usize = 3;
@@ -56,15 +62,6 @@ impl NetnsId {
     /// The namespace a path reaches (follows `/proc/PID/ns/net` magic links).
     pub fn of_path(path: &Path) -> io::Result<NetnsId> {
         fs::metadata(path).map(|m| NetnsId::from_metadata(&m))
-    }
-
-    /// The namespace an open namespace file refers to.
-    pub fn of_fd(fd: impl AsFd) -> io::Result<NetnsId> {
-        let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
-        Ok(NetnsId {
-            dev: st.st_dev,
-            inode: st.st_ino,
-        })
     }
 
     /// The namespace of the calling thread (not of the process: threads may differ).

@@ -7,10 +7,10 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use crate::audit::held_view;
 use crate::events::Event;
 use crate::identity::HeldSocket;
 use crate::key::{RawKey, SockKey};
+use crate::observation::held_view;
 use crate::verdict::{
     classify, Evidence, SeenSocket, SocketIndex, SocketKind, StaleReason, Verdict,
 };
@@ -114,8 +114,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::diag::TcpState;
     use crate::events::EventSocket;
+    use crate::socket::TcpState;
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("test address")

@@ -7,9 +7,10 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::audit::{Filter, Judged, Observation};
-use crate::diag::TcpState;
+use crate::guard::Guard;
 use crate::key::RawKey;
+use crate::observation::{Filter, Judged, Observation};
+use crate::socket::TcpState;
 use crate::sweep::{Interrupted, SweepReport};
 use crate::verdict::Verdict;
 
@@ -370,7 +371,7 @@ fn ip_or_any(ip: Option<IpAddr>) -> String {
 /// One guard's line in a sweep's summary.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct GuardOutcome {
-    pub guard: &'static str,
+    pub guard: Guard,
     pub acted: bool,
     pub detail: String,
 }
@@ -378,7 +379,7 @@ pub struct GuardOutcome {
 /// What each guard did in this sweep; every guard is listed, acted or not.
 pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
     let mut v = vec![GuardOutcome {
-        guard: "dry-run",
+        guard: Guard::DryRun,
         acted: r.dry_run,
         detail: if r.dry_run {
             format!(
@@ -390,7 +391,7 @@ pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
         },
     }];
     v.push(GuardOutcome {
-        guard: "confirmation",
+        guard: Guard::Confirmation,
         acted: r.plan.unconfirmed > 0,
         detail: format!(
             "{} stale entries were not yet stale in the first observation {} ms earlier; left for the next sweep",
@@ -399,7 +400,7 @@ pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
         ),
     });
     v.push(GuardOutcome {
-        guard: "max-deletes",
+        guard: Guard::MaxDeletes,
         acted: r.plan.over_cap > 0,
         detail: format!(
             "{} confirmed stale entries over the cap; left for the next sweep",
@@ -407,7 +408,7 @@ pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
         ),
     });
     v.push(GuardOutcome {
-        guard: "rate-limit",
+        guard: Guard::RateLimit,
         acted: r.rate_limit.is_some() && !r.deleted.is_empty(),
         detail: match r.rate_limit {
             Some(rate) => format!(
@@ -419,7 +420,7 @@ pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
         },
     });
     v.push(GuardOutcome {
-        guard: "recheck",
+        guard: Guard::Recheck,
         acted: !r.spared.is_empty(),
         detail: format!(
             "{} entries spared: the re-check just before the delete found a live owner",
@@ -440,7 +441,7 @@ pub fn guard_outcomes(r: &SweepReport) -> Vec<GuardOutcome> {
         ),
     };
     v.push(GuardOutcome {
-        guard: "fail-closed",
+        guard: Guard::FailClosed,
         acted,
         detail,
     });
@@ -712,7 +713,7 @@ mod tests {
     #[test]
     fn incomplete_inventory_is_shouted() {
         let mut o = observation();
-        o.unreadable.push(crate::audit::Unreadable {
+        o.unreadable.push(crate::observation::Unreadable {
             what: "pid 42".into(),
             error: "permission denied".into(),
         });

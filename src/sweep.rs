@@ -13,12 +13,17 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
-use crate::audit::{self, Filter, Observation, ObserveError, Sockets};
+use crate::deletion::{self, DeleteError, Route, Settled, Step};
 use crate::guard::{self, GuardSettings, Plan};
-use crate::identity::{CadOutcome, IdentitySource};
+use crate::identity::IdentitySource;
 use crate::key::{RawKey, SockKey};
-use crate::map::{DeleteOutcome, SockMap};
+use crate::map::SockMap;
+use crate::observation::{Filter, Observation};
+use crate::observe::{self, ObserveError, Sockets};
 use crate::verdict::{classify, HeldView, Verdict};
+
+/// How old the inventory behind a delete's re-check may be.
+pub const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Everything a sweep needs besides the map, validated once.
 #[derive(Debug, Clone)]
@@ -30,6 +35,26 @@ pub struct SweepSettings {
     /// The socket inventory used for the last re-check before a delete is refreshed once
     /// it is older than this.
     pub recheck_max_age: Duration,
+}
+
+impl SweepSettings {
+    /// The one way the command line and the daemon build a sweep's settings: `guards` come
+    /// validated from [`GuardSettings::new`]; `gateways` as [`observe::gateways`] resolves
+    /// them.
+    pub fn new(
+        guards: GuardSettings,
+        filter: Filter,
+        gateways: Vec<IpAddr>,
+        proc_root: PathBuf,
+    ) -> SweepSettings {
+        SweepSettings {
+            guards,
+            filter,
+            gateways,
+            proc_root,
+            recheck_max_age: RECHECK_MAX_AGE,
+        }
+    }
 }
 
 /// Why the delete phase ended before its plan did.
@@ -58,7 +83,7 @@ pub struct SweepReport {
     pub already_gone: Vec<RawKey>,
     /// Confirmed stale, but the re-check just before the delete found a live owner.
     pub spared: Vec<RawKey>,
-    pub failed: Vec<(RawKey, String)>,
+    pub failed: Vec<(RawKey, DeleteError)>,
     pub interrupted: Option<Interrupted>,
     /// From just before the first delete to just after the last.
     pub delete_phase: Duration,
@@ -68,7 +93,17 @@ pub struct SweepReport {
 impl SweepReport {
     /// Stale entries that are still in the map after this sweep.
     pub fn left_behind(&self) -> usize {
-        self.plan.stale - self.deleted.len() - self.already_gone.len()
+        deletion::left_behind(self.plan.stale, self.deleted.len(), self.already_gone.len())
+    }
+
+    /// Files one settled entry under its outcome.
+    fn file(&mut self, raw: RawKey, settled: Settled) {
+        match settled {
+            Settled::Deleted => self.deleted.push(raw),
+            Settled::AlreadyGone => self.already_gone.push(raw),
+            Settled::Spared(_) => self.spared.push(raw),
+            Settled::Failed(e) => self.failed.push((raw, e)),
+        }
     }
 
     /// Nothing stale was left, and no guard or signal cut the sweep short: the map is clean
@@ -194,14 +229,14 @@ pub fn sweep(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SweepReport, SweepError> {
     let started = Instant::now();
-    let mut first = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
+    let mut first = observe::observe(map, &settings.proc_root, &settings.gateways, identity)?;
     // The guards need only the first observation's stale entries; on a full map the rest is
     // most of the sweep's memory.
     first.entries.retain(|e| e.verdict.is_stale());
     first.entries.shrink_to_fit();
     sleep_unless_stopped(settings.guards.confirm_after, stop);
     let apart = started.elapsed();
-    let second = audit::observe(map, &settings.proc_root, &settings.gateways, identity)?;
+    let second = observe::observe(map, &settings.proc_root, &settings.gateways, identity)?;
     let mut plan = guard::plan(&first, &second, &settings.filter, &settings.guards);
     // Both observations read the map through the fd opened before them, so their ids agree
     // even when an agent re-created the map at the path in between: ask the path.
@@ -261,10 +296,9 @@ fn pin_moved(map: &SockMap) -> Option<guard::Hold> {
     })
 }
 
-/// In-kernel compare-and-delete takes up to this many entries per pass over the map, and
-/// holds a re-checked entry at most this long: each pass walks the whole map, so it runs
-/// a few times a second, not once per entry.
-const CAD_BATCH: usize = 8192;
+/// Holds a re-checked entry at most this long before its compare-and-delete pass: each pass
+/// walks the whole map, so it runs a few times a second, not once per entry. A pass takes at
+/// most as many entries as the program's `targets` map holds.
 const CAD_MAX_DELAY: Duration = Duration::from_millis(250);
 
 /// Carries out deletions: by key, or batched through in-kernel compare-and-delete.
@@ -279,53 +313,74 @@ struct Deleter<'a> {
 }
 
 impl Deleter<'_> {
+    /// Files `settled` in the report, logs it and writes it to the trail.
     fn record(
         &mut self,
         report: &mut SweepReport,
         raw: RawKey,
         verdict: &Verdict,
-        outcome: Outcome,
+        settled: Settled,
     ) -> Result<(), SweepError> {
         let described = SockKey::decode(&raw).map_or_else(|e| e.to_string(), |k| k.to_string());
-        let label = match &outcome {
-            Outcome::Deleted => {
+        match &settled {
+            Settled::Deleted => {
                 tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, "deleted stale entry");
-                report.deleted.push(raw);
-                "deleted"
             }
-            Outcome::AlreadyGone => {
-                report.already_gone.push(raw);
-                "already-gone"
+            Settled::AlreadyGone => {}
+            Settled::Spared(deletion::SpareReason::NoLongerStale) => {
+                tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
             }
-            Outcome::HoldsAnother => {
+            Settled::Spared(deletion::SpareReason::HoldsAnotherSocket) => {
                 tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the entry holds another socket now");
-                report.spared.push(raw);
-                "spared-holds-another-socket"
             }
-            Outcome::Failed(e) => {
+            Settled::Failed(e) => {
                 tracing::warn!(key = %raw.to_hex(), entry = %described, error = %e, "delete failed");
-                report.failed.push((raw, e.clone()));
-                "failed"
             }
-        };
-        if let Some(t) = self.trail.as_deref_mut() {
-            t.record(self.map, &raw, &verdict.to_string(), label)?;
         }
+        if let (Some(t), Some(label)) = (self.trail.as_deref_mut(), settled.trail_label()) {
+            t.record(self.map, &raw, &verdict.to_string(), &label)?;
+        }
+        report.file(raw, settled);
         Ok(())
     }
 
-    fn delete_by_key(
+    /// Settles `step` for one entry: deletes by key where it says so.
+    fn settle(
         &mut self,
         report: &mut SweepReport,
         raw: RawKey,
         verdict: &Verdict,
+        step: Step,
     ) -> Result<(), SweepError> {
-        let outcome = match self.map.delete(&raw) {
-            Ok(DeleteOutcome::Deleted) => Outcome::Deleted,
-            Ok(DeleteOutcome::AlreadyGone) => Outcome::AlreadyGone,
-            Err(e) => Outcome::Failed(e.to_string()),
+        let settled = match step {
+            Step::DeleteByKey => deletion::after_delete(self.map.delete(&raw)),
+            Step::Settle(settled) => settled,
         };
-        self.record(report, raw, verdict, outcome)
+        self.record(report, raw, verdict, settled)
+    }
+
+    /// Queues a target for compare-and-delete, and runs the pass when one is due.
+    fn queue(
+        &mut self,
+        report: &mut SweepReport,
+        raw: RawKey,
+        cookie: u64,
+        verdict: Verdict,
+    ) -> Result<(), SweepError> {
+        if self.pending.is_empty() {
+            self.pending_since = Instant::now();
+        }
+        self.pending.push((raw, cookie, verdict));
+        let batch = self.identity.cad_batch().unwrap_or(1);
+        if deletion::batch_due(
+            self.pending.len(),
+            batch,
+            self.pending_since.elapsed(),
+            CAD_MAX_DELAY,
+        ) {
+            self.flush(report)?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self, report: &mut SweepReport) -> Result<(), SweepError> {
@@ -337,15 +392,8 @@ impl Deleter<'_> {
         match self.identity.compare_and_delete(self.map, &targets) {
             Ok(Some(outcomes)) => {
                 for ((raw, _, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
-                    let outcome = match outcome {
-                        CadOutcome::Deleted => Outcome::Deleted,
-                        CadOutcome::Gone => Outcome::AlreadyGone,
-                        CadOutcome::CookieChanged => Outcome::HoldsAnother,
-                        CadOutcome::Failed(errno) => {
-                            Outcome::Failed(io::Error::from_raw_os_error(errno).to_string())
-                        }
-                    };
-                    self.record(report, *raw, verdict, outcome)?;
+                    let settled = deletion::after_compare_and_delete(outcome);
+                    self.record(report, *raw, verdict, settled)?;
                 }
             }
             Ok(None) => {
@@ -359,36 +407,26 @@ impl Deleter<'_> {
                         .collect(),
                     Ok(None) | Err(_) => {
                         for (raw, _, verdict) in &pending {
-                            let why =
-                                "not deleted: the held socket could not be read again".to_string();
-                            self.record(report, *raw, verdict, Outcome::Failed(why))?;
+                            let settled = Settled::Failed(DeleteError::CannotReread);
+                            self.record(report, *raw, verdict, settled)?;
                         }
                         return Ok(());
                     }
                 };
                 for (raw, cookie, verdict) in &pending {
-                    match now.get(raw) {
-                        None => self.record(report, *raw, verdict, Outcome::AlreadyGone)?,
-                        Some(c) if c == cookie => self.delete_by_key(report, *raw, verdict)?,
-                        Some(_) => self.record(report, *raw, verdict, Outcome::HoldsAnother)?,
-                    }
+                    let step = deletion::after_reread(*cookie, now.get(raw).copied());
+                    self.settle(report, *raw, verdict, step)?;
                 }
             }
             Err(e) => {
+                let e = DeleteError::CompareAndDelete(std::sync::Arc::new(e));
                 for (raw, _, verdict) in &pending {
-                    self.record(report, *raw, verdict, Outcome::Failed(e.to_string()))?;
+                    self.record(report, *raw, verdict, Settled::Failed(e.clone()))?;
                 }
             }
         }
         Ok(())
     }
-}
-
-enum Outcome {
-    Deleted,
-    AlreadyGone,
-    HoldsAnother,
-    Failed(String),
 }
 
 fn delete_phase(
@@ -436,54 +474,38 @@ fn delete_phase(
             report.interrupted = Some(Interrupted::Signal);
             break;
         }
-        if let Some((h, verdict)) = by_identity
-            .get(&raw)
-            .filter(|_| deleter.identity.is_active())
-        {
-            // Judged on the held socket itself (closed, or other ends): facts that do not
-            // change for that socket, and compare-and-delete deletes only while the entry
-            // still holds it. No socket inventory can add to that.
-            let verdict = verdict.clone();
-            if deleter.pending.is_empty() {
-                deleter.pending_since = Instant::now();
+        let held = by_identity.get(&raw);
+        let route = deletion::route(held.map(|(h, _)| h.cookie), deleter.identity.is_active());
+        match (route, held) {
+            (Route::CompareAndDelete { cookie }, Some((_, verdict))) => {
+                deleter.queue(report, raw, cookie, verdict.clone())?;
             }
-            deleter.pending.push((raw, h.cookie, verdict));
-            if deleter.pending.len() >= CAD_BATCH
-                || deleter.pending_since.elapsed() >= CAD_MAX_DELAY
-            {
-                deleter.flush(report)?;
+            _ => {
+                if deletion::inventory_due(
+                    fresh.as_ref().map(|(_, at)| at.elapsed()),
+                    settings.recheck_max_age,
+                ) {
+                    deleter.flush(report)?;
+                    let sockets = observe::gather_sockets(
+                        &settings.proc_root,
+                        !settings.gateways.is_empty(),
+                    )?;
+                    if !sockets.unreadable.is_empty() {
+                        report.interrupted = Some(Interrupted::RecheckIncomplete {
+                            unreadable: sockets.unreadable.len(),
+                        });
+                        break;
+                    }
+                    fresh = Some((sockets, Instant::now()));
+                }
+                let Some((sockets, _)) = fresh.as_ref() else {
+                    break;
+                };
+                let key = SockKey::decode(&raw);
+                let verdict = classify(&key, None, &sockets.evidence(&settings.gateways));
+                let step = deletion::after_recheck(verdict.is_stale());
+                deleter.settle(report, raw, &verdict, step)?;
             }
-            progress(Progress {
-                done: done + 1,
-                total,
-            });
-            continue;
-        }
-        if fresh
-            .as_ref()
-            .is_none_or(|(_, at)| at.elapsed() > settings.recheck_max_age)
-        {
-            deleter.flush(report)?;
-            let sockets =
-                audit::gather_sockets(&settings.proc_root, !settings.gateways.is_empty())?;
-            if !sockets.unreadable.is_empty() {
-                report.interrupted = Some(Interrupted::RecheckIncomplete {
-                    unreadable: sockets.unreadable.len(),
-                });
-                break;
-            }
-            fresh = Some((sockets, Instant::now()));
-        }
-        let Some((sockets, _)) = fresh.as_ref() else {
-            break;
-        };
-        let key = SockKey::decode(&raw);
-        let verdict = classify(&key, None, &sockets.evidence(&settings.gateways));
-        if verdict.is_stale() {
-            deleter.delete_by_key(report, raw, &verdict)?;
-        } else {
-            tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
-            report.spared.push(raw);
         }
         progress(Progress {
             done: done + 1,

@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::key::{KeyError, SockKey};
+use crate::socket::unmap;
 
 /// What the classifier needs to know of one socket seen through sock_diag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,18 +164,6 @@ impl SocketIndex {
     }
 }
 
-/// An IPv4 connection on a dual-stack socket shows as `::ffff:a.b.c.d`; Cilium's IPv4
-/// keys hold `a.b.c.d`. Both sides of every comparison go through here.
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
-            None => addr,
-        },
-        IpAddr::V4(_) => addr,
-    }
-}
-
 /// Everything the classifier weighs besides the key itself.
 #[derive(Debug)]
 pub struct Evidence<'a> {
@@ -185,6 +174,15 @@ pub struct Evidence<'a> {
     pub namespaces_read: usize,
     /// Addresses of Cilium's `cilium_host` (its L7-proxy entries carry one as their A side).
     pub gateways: &'a [IpAddr],
+}
+
+crate::label::labels! {
+    /// A verdict without its reason: the `verdict` of the report and the metrics.
+    pub enum VerdictKind {
+        Live => "live",
+        Stale => "stale",
+        Unknown => "unknown",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,10 +250,14 @@ pub enum UnknownReason {
 impl Verdict {
     /// `live`, `stale` or `unknown`.
     pub fn label(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub fn kind(&self) -> VerdictKind {
         match self {
-            Verdict::Live(_) => "live",
-            Verdict::Stale(_) => "stale",
-            Verdict::Unknown(_) => "unknown",
+            Verdict::Live(_) => VerdictKind::Live,
+            Verdict::Stale(_) => VerdictKind::Stale,
+            Verdict::Unknown(_) => VerdictKind::Unknown,
         }
     }
 

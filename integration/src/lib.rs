@@ -8,6 +8,8 @@
 //! sockhash at `/sys/fs/bpf/smgc-ID/cilium_sock_ops`. Everything goes on drop; leftovers of the
 //! same names from a crashed run are removed at creation (they are ours by name).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod bpf;
 pub mod cgroup;
 pub mod interrupt;
@@ -32,12 +34,12 @@ pub use peer::{ClientOpts, Held, Outcome, Place, Server};
 /// Prefix of every resource name the lab makes.
 pub const PREFIX: &str = "smgc";
 
-/// Most pods a lab may have (one /24 per pod link within a derived 10.a.b.0 range; the
-/// benchmark spreads a full map over 100).
 /// Client ports never handed out as ephemeral ports in the node namespace: tests use them as
 /// fixed client ports and in planted keys.
 pub const FIXED_PORTS: &str = "40000-49999";
 
+/// Most pods a lab may have (one /24 per pod link within a derived 10.a.b.0 range; the
+/// benchmark spreads a full map over 100).
 pub const MAX_PODS: usize = 128;
 
 /// What to build.

@@ -22,9 +22,8 @@ impl StatsOn {
             );
         }
         // SAFETY: `fd` was just returned to us and nothing else owns it.
-        Ok(StatsOn {
-            _fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(StatsOn { _fd: fd })
     }
 }
 

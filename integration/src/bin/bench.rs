@@ -6,6 +6,8 @@
 //! key), and the kernel's own cost (one sockmap iterator read plus one sock_diag dump per
 //! namespace). docs/BENCHMARKS.md has the figures and how to run it.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::{RawKey, SockKey, KEY_LEN};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns;
+use sockmap_gc::socket::unmap;
 use sockmap_gc_lab::peer::bulk::BulkClient;
 use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
@@ -326,11 +329,19 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         ] {
             let m = measure(
                 product,
-                &["audit", "--map", &map_arg, "--identity", identity],
+                &[
+                    "audit",
+                    "--map",
+                    &map_arg,
+                    "--identity",
+                    identity,
+                    "--output",
+                    "json",
+                ],
             )?;
             let found = audit_stale(&m.stdout).with_context(|| {
                 format!(
-                    "audit --identity {identity} printed no summary: {}",
+                    "audit --identity {identity} printed no JSON summary: {}",
                     m.stderr
                 )
             })?;
@@ -358,10 +369,12 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
                 "0",
                 "--max-deletes",
                 &max_deletes,
+                "--output",
+                "json",
             ],
         )?;
         let (deleted, phase) = sweep_figures(&m.stdout)
-            .with_context(|| format!("sweep printed no summary: {}", m.stderr))?;
+            .with_context(|| format!("sweep printed no JSON summary: {}", m.stderr))?;
         if deleted != size.stale {
             bail!(
                 "sweep deleted {deleted} entries, {} were stale:\n{}",
@@ -560,35 +573,18 @@ fn measure(product: &Path, args: &[&str]) -> Result<Measured> {
 /// GNU time, for the product's own peak RSS.
 const TIME: &str = "/usr/bin/time";
 
-/// Stale entries in `audit`'s summary line: `summary    N entries: L live, S stale, ...`.
-fn audit_stale(text: &str) -> Option<usize> {
-    let line = text.lines().find(|l| l.starts_with("summary "))?;
-    number_before(line, " stale")
+/// `summary.stale` of `audit --output json`.
+fn audit_stale(json: &str) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["summary"]["stale"].as_u64()?.try_into().ok()
 }
 
-/// Deleted entries and the delete phase from `sweep`'s summary and time lines.
-fn sweep_figures(text: &str) -> Option<(usize, f64)> {
-    let summary = text.lines().find(|l| l.starts_with("summary "))?;
-    let deleted = summary
-        .split(", ")
-        .find_map(|part| part.strip_prefix("deleted "))?
-        .trim()
-        .parse()
-        .ok()?;
-    let time = text.lines().find(|l| l.starts_with("time "))?;
-    let phase = time
-        .split("delete phase ")
-        .nth(1)?
-        .trim_end_matches(" s")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((deleted, phase))
-}
-
-fn number_before(line: &str, label: &str) -> Option<usize> {
-    let at = line.find(label)?;
-    line[..at].rsplit([' ', ',']).next()?.parse().ok()
+/// `summary.deleted` and `summary.delete_phase_seconds` of `sweep --output json`.
+fn sweep_figures(json: &str) -> Option<(usize, f64)> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let summary = &v["summary"];
+    let deleted = summary["deleted"].as_u64()?.try_into().ok()?;
+    Some((deleted, summary["delete_phase_seconds"].as_f64()?))
 }
 
 /// The manual remedy as an operator scripts it: dump the keys with bpftool, list every
@@ -677,16 +673,6 @@ fn parse_ss(text: &str, into: &mut HashSet<(SocketAddr, SocketAddr)>) {
         if let (Ok(l), Ok(p)) = (l.parse::<SocketAddr>(), p.parse::<SocketAddr>()) {
             into.insert((unmap(l), unmap(p)));
         }
-    }
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        SocketAddr::V4(_) => a,
     }
 }
 
@@ -875,11 +861,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_product_summaries() {
-        let audit = "map ...\nsummary    1000 entries: 888 live, 112 stale, 0 unknown\n";
+    fn reads_the_products_json_summaries() {
+        let audit = r#"{"map": {}, "summary": {"entries": 1000, "live": 888, "stale": 112}}"#;
         assert_eq!(audit_stale(audit), Some(112));
-        let sweep = "summary    seen 1000, stale 112, confirmed 112, deleted 112, already gone 0, spared 0, failed 0, left behind 0\ntime       0.042 s in all, delete phase 0.003 s\n";
+        let sweep = r#"{"summary": {"seen": 1000, "deleted": 112, "delete_phase_seconds": 0.003}}"#;
         assert_eq!(sweep_figures(sweep), Some((112, 0.003)));
+        assert_eq!(
+            audit_stale("summary    1000 entries: 888 live, 112 stale"),
+            None
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `sockmap-gc-lab`: demonstrates the stuck-connection incident on the real kernel
 //! (`incident`), and runs the lab's server and client processes (hidden `peer`).
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -12,7 +12,7 @@ use libbpf_rs::{MapHandle, MapType};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, LabConfig};
 
-use crate::support::{self, entry_of, hex, lab, live_keys, natural_stale, run, verdicts};
+use crate::support::{self, entry_of, hex, lab, live_keys, natural_stale, run, run_json, verdicts};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -57,13 +57,7 @@ fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
     }
 
     let path = lab.map_path();
-    let out = run(&[
-        "audit",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--output",
-        "json",
-    ]);
+    let out = run_json("audit", &path, &[]);
     assert_eq!(
         out.code, 1,
         "stale entries found means exit 1; stderr: {}",
@@ -182,13 +176,7 @@ fn audit_is_not_failed_by_namespaces_coming_and_going() {
             }
         });
         for round in 0..5 {
-            let out = run(&[
-                "audit",
-                "--map",
-                path.to_str().expect("utf-8"),
-                "--output",
-                "json",
-            ]);
+            let out = run_json("audit", &path, &[]);
             assert_eq!(out.code, 1, "round {round}: {}", out.stderr);
             let json = out.json();
             assert_eq!(
@@ -282,17 +270,7 @@ fn audit_judges_l7_proxy_entries_live_or_unknown_never_stale_on_tuple_evidence()
     let path = path.to_str().expect("utf-8");
     let gw = gateway.to_string();
 
-    let out = run(&[
-        "audit",
-        "--map",
-        path,
-        "--output",
-        "json",
-        "--identity",
-        "off",
-        "--gateway",
-        &gw,
-    ]);
+    let out = run_json("audit", path, &["--identity", "off", "--gateway", &gw]);
     assert_eq!(out.code, 0, "no stale entry: {}", out.stdout);
     let got = verdicts(&out.json()["entries"]);
     let of = |k: &SockKey| {
@@ -309,15 +287,7 @@ fn audit_judges_l7_proxy_entries_live_or_unknown_never_stale_on_tuple_evidence()
     }
 
     // Without the gateway known, tuple evidence alone would call both stale.
-    let blind = run(&[
-        "audit",
-        "--map",
-        path,
-        "--output",
-        "json",
-        "--identity",
-        "off",
-    ]);
+    let blind = run_json("audit", path, &["--identity", "off"]);
     assert_eq!(blind.code, 1);
     assert_eq!(blind.json()["summary"]["stale"], 2);
     assert!(
@@ -344,17 +314,11 @@ fn audit_with_identity_keeps_a_proxy_entry_holding_its_live_socket() {
     );
     let path = lab.map_path();
 
-    let out = run(&[
+    let out = run_json(
         "audit",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--output",
-        "json",
-        "--identity",
-        "on",
-        "--gateway",
-        &gateway.to_string(),
-    ]);
+        &path,
+        &["--identity", "on", "--gateway", &gateway.to_string()],
+    );
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     let entry = entry_of(&out.json(), &proxied);
     assert_eq!(entry["verdict"], "live", "{entry}");

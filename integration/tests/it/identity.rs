@@ -6,11 +6,12 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use sockmap_gc::diag::{inventory, LiveSocket, TcpState};
+use sockmap_gc::diag::inventory;
 use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader};
 use sockmap_gc::key::{RawKey, SockKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns::Netns;
+use sockmap_gc::socket::{LiveSocket, TcpState};
 use sockmap_gc_lab::{ClientOpts, Lab, LabConfig};
 
 use crate::support::{evidence, lab, lab_with, live_keys, natural_stale, PEER};

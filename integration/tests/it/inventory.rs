@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sockmap_gc::diag::{
-    dump_current_netns, inventory, inventory_node, DiagError, LiveSocket, TcpState,
-};
-use sockmap_gc::lookup::{lookup_node, Lookups, Tuple};
-use sockmap_gc::netns::{discover, Netns, NetnsId};
+use sockmap_gc::diag::{dump_current_netns, inventory, inventory_node, DiagError};
+use sockmap_gc::lookup::{lookup_node, Lookups};
+use sockmap_gc::netns::{discover, Netns, NetnsId, WalkError};
+use sockmap_gc::socket::{LiveSocket, TcpState, Tuple};
 
 /// Runs a command that must succeed.
 fn run(args: &[&str]) {
@@ -273,7 +272,7 @@ fn a_path_that_is_no_namespace_fails_and_makes_the_inventory_incomplete() {
     assert_eq!(inv.failed.len(), 1);
     assert_eq!(inv.failed[0].0, bogus);
     assert!(
-        matches!(&inv.failed[0].1, DiagError::NotNetns { path } if *path == file),
+        matches!(&inv.failed[0].1, DiagError::Walk(WalkError::NotNetns { path }) if *path == file),
         "{}",
         inv.failed[0].1
     );

@@ -1,5 +1,7 @@
 //! Integration tests on the real kernel (run as root): one test binary, one module per area.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod alerts;
 mod audit;
 mod bench_smoke;

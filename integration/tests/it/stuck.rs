@@ -7,7 +7,9 @@ use std::time::Duration;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
-use crate::support::{entry_of, evidence, hex, lab, live_keys, natural_stale, run, run_without};
+use crate::support::{
+    entry_of, evidence, hex, lab, live_keys, natural_stale, run_json, run_json_without, run_without,
+};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -40,26 +42,10 @@ fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
         assert!(wait_stuck(&lab, target, port), "the stuck connection is up");
 
         // Tuple evidence is blind: a live socket owns the tuple right now.
-        let blind = run(&[
-            "audit",
-            "--map",
-            path,
-            "--output",
-            "json",
-            "--identity",
-            "off",
-        ]);
+        let blind = run_json("audit", path, &["--identity", "off"]);
         assert_eq!(entry_of(&blind.json(), &stale)["verdict"], "live");
 
-        let seen = run(&[
-            "audit",
-            "--map",
-            path,
-            "--output",
-            "json",
-            "--identity",
-            "on",
-        ]);
+        let seen = run_json("audit", path, &["--identity", "on"]);
         assert_eq!(seen.code, 1, "{}", seen.stderr);
         let json = seen.json();
         let e = entry_of(&json, &stale);
@@ -78,18 +64,11 @@ fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
             e["reason"].as_str().unwrap_or("?")
         ));
 
-        let swept = run(&[
+        let swept = run_json(
             "sweep",
-            "--map",
             path,
-            "--identity",
-            "on",
-            "--execute",
-            "--confirm-after",
-            "0s",
-            "--output",
-            "json",
-        ]);
+            &["--identity", "on", "--execute", "--confirm-after", "0s"],
+        );
         assert_eq!(swept.code, 0, "{}\n{}", swept.stdout, swept.stderr);
         assert_eq!(swept.json()["deleted"], serde_json::json!([hex(&stale)]));
         assert!(!lab.contains(&stale));
@@ -116,29 +95,13 @@ fn identity_judges_natural_stale_entries_by_their_closed_socket() {
     let server = lab.start_server(0, 8080, true).expect("busy server");
     let stale = natural_stale(&lab, server.addr(), sa(lab.node_ip(0), 42000));
     let path = lab.map_path();
-    let out = run(&[
-        "audit",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--output",
-        "json",
-        "--identity",
-        "on",
-    ]);
+    let out = run_json("audit", &path, &["--identity", "on"]);
     assert_eq!(out.code, 1);
     let e = entry_of(&out.json(), &stale);
     assert_eq!(e["reason_code"], "held-closed", "{e}");
     assert_eq!(e["socket"]["state"], "CLOSE");
 
-    let off = run(&[
-        "audit",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--output",
-        "json",
-        "--identity",
-        "off",
-    ]);
+    let off = run_json("audit", &path, &["--identity", "off"]);
     let json = off.json();
     assert_eq!(json["inventory"]["identity"], false);
     let e = entry_of(&json, &stale);
@@ -165,7 +128,7 @@ fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
     let path = lab.map_path();
     let path = path.to_str().expect("utf-8");
 
-    let auto = run_without(NO_PERFMON, &["audit", "--map", path, "--output", "json"]);
+    let auto = run_json_without(NO_PERFMON, "audit", path, &[]);
     assert_ne!(auto.code, 2, "auto still audits: {}", auto.stderr);
     let json = auto.json();
     assert_eq!(json["inventory"]["identity"], false);

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -66,6 +66,23 @@ impl Run {
 
 pub fn run(args: &[&str]) -> Run {
     run_command(Command::new(product()).args(args))
+}
+
+/// `sockmap-gc COMMAND --map MAP --output json EXTRA...`, COMMAND being `audit` or `sweep`.
+pub fn run_json(command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
+    run(&json_args(command, map.as_ref(), extra))
+}
+
+/// [`run_json`] without `caps`, as [`run_without`] runs.
+pub fn run_json_without(caps: &str, command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
+    run_without(caps, &json_args(command, map.as_ref(), extra))
+}
+
+fn json_args<'a>(command: &'a str, map: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let map = map.to_str().expect("the map's path is UTF-8");
+    let mut args = vec![command, "--map", map, "--output", "json"];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Runs the product without `caps` (setpriv syntax, e.g. "-sys_admin" or "-perfmon,-sys_admin"),

@@ -7,7 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, run, run_without, HANG};
+use crate::support::{
+    evidence, hex, lab, live_keys, natural_stale, run, run_json, run_json_without, run_without,
+    HANG,
+};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -58,15 +61,7 @@ fn sweep_dry_run_deletes_nothing_and_execute_deletes_exactly_the_stale_keys() {
     let path = path.to_str().expect("utf-8");
     let before = map_hex(&lab);
 
-    let dry = run(&[
-        "sweep",
-        "--map",
-        path,
-        "--confirm-after",
-        "0s",
-        "--output",
-        "json",
-    ]);
+    let dry = run_json("sweep", path, &["--confirm-after", "0s"]);
     assert_eq!(
         dry.code, 1,
         "a dry run leaves stale entries behind: {}",
@@ -90,18 +85,17 @@ fn sweep_dry_run_deletes_nothing_and_execute_deletes_exactly_the_stale_keys() {
 
     let trail = std::env::temp_dir().join("smgc-swp-exact-trail.jsonl");
     let _ = std::fs::remove_file(&trail);
-    let exec = run(&[
+    let exec = run_json(
         "sweep",
-        "--map",
         path,
-        "--confirm-after",
-        "0s",
-        "--execute",
-        "--output",
-        "json",
-        "--trail",
-        trail.to_str().expect("utf-8"),
-    ]);
+        &[
+            "--confirm-after",
+            "0s",
+            "--execute",
+            "--trail",
+            trail.to_str().expect("utf-8"),
+        ],
+    );
     assert_eq!(
         exec.code, 0,
         "nothing left behind: {}\n{}",
@@ -173,20 +167,19 @@ fn sweep_deletes_the_incidents_7325_stale_keys_and_no_live_one() {
     let live = live_keys(&lab, &[&held]);
     let stale = plant_future(&lab, server.addr(), lab.node_ip(0).into(), 20000, STALE);
     let path = lab.map_path();
-    let out = run(&[
+    let out = run_json(
         "sweep",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--execute",
-        "--confirm-after",
-        "0s",
-        "--rate-limit",
-        "100000",
-        "--max-deletes",
-        "100000",
-        "--output",
-        "json",
-    ]);
+        &path,
+        &[
+            "--execute",
+            "--confirm-after",
+            "0s",
+            "--rate-limit",
+            "100000",
+            "--max-deletes",
+            "100000",
+        ],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     let j = out.json();
     assert_eq!(j["summary"]["deleted"], u64::from(STALE));
@@ -213,18 +206,11 @@ fn sweep_rate_limit_spaces_the_deletions() {
     let server = lab.start_server(0, 8080, false).expect("server");
     plant_future(&lab, server.addr(), lab.node_ip(0).into(), 30000, N);
     let path = lab.map_path();
-    let out = run(&[
+    let out = run_json(
         "sweep",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--execute",
-        "--confirm-after",
-        "0s",
-        "--rate-limit",
-        "10",
-        "--output",
-        "json",
-    ]);
+        &path,
+        &["--execute", "--confirm-after", "0s", "--rate-limit", "10"],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     let s = &out.json()["summary"];
     assert_eq!(s["deleted"], u64::from(N));
@@ -245,18 +231,11 @@ fn sweep_deletes_nothing_when_a_namespace_cannot_be_read() {
     let before = map_hex(&lab);
     let path = lab.map_path();
     // Without CAP_SYS_ADMIN it cannot setns into any namespace: the evidence is incomplete.
-    let out = run_without(
+    let out = run_json_without(
         "-sys_admin",
-        &[
-            "sweep",
-            "--map",
-            path.to_str().expect("utf-8"),
-            "--execute",
-            "--confirm-after",
-            "0s",
-            "--output",
-            "json",
-        ],
+        "sweep",
+        &path,
+        &["--execute", "--confirm-after", "0s"],
     );
     assert_eq!(
         out.code, 1,

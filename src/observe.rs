@@ -1,119 +1,21 @@
-//! One observation of the node: snapshot the map, inventory every namespace (or, with
-//! identity, look up the sockets that matter), judge each entry.
+//! The observation stage: snapshot the map, inventory every namespace (or, with identity,
+//! look up the sockets that matter), judge each entry into an [`Observation`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Once;
+use std::time::Instant;
 
 use crate::diag;
-use crate::identity::{HeldSocket, IdentityError, IdentitySource};
-use crate::key::{KeyError, RawKey, SockKey};
-use crate::lookup::{self, Lookups, Tuple};
+use crate::identity::{IdentityError, IdentitySource};
+use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
+use crate::observation::{Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
-use crate::verdict::{
-    classify, Evidence, HeldView, SeenSocket, SocketIndex, UnknownReason, Verdict,
-};
-
-/// One map entry with its decoding and verdict.
-#[derive(Debug, Clone)]
-pub struct Judged {
-    pub raw: RawKey,
-    /// The socket the entry holds, when identity is in use.
-    pub held: Option<HeldSocket>,
-    pub verdict: Verdict,
-}
-
-impl Judged {
-    /// The decoded key. Decoded again on each call rather than stored: a full map has 65,535
-    /// entries, and decoding 44 bytes costs less than keeping 72 more per entry.
-    pub fn key(&self) -> Result<SockKey, KeyError> {
-        SockKey::decode(&self.raw)
-    }
-
-    /// The held socket as the classifier weighs it.
-    pub fn held_view(&self) -> Option<HeldView> {
-        self.held.as_ref().map(held_view)
-    }
-}
-
-pub fn held_view(h: &HeldSocket) -> HeldView {
-    HeldView {
-        cookie: h.cookie,
-        local: h.local,
-        remote: h.remote,
-        closed: h.state == diag::TcpState::Close,
-    }
-}
-
-/// A namespace that could not be read, with why.
-#[derive(Debug, Clone)]
-pub struct Unreadable {
-    pub what: String,
-    pub error: String,
-}
-
-/// Everything one observation saw.
-#[derive(Debug, Clone)]
-pub struct Observation {
-    pub map_id: u32,
-    /// Whether the socket behind each entry was seen (the sockmap iterator).
-    pub identity: bool,
-    pub entries: Vec<Judged>,
-    pub namespaces_read: usize,
-    pub namespaces_vanished: usize,
-    pub procfs_tables: usize,
-    pub unreadable: Vec<Unreadable>,
-    pub sockets: usize,
-    /// With identity: how many tuples were looked up exactly (not dumped), and how many held
-    /// sockets' namespaces no path reached. `None` for a full inventory.
-    pub lookups: Option<LookupCounts>,
-    pub per_netns: HashMap<NetnsId, usize>,
-    pub took: Duration,
-}
-
-/// The exact lookups of one observation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LookupCounts {
-    pub asked: usize,
-    pub unreached_namespaces: usize,
-}
-
-impl Observation {
-    pub fn is_complete(&self) -> bool {
-        self.unreadable.is_empty()
-    }
-}
-
-/// Which entries an operator asked about: the held socket's local and remote IP.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
-    pub local: Option<IpAddr>,
-    pub remote: Option<IpAddr>,
-}
-
-impl Filter {
-    pub fn is_empty(&self) -> bool {
-        self.local.is_none() && self.remote.is_none()
-    }
-
-    /// Whether `entry` is one asked about; its key is decoded only when the filter needs it.
-    pub fn selects(&self, entry: &Judged) -> bool {
-        self.is_empty() || self.matches(&entry.key())
-    }
-
-    /// An entry whose key does not decode matches only the empty filter.
-    pub fn matches(&self, key: &Result<SockKey, KeyError>) -> bool {
-        if self.is_empty() {
-            return true;
-        }
-        let Ok(key) = key else { return false };
-        self.local.is_none_or(|ip| key.local.ip() == ip)
-            && self.remote.is_none_or(|ip| key.remote.ip() == ip)
-    }
-}
+use crate::socket::{LiveSocket, TcpState, Tuple};
+use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -176,7 +78,7 @@ impl Gathered {
         }
     }
 
-    fn add(&mut self, netns: NetnsId, sockets: Vec<diag::LiveSocket>) {
+    fn add(&mut self, netns: NetnsId, sockets: Vec<LiveSocket>) {
         *self.per_netns.entry(netns).or_default() += sockets.len();
         for s in &sockets {
             self.index.insert(s.seen());
@@ -185,7 +87,7 @@ impl Gathered {
 
     /// Adds the TCP tables of denied namespaces, read through procfs, and the inventory's
     /// accounting.
-    fn finish(mut self, inventory: diag::Inventory) -> Sockets {
+    fn finish<E: std::fmt::Display>(mut self, inventory: diag::Inventory<E>) -> Sockets {
         let mut unreadable: Vec<Unreadable> = inventory
             .failed
             .iter()
@@ -253,7 +155,7 @@ pub fn gather_owners(
         let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let closed = held.state == diag::TcpState::Close;
+        let closed = held.state == TcpState::Close;
         if !closed {
             lookups.in_netns(held.netns_inode, 2 * i);
         }
@@ -393,7 +295,7 @@ pub fn observe(
 
 /// The addresses of Cilium's `cilium_host` interface in this namespace: the A side of
 /// its L7-proxy entries. Empty when there is no such interface.
-pub fn cilium_host_addresses() -> Vec<IpAddr> {
+fn cilium_host_addresses() -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -410,57 +312,20 @@ pub fn cilium_host_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(local: &str, remote: &str) -> Result<SockKey, KeyError> {
-        Ok(
-            SockKey::for_socket(local.parse().expect("addr"), remote.parse().expect("addr"))
-                .expect("family"),
-        )
+/// The gateways to judge with: `given` (`--gateway`, the config's `gateways`) when set, else
+/// the addresses of `cilium_host`, read now. Warns once per process when neither names one.
+pub fn gateways(given: &[IpAddr]) -> Vec<IpAddr> {
+    if !given.is_empty() {
+        return given.to_vec();
     }
-
-    #[test]
-    fn filter_matches_held_socket_ends() {
-        let k = key("10.0.1.2:8080", "10.0.1.1:40000");
-        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
-        assert!(Filter::default().matches(&k));
-        assert!(Filter {
-            local: ip("10.0.1.2"),
-            remote: None
-        }
-        .matches(&k));
-        assert!(Filter {
-            local: None,
-            remote: ip("10.0.1.1")
-        }
-        .matches(&k));
-        assert!(Filter {
-            local: ip("10.0.1.2"),
-            remote: ip("10.0.1.1")
-        }
-        .matches(&k));
-        assert!(!Filter {
-            local: ip("10.0.1.1"),
-            remote: None
-        }
-        .matches(&k));
-        assert!(!Filter {
-            local: ip("10.0.1.2"),
-            remote: ip("10.0.1.2")
-        }
-        .matches(&k));
+    let found = cilium_host_addresses();
+    if found.is_empty() {
+        static WARN: Once = Once::new();
+        WARN.call_once(|| {
+            tracing::warn!(
+                "no cilium_host interface here: L7-proxy entries cannot be recognised; give --gateway IP (the daemon: gateways in the config) if Cilium's proxy is in use"
+            );
+        });
     }
-
-    #[test]
-    fn filter_skips_undecodable_keys_unless_empty() {
-        let bad = Err(KeyError::Family(7));
-        assert!(Filter::default().matches(&bad));
-        assert!(!Filter {
-            local: Some("10.0.0.1".parse().expect("ip")),
-            remote: None
-        }
-        .matches(&bad));
-    }
+    found
 }

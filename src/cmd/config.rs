@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-
-use crate::identity::IdentityMode;
+use sockmap_gc::guard::{GuardSettings, SettingsError, MAX_DURATION};
+use sockmap_gc::identity::IdentityMode;
 
 /// Where the unit and the README put the file.
 pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/config.toml";
@@ -17,10 +17,6 @@ pub const DEFAULT_PATH: &str = "/etc/sockmap-gc/config.toml";
 pub const DEFAULT_TRAIL: &str = "/var/lib/sockmap-gc/trail.jsonl";
 /// Loopback only: the metrics say which pods had stale entries.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9964";
-/// The longest interval or confirmation wait a config may set. Far beyond any useful value,
-/// and far below what overflows the clock arithmetic (`interval_max = "500000000000y"` once
-/// made the daemon panic computing its next sweep time).
-pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,9 +66,21 @@ pub struct Settings {
     pub identity: IdentityMode,
 }
 
+impl Settings {
+    /// The guards these settings sweep with (validated when the file was read).
+    pub fn guards(&self) -> Result<GuardSettings, SettingsError> {
+        GuardSettings::new(
+            self.dry_run,
+            self.rate_limit.map_or(0, NonZeroU32::get),
+            self.max_deletes,
+            self.confirm_after,
+        )
+    }
+}
+
 impl Default for Settings {
     fn default() -> Settings {
-        let guards = crate::guard::GuardSettings::default();
+        let guards = GuardSettings::default();
         Settings {
             map: None,
             interval_min: Duration::from_secs(30),
@@ -241,21 +249,40 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             ),
         });
     }
-    s.dry_run = file.dry_run.unwrap_or(defaults.dry_run);
-    if let Some(rate) = file.rate_limit {
-        s.rate_limit = NonZeroU32::new(rate);
-    }
-    if let Some(cap) = file.max_deletes {
-        if cap == 0 {
-            return Err(invalid(
-                "max_deletes",
-                "0",
-                "must be at least 1; set dry_run = true to delete nothing",
-            ));
-        }
-        s.max_deletes = cap;
-    }
-    s.confirm_after = duration("confirm_after", &file.confirm_after, defaults.confirm_after)?;
+    // The guards' keys are checked where the command line's flags are: GuardSettings::new.
+    let confirm_after = match &file.confirm_after {
+        None => defaults.confirm_after,
+        Some(v) => humantime::parse_duration(v).map_err(|e| {
+            invalid(
+                "confirm_after",
+                v,
+                &format!("{e}; write a duration such as \"30s\", \"5m\" or \"1h 30m\""),
+            )
+        })?,
+    };
+    let guards = GuardSettings::new(
+        file.dry_run.unwrap_or(defaults.dry_run),
+        file.rate_limit
+            .unwrap_or(defaults.rate_limit.map_or(0, NonZeroU32::get)),
+        file.max_deletes.unwrap_or(defaults.max_deletes),
+        confirm_after,
+    )
+    .map_err(|e| match e {
+        SettingsError::NoDeletes => invalid(
+            "max_deletes",
+            &file.max_deletes.unwrap_or_default().to_string(),
+            &e.to_string(),
+        ),
+        SettingsError::ConfirmTooLong => invalid(
+            "confirm_after",
+            file.confirm_after.as_deref().unwrap_or_default(),
+            &e.to_string(),
+        ),
+    })?;
+    s.dry_run = guards.dry_run;
+    s.rate_limit = guards.rate_limit;
+    s.max_deletes = guards.max_deletes;
+    s.confirm_after = guards.confirm_after;
     s.trail = match file.trail.as_deref() {
         None => defaults.trail,
         Some("") => None,
@@ -362,7 +389,7 @@ mod tests {
 
     #[test]
     fn shipped_file_is_the_built_in_defaults() {
-        let text = include_str!("../config/sockmap-gc.toml");
+        let text = include_str!("../../config/sockmap-gc.toml");
         assert_eq!(
             parse_str(text).expect("shipped file parses"),
             Settings::default()
@@ -371,7 +398,7 @@ mod tests {
 
     #[test]
     fn shipped_file_lists_every_key_with_a_comment() {
-        let text = include_str!("../config/sockmap-gc.toml");
+        let text = include_str!("../../config/sockmap-gc.toml");
         let lines: Vec<&str> = text.lines().collect();
         for key in KEYS {
             let at = lines
@@ -488,8 +515,8 @@ gateways = ["10.0.0.1", "fd00::1"]
         use clap::Parser;
         let parse = |args: &[&str]| {
             let argv = ["sockmap-gc", "daemon"].iter().chain(args).copied();
-            match crate::cli::Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(crate::cli::Command::Daemon(a)) => Ok(a),
+            match crate::cmd::cli::Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(crate::cmd::cli::Command::Daemon(a)) => Ok(a),
                 Ok(other) => panic!("parsed as {other:?}"),
                 Err(e) => Err(e.to_string()),
             }
@@ -505,6 +532,30 @@ gateways = ["10.0.0.1", "fd00::1"]
         assert!(parse(&["--dry-run", "--execute"]).is_err());
     }
 
+    /// Moved from the package tests with this module: the Kubernetes ConfigMap's file loads,
+    /// as a dry run serving metrics where kubelet probes and Prometheus reach the pod.
+    #[test]
+    fn the_configmap_is_a_dry_run_serving_metrics_on_the_pod_ip() {
+        let yaml = include_str!("../../deploy/configmap.yaml");
+        // The file is the block under `config.toml: |`, indented by four spaces.
+        let text: String = yaml
+            .lines()
+            .skip_while(|l| l.trim() != "config.toml: |")
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or_default()))
+            .collect();
+        assert!(text.contains("dry_run"), "no config.toml block found");
+        let settings = parse(Path::new("deploy/configmap.yaml"), &text)
+            .unwrap_or_else(|e| panic!("the ConfigMap's config does not load: {e}"));
+        assert!(settings.dry_run, "dry run by default");
+        let listen = settings.metrics_listen.expect("metrics on");
+        assert!(
+            listen.ip().is_unspecified(),
+            "kubelet probes the pod IP: {listen}"
+        );
+    }
+
     #[test]
     fn listen_addresses() {
         assert_eq!(parse_listen(""), Ok(None));
@@ -515,7 +566,7 @@ gateways = ["10.0.0.1", "fd00::1"]
 
 /// Property tests: no text, well-formed or not, and no value for any key panics the loader;
 /// every refusal is one line naming the file. `PROPTEST_CASES=100000 cargo test config::fuzz`
-/// runs longer; failing cases are kept in `proptest-regressions/config.txt`.
+/// runs longer; failing cases are kept in `proptest-regressions/cmd/config.txt`.
 #[cfg(test)]
 mod fuzz {
     use super::*;
@@ -595,8 +646,12 @@ mod fuzz {
                         .and_then(|d| std::time::Instant::now().checked_add(d));
                     prop_assert!(later.is_some(), "{:?} overflows the clock", d);
                 }
-                let w =
-                    crate::daemon::next_wait(s.interval_max, false, s.interval_min, s.interval_max);
+                let w = crate::cmd::daemon::next_wait(
+                    s.interval_max,
+                    false,
+                    s.interval_min,
+                    s.interval_max,
+                );
                 prop_assert!(w <= s.interval_max);
             }
             Err(e) => {

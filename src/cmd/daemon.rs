@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -17,17 +17,16 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 
-use crate::audit::{self, Filter};
-use crate::config::{self, Overrides, Settings};
-use crate::guard::GuardSettings;
-use crate::identity::{IdentityMode, IdentitySource};
-use crate::map::{Access, SockMap};
-use crate::metrics::{self, Metrics};
-use crate::report::Summary;
-use crate::sweep::{self, SweepReport, SweepSettings, Trail};
+use sockmap_gc::guard::SettingsError;
+use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
+use sockmap_gc::map::{Access, MapError, SockMap};
+use sockmap_gc::observation::Filter;
+use sockmap_gc::observe;
+use sockmap_gc::report::Summary;
+use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings, Trail};
 
-/// How old the inventory behind a delete's re-check may be (as for `sockmap-gc sweep`).
-const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
+use crate::cmd::config::{self, Overrides, Settings};
+use crate::cmd::metrics::{self, Metrics};
 /// After SIGTERM, how long a running sweep gets to reach its next delete boundary. Leaving
 /// then is safe: each delete is one syscall, and the next start re-observes from scratch.
 const STOP_GRACE: Duration = Duration::from_millis(1500);
@@ -73,9 +72,24 @@ fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Settings> {
     Ok(settings)
 }
 
+/// Why one sweep of the daemon failed before its report; the next sweep tries again.
+#[derive(Debug, thiserror::Error)]
+enum SweepFailed {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    #[error("config: {0}")]
+    Settings(#[from] SettingsError),
+    #[error("the identity iterator was not kept")]
+    IdentityLost,
+}
+
 /// What a sweep thread hands back.
 struct Swept {
-    outcome: Result<(SweepReport, PathBuf), String>,
+    outcome: Result<(SweepReport, PathBuf), SweepFailed>,
     took: Duration,
 }
 
@@ -338,41 +352,34 @@ fn sweep_once(
     settings: &Settings,
     stop: &AtomicBool,
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
-) -> Result<(SweepReport, PathBuf), String> {
+) -> Result<(SweepReport, PathBuf), SweepFailed> {
     let access = if settings.dry_run {
         Access::ReadOnly
     } else {
         Access::ReadWrite
     };
-    let map = SockMap::open_default(settings.map.as_deref(), access).map_err(|e| e.to_string())?;
+    let map = SockMap::open_default(settings.map.as_deref(), access)?;
     let mut trail = match (&settings.trail, settings.dry_run) {
-        (Some(path), false) => Some(Trail::open(path).map_err(|e| e.to_string())?),
+        (Some(path), false) => Some(Trail::open(path)?),
         _ => None,
     };
-    let sweep_settings = SweepSettings {
-        guards: GuardSettings {
-            dry_run: settings.dry_run,
-            rate_limit: settings.rate_limit,
-            max_deletes: settings.max_deletes,
-            confirm_after: settings.confirm_after,
-            ..GuardSettings::default()
-        },
-        filter: Filter::default(),
-        gateways: gateways(settings),
-        proc_root: PathBuf::from("/"),
-        recheck_max_age: RECHECK_MAX_AGE,
-    };
+    let sweep_settings = SweepSettings::new(
+        settings.guards()?,
+        Filter::default(),
+        observe::gateways(&settings.gateways),
+        PathBuf::from("/"),
+    );
     // One sweep runs at a time, so the lock is never contended.
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
     if held
         .as_ref()
         .is_none_or(|(mode, _)| *mode != settings.identity)
     {
-        let source = IdentitySource::new(settings.identity).map_err(|e| e.to_string())?;
+        let source = IdentitySource::new(settings.identity)?;
         *held = Some((settings.identity, source));
     }
     let Some((_, source)) = held.as_mut() else {
-        return Err("the identity iterator was not kept".to_string());
+        return Err(SweepFailed::IdentityLost);
     };
     let report = sweep::sweep(
         &map,
@@ -381,25 +388,8 @@ fn sweep_once(
         stop,
         trail.as_mut(),
         &mut |_| {},
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok((report, map.path().to_path_buf()))
-}
-
-fn gateways(settings: &Settings) -> Vec<std::net::IpAddr> {
-    if !settings.gateways.is_empty() {
-        return settings.gateways.clone();
-    }
-    let found = audit::cilium_host_addresses();
-    if found.is_empty() {
-        static WARN: Once = Once::new();
-        WARN.call_once(|| {
-            tracing::warn!(
-                "no cilium_host interface here: L7-proxy entries cannot be recognised; set gateways in the config if Cilium's proxy is in use"
-            );
-        });
-    }
-    found
 }
 
 /// The sweep's one-line summary: the log line and systemd's `STATUS=`.

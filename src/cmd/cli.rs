@@ -2,7 +2,6 @@
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -12,13 +11,16 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::audit::{self, Filter};
-use crate::guard::GuardSettings;
-use crate::identity::{IdentityMode, IdentitySource};
-use crate::key::{self, SockKey};
-use crate::map::{Access, SockMap};
-use crate::report::{self, MapSource};
-use crate::sweep::{self, SweepSettings, Trail};
+use sockmap_gc::guard::{GuardSettings, SettingsError};
+use sockmap_gc::identity::{IdentityMode, IdentitySource};
+use sockmap_gc::key::{self, SockKey};
+use sockmap_gc::map::{Access, SockMap};
+use sockmap_gc::observation::Filter;
+use sockmap_gc::observe;
+use sockmap_gc::report::{self, MapSource};
+use sockmap_gc::sweep::{self, SweepSettings, Trail};
+
+use crate::cmd::config;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -82,6 +84,27 @@ pub struct GenerateArgs {
     pub what: Generated,
 }
 
+/// `--identity`: the library's [`IdentityMode`], as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Identity {
+    /// Use the iterator when the kernel allows it; else warn once and use tuple evidence.
+    Auto,
+    /// Use the iterator; a refusal is an error.
+    On,
+    /// Tuple evidence only.
+    Off,
+}
+
+impl From<Identity> for IdentityMode {
+    fn from(flag: Identity) -> IdentityMode {
+        match flag {
+            Identity::Auto => IdentityMode::Auto,
+            Identity::On => IdentityMode::On,
+            Identity::Off => IdentityMode::Off,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     /// For people: aligned text that pastes into a ticket
@@ -113,8 +136,8 @@ pub struct MapArgs {
     pub gateway: Vec<IpAddr>,
     /// See the socket behind each entry through a BPF sockmap iterator: `auto` uses it when
     /// the kernel allows and warns once otherwise, `on` makes a refusal an error
-    #[arg(long, value_enum, default_value_t = IdentityMode::Auto)]
-    pub identity: IdentityMode,
+    #[arg(long, value_enum, default_value_t = Identity::Auto)]
+    pub identity: Identity,
     /// Root under which /proc and /run are read (for tests and chroots)
     #[arg(long, value_name = "DIR", default_value = "/", hide = true)]
     pub root: PathBuf,
@@ -177,28 +200,30 @@ pub struct SweepArgs {
 }
 
 impl SweepArgs {
-    /// The validated settings this sweep runs with.
-    fn settings(&self, gateways: Vec<IpAddr>) -> SweepSettings {
-        SweepSettings {
-            guards: GuardSettings {
-                dry_run: !self.execute,
-                rate_limit: NonZeroU32::new(self.rate_limit),
-                max_deletes: self.max_deletes,
-                confirm_after: self.confirm_after,
-                ..GuardSettings::default()
-            },
-            filter: self.filter.filter(),
-            gateways,
-            proc_root: self.map.root.clone(),
-            recheck_max_age: RECHECK_MAX_AGE,
-        }
+    /// The validated guards this sweep runs with; a refused value names its flag.
+    fn guards(&self) -> anyhow::Result<GuardSettings> {
+        GuardSettings::new(
+            !self.execute,
+            self.rate_limit,
+            self.max_deletes,
+            self.confirm_after,
+        )
+        .map_err(|e| match e {
+            SettingsError::NoDeletes => {
+                anyhow::anyhow!("--max-deletes {}: {e}", self.max_deletes)
+            }
+            SettingsError::ConfirmTooLong => anyhow::anyhow!(
+                "--confirm-after {}: {e}",
+                humantime::format_duration(self.confirm_after)
+            ),
+        })
     }
 }
 
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// The TOML config (config/sockmap-gc.toml lists every key with its default)
-    #[arg(long, value_name = "FILE", default_value = crate::config::DEFAULT_PATH)]
+    #[arg(long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
     pub config: PathBuf,
     /// Only report, whatever the config's dry_run says
     #[arg(long, conflicts_with = "execute")]
@@ -210,15 +235,12 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     pub map: Option<PathBuf>,
     /// Serve metrics on IP:PORT instead of the config's metrics_listen; "" for none
-    #[arg(long, value_name = "ADDR", value_parser = crate::config::parse_listen_flag)]
-    pub metrics_listen: Option<crate::config::Listen>,
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_listen_flag)]
+    pub metrics_listen: Option<config::Listen>,
     /// Log format, instead of the config's log_format
     #[arg(long, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<crate::config::LogFormat>,
+    pub log_format: Option<config::LogFormat>,
 }
-
-/// How old the inventory behind a delete's re-check may be.
-const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// How a successful run ended, as the process exit code says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,13 +264,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Audit(args) => audit(args),
         Command::Sweep(args) => sweep(args),
         Command::Daemon(args) => {
-            let overrides = crate::config::Overrides {
+            let overrides = config::Overrides {
                 dry_run: (args.dry_run || args.execute).then_some(args.dry_run),
                 map: args.map,
                 metrics_listen: args.metrics_listen.map(|l| l.0),
                 log_format: args.log_format,
             };
-            crate::daemon::run(&args.config, overrides).map(|()| Outcome::Clean)
+            crate::cmd::daemon::run(&args.config, overrides).map(|()| Outcome::Clean)
         }
         Command::Generate(args) => {
             let mut out = Vec::new();
@@ -419,9 +441,9 @@ peer     its peer socket (local {remote}, remote {local}) is filed under the twi
 fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     let filter = args.filter.filter();
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
-    let gateways = gateways(&args.map);
-    let mut identity = IdentitySource::new(args.map.identity)?;
-    let observation = audit::observe(&map, &args.map.root, &gateways, &mut identity)?;
+    let gateways = observe::gateways(&args.map.gateway);
+    let mut identity = IdentitySource::new(args.map.identity.into())?;
+    let observation = observe::observe(&map, &args.map.root, &gateways, &mut identity)?;
     let source = map_source(&map);
     let selected = report::selected(&observation, &filter);
     let stale = selected.iter().any(|e| e.verdict.is_stale());
@@ -448,8 +470,14 @@ fn sweep(args: SweepArgs) -> anyhow::Result<Outcome> {
     } else {
         Access::ReadOnly
     };
+    let guards = args.guards()?;
     let map = SockMap::open_default(args.map.map.as_deref(), access)?;
-    let settings = args.settings(gateways(&args.map));
+    let settings = SweepSettings::new(
+        guards,
+        args.filter.filter(),
+        observe::gateways(&args.map.gateway),
+        args.map.root.clone(),
+    );
     let mut trail = args.trail.as_deref().map(Trail::open).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
@@ -460,7 +488,7 @@ fn sweep(args: SweepArgs) -> anyhow::Result<Outcome> {
             .context("installing the signal handler")?;
     }
     let mut display = ProgressDisplay::new();
-    let mut identity = IdentitySource::new(args.map.identity)?;
+    let mut identity = IdentitySource::new(args.map.identity.into())?;
     let report = sweep::sweep(
         &map,
         &settings,
@@ -524,19 +552,6 @@ impl ProgressDisplay {
     }
 }
 
-fn gateways(args: &MapArgs) -> Vec<IpAddr> {
-    if !args.gateway.is_empty() {
-        return args.gateway.clone();
-    }
-    let found = audit::cilium_host_addresses();
-    if found.is_empty() {
-        tracing::warn!(
-            "no cilium_host interface here: L7-proxy entries cannot be recognised; give --gateway IP if Cilium's proxy is in use"
-        );
-    }
-    found
-}
-
 fn map_source(map: &SockMap) -> MapSource {
     MapSource {
         path: map.path().display().to_string(),
@@ -557,5 +572,45 @@ fn write_stdout_with(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -
     match write(&mut out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each sweep's flags and the flag the refusal names (none: accepted); the config file's
+    /// keys go through the same validator (config::tests::errors_name_the_key).
+    #[test]
+    fn sweep_flags_are_validated_as_the_config_is() {
+        let cases: [(&[&str], Option<&str>); 5] = [
+            (&[], None),
+            (&["--max-deletes", "1", "--confirm-after", "7d"], None),
+            (&["--rate-limit", "0", "--confirm-after", "0s"], None),
+            (
+                &["--max-deletes", "0"],
+                Some("--max-deletes 0: must be at least 1"),
+            ),
+            (
+                &["--confirm-after", "8d"],
+                Some("--confirm-after 8days: longer than"),
+            ),
+        ];
+        for (flags, refused) in cases {
+            let argv = ["sockmap-gc", "sweep"].iter().chain(flags).copied();
+            let Ok(Cli {
+                command: Command::Sweep(args),
+            }) = Cli::try_parse_from(argv)
+            else {
+                panic!("{flags:?} did not parse as a sweep");
+            };
+            match (args.guards(), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.to_string().starts_with(want), "{flags:?}: {e}");
+                }
+                (got, want) => panic!("{flags:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

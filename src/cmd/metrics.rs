@@ -15,10 +15,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use sockmap_gc::deletion::Outcome;
+use sockmap_gc::guard::Guard;
+use sockmap_gc::report::Summary;
+use sockmap_gc::sweep::{Interrupted, SweepReport};
+use sockmap_gc::verdict::VerdictKind;
 use tokio::net::TcpListener;
-
-use crate::report::Summary;
-use crate::sweep::{Interrupted, SweepReport};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabel {
@@ -40,24 +42,93 @@ struct GuardLabel {
     guard: &'static str,
 }
 
-const VERDICTS: [&str; 3] = ["live", "stale", "unknown"];
-const OUTCOMES: [&str; 4] = ["deleted", "already_gone", "spared", "failed"];
-const RESULTS: [&str; 4] = ["ok", "held", "interrupted", "error"];
-/// The guards that can stop deletions; `Hold::guard` names the first three.
-const GUARDS: [&str; 5] = [
-    "incomplete-inventory",
-    "map-replaced",
-    "inventory-shrank",
-    "recheck-incomplete",
-    "max-deletes",
+impl VerdictLabel {
+    fn of(v: VerdictKind) -> Self {
+        VerdictLabel {
+            verdict: v.as_str(),
+        }
+    }
+}
+
+impl OutcomeLabel {
+    fn of(o: Outcome) -> Self {
+        OutcomeLabel {
+            outcome: o.as_str(),
+        }
+    }
+}
+
+impl ResultLabel {
+    fn of(r: SweepResult) -> Self {
+        ResultLabel { result: r.as_str() }
+    }
+}
+
+impl GuardLabel {
+    fn of(g: Guard) -> Self {
+        GuardLabel { guard: g.as_str() }
+    }
+}
+
+/// Creates the series of `family` for every label in `labels`.
+fn create_every<L: Clone + std::hash::Hash + Eq, M: Default>(
+    family: &Family<L, M>,
+    labels: impl IntoIterator<Item = L>,
+) {
+    for label in labels {
+        drop(family.get_or_create(&label));
+    }
+}
+
+/// The guards whose trips are counted: the fail-closed ones that can stop a whole sweep,
+/// the re-check's, and the cap.
+const TRIPS: [Guard; 5] = [
+    Guard::IncompleteInventory,
+    Guard::MapReplaced,
+    Guard::InventoryShrank,
+    Guard::RecheckIncomplete,
+    Guard::MaxDeletes,
 ];
 
+/// How a sweep ended: the `result` label, and the summary line's word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepResult {
+    Ok,
+    Held,
+    Interrupted,
+    Error,
+}
+
+impl SweepResult {
+    const ALL: [SweepResult; 4] = [
+        SweepResult::Ok,
+        SweepResult::Held,
+        SweepResult::Interrupted,
+        SweepResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SweepResult::Ok => "ok",
+            SweepResult::Held => "held",
+            SweepResult::Interrupted => "interrupted",
+            SweepResult::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for SweepResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a sweep ended, as the `result` label and the summary line say it.
-pub fn sweep_result(r: &SweepReport) -> &'static str {
+pub fn sweep_result(r: &SweepReport) -> SweepResult {
     match (&r.plan.hold, &r.interrupted) {
-        (Some(_), _) | (None, Some(Interrupted::RecheckIncomplete { .. })) => "held",
-        (None, Some(Interrupted::Signal)) => "interrupted",
-        (None, None) => "ok",
+        (Some(_), _) | (None, Some(Interrupted::RecheckIncomplete { .. })) => SweepResult::Held,
+        (None, Some(Interrupted::Signal)) => SweepResult::Interrupted,
+        (None, None) => SweepResult::Ok,
     }
 }
 
@@ -96,100 +167,81 @@ impl Metrics {
             interval: Gauge::default(),
             registry: Registry::with_prefix("sockmap_gc"),
         };
-        let registry = &mut m.registry;
-        registry.register(
-            "entries",
-            "Entries of the map by verdict in the last sweep's second observation",
-            m.entries.clone(),
-        );
-        registry.register(
-            "deletions",
-            "Stale entries the sweeps acted on, by outcome",
-            m.deletions.clone(),
-        );
-        registry.register("sweeps", "Sweeps run, by result", m.sweeps.clone());
-        registry.register(
-            "sweep_duration_seconds",
-            "How long each sweep took, both observations and the deletes",
-            m.sweep_duration.clone(),
-        );
-        registry.register(
-            "last_success_timestamp_seconds",
-            "Unix time at which the last sweep that was neither held nor failed ended",
-            m.last_success.clone(),
-        );
-        registry.register(
-            "guard_trips",
-            "Sweeps in which a guard withheld deletions, by guard",
-            m.guard_trips.clone(),
-        );
-        registry.register(
-            "map_id",
-            "Kernel id of the map the last sweep read (it changes when the map is re-created)",
-            m.map_id.clone(),
-        );
-        registry.register(
-            "dry_run",
-            "1 while the daemon only reports, 0 while it deletes",
-            m.dry_run.clone(),
-        );
-        registry.register(
-            "interval_seconds",
-            "The wait before the next sweep (it adapts within interval_min and interval_max)",
-            m.interval.clone(),
-        );
+        // Name, help and metric of each; the registry owns a handle of each.
+        macro_rules! register {
+            ($($name:literal, $help:literal, $metric:expr;)+) => {
+                $( m.registry.register($name, $help, $metric.clone()); )+
+            };
+        }
+        register! {
+            "entries", "Entries of the map by verdict in the last sweep's second observation",
+                m.entries;
+            "deletions", "Stale entries the sweeps acted on, by outcome",
+                m.deletions;
+            "sweeps", "Sweeps run, by result",
+                m.sweeps;
+            "sweep_duration_seconds", "How long each sweep took, both observations and the deletes",
+                m.sweep_duration;
+            "last_success_timestamp_seconds", "Unix time at which the last sweep that was neither held nor failed ended",
+                m.last_success;
+            "guard_trips", "Sweeps in which a guard withheld deletions, by guard",
+                m.guard_trips;
+            "map_id", "Kernel id of the map the last sweep read (it changes when the map is re-created)",
+                m.map_id;
+            "dry_run", "1 while the daemon only reports, 0 while it deletes",
+                m.dry_run;
+            "interval_seconds", "The wait before the next sweep (it adapts within interval_min and interval_max)",
+                m.interval;
+        }
         // Every series from the start: a rate() over a series that appears late misses its start.
-        for verdict in VERDICTS {
-            m.entries.get_or_create_owned(&VerdictLabel { verdict });
-        }
-        for outcome in OUTCOMES {
-            m.deletions.get_or_create_owned(&OutcomeLabel { outcome });
-        }
-        for result in RESULTS {
-            m.sweeps.get_or_create_owned(&ResultLabel { result });
-        }
-        for guard in GUARDS {
-            m.guard_trips.get_or_create_owned(&GuardLabel { guard });
-        }
+        let verdicts = VerdictKind::ALL.iter().map(|v| VerdictLabel::of(*v));
+        create_every(&m.entries, verdicts);
+        create_every(
+            &m.deletions,
+            Outcome::ALL.iter().map(|o| OutcomeLabel::of(*o)),
+        );
+        create_every(&m.sweeps, SweepResult::ALL.map(ResultLabel::of));
+        create_every(&m.guard_trips, TRIPS.map(GuardLabel::of));
         m
     }
 
     /// Records a sweep that ran to its report.
     pub fn record_sweep(&self, r: &SweepReport, ended: SystemTime) {
         let summary = Summary::of(&r.second.entries);
-        for (verdict, n) in [
-            ("live", summary.live),
-            ("stale", summary.stale),
-            ("unknown", summary.unknown),
-        ] {
+        let entries = [
+            (VerdictKind::Live, summary.live),
+            (VerdictKind::Stale, summary.stale),
+            (VerdictKind::Unknown, summary.unknown),
+        ];
+        for (verdict, n) in entries {
             self.entries
-                .get_or_create(&VerdictLabel { verdict })
+                .get_or_create(&VerdictLabel::of(verdict))
                 .set(n as i64);
         }
-        for (outcome, n) in [
-            ("deleted", r.deleted.len()),
-            ("already_gone", r.already_gone.len()),
-            ("spared", r.spared.len()),
-            ("failed", r.failed.len()),
-        ] {
-            self.deletions
-                .get_or_create(&OutcomeLabel { outcome })
-                .inc_by(n as u64);
+        let deletions = [
+            (Outcome::Deleted, r.deleted.len()),
+            (Outcome::AlreadyGone, r.already_gone.len()),
+            (Outcome::Spared, r.spared.len()),
+            (Outcome::Failed, r.failed.len()),
+        ];
+        for (outcome, n) in deletions {
+            let counter = self.deletions.get_or_create(&OutcomeLabel::of(outcome));
+            counter.inc_by(n as u64);
         }
         let result = sweep_result(r);
-        self.sweeps.get_or_create(&ResultLabel { result }).inc();
+        self.sweeps.get_or_create(&ResultLabel::of(result)).inc();
         self.sweep_duration.observe(r.took.as_secs_f64());
         if let Some(hold) = &r.plan.hold {
             self.trip(hold.guard());
         }
         if let Some(Interrupted::RecheckIncomplete { .. }) = r.interrupted {
-            self.trip("recheck-incomplete");
+            self.trip(Guard::RecheckIncomplete);
         }
         if r.plan.over_cap > 0 {
-            self.trip("max-deletes");
+            self.trip(Guard::MaxDeletes);
         }
         self.map_id.set(i64::from(r.map_id));
-        if result != "held" {
+        if result != SweepResult::Held {
             let secs = ended
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
@@ -201,13 +253,13 @@ impl Metrics {
     /// Records a sweep that failed before its report (no map, say).
     pub fn record_error(&self, took: Duration) {
         self.sweeps
-            .get_or_create(&ResultLabel { result: "error" })
+            .get_or_create(&ResultLabel::of(SweepResult::Error))
             .inc();
         self.sweep_duration.observe(took.as_secs_f64());
     }
 
-    fn trip(&self, guard: &'static str) {
-        self.guard_trips.get_or_create(&GuardLabel { guard }).inc();
+    fn trip(&self, guard: Guard) {
+        self.guard_trips.get_or_create(&GuardLabel::of(guard)).inc();
     }
 
     pub fn set_interval(&self, wait: Duration) {
@@ -307,6 +359,7 @@ mod tests {
         for want in [
             "sockmap_gc_entries{verdict=\"stale\"} 0",
             "sockmap_gc_deletions_total{outcome=\"deleted\"} 0",
+            "sockmap_gc_deletions_total{outcome=\"already-gone\"} 0",
             "sockmap_gc_sweeps_total{result=\"error\"} 1",
             "sockmap_gc_sweeps_total{result=\"ok\"} 0",
             "sockmap_gc_guard_trips_total{guard=\"map-replaced\"} 0",

@@ -1,0 +1,285 @@
+//! In-kernel compare-and-delete: the `compare_and_delete` program deletes each target's entry
+//! only while it holds the socket with the cookie that was judged, in passes of at most as
+//! many targets as the program's `targets` map holds.
+
+use std::collections::HashMap;
+use std::io;
+use std::mem;
+
+use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
+
+use super::records::{parse_records, read_iter, record_bytes, CadRecord, CadTarget};
+use super::{CadOutcome, IdentityError, IdentityReader, OBJECT};
+use crate::key::{RawKey, KEY_LEN};
+use crate::map::SockMap;
+
+const CAD_PROGRAM: &str = "compare_and_delete";
+const HELD_MAP: &str = "held";
+const TARGETS_MAP: &str = "targets";
+
+/// Outcome codes of the BPF program.
+const CAD_PENDING: i32 = 0;
+const CAD_DELETED: i32 = 1;
+const CAD_COOKIE_CHANGED: i32 = 2;
+
+impl IdentityReader {
+    /// Deletes each target's entry from inside the kernel only if it still holds the socket
+    /// with the given cookie. One outcome per target, in order. A key given twice is handled
+    /// in a later pass the second time (it is then `Gone` if the first pass deleted it).
+    ///
+    /// Fails with [`IdentityError::CompareAndDeleteRefused`] when the kernel refuses the
+    /// program: delete by key with the re-check instead.
+    pub fn compare_and_delete(
+        &mut self,
+        map: &SockMap,
+        targets: &[(RawKey, u64)],
+    ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        require_writable(map)?;
+        let object = self.cad_for(map)?;
+        let program = find_program(object, CAD_PROGRAM, map.id())?;
+        let table = object
+            .maps()
+            .find(|m| m.name() == TARGETS_MAP)
+            .ok_or_else(|| IdentityError::Malformed {
+                map_id: map.id(),
+                what: format!("the BPF object has no map {TARGETS_MAP}"),
+            })?;
+        let mut results = Vec::with_capacity(targets.len());
+        // A pass takes as many targets as the program's `targets` map holds.
+        let batch = usize::try_from(table.max_entries()).unwrap_or(1).max(1);
+        for chunk in chunks(targets, batch) {
+            results.extend(cad_pass(&program, &table, map, chunk)?);
+        }
+        Ok(results)
+    }
+
+    fn cad_for(&mut self, map: &SockMap) -> Result<&Object, IdentityError> {
+        if !matches!(&self.cad, Some((id, _)) if *id == map.id()) {
+            // Drop the program of a replaced map before loading the next one.
+            self.cad = None;
+            let object = load_cad(map).map_err(|e| IdentityError::CompareAndDeleteRefused {
+                map_id: map.id(),
+                kind: Some(e.kind()),
+                error: format!("{e:#}"),
+            })?;
+            self.cad = Some((map.id(), object));
+        }
+        match &self.cad {
+            Some((_, object)) => Ok(object),
+            None => Err(IdentityError::CompareAndDeleteRefused {
+                map_id: map.id(),
+                kind: None,
+                error: "the program was not kept after loading".to_string(),
+            }),
+        }
+    }
+}
+
+/// Opens the object without its skeleton: `bpf_map__reuse_fd` renames `held` after the
+/// reused map (e.g. `cilium_sock_ops`), a name the generated skeleton does not know.
+fn load_cad(map: &SockMap) -> libbpf_rs::Result<Object> {
+    let mut open = ObjectBuilder::default().open_memory(OBJECT)?;
+    for mut prog in open.progs_mut() {
+        if prog.name() != CAD_PROGRAM {
+            prog.set_autoload(false);
+        }
+    }
+    let mut reused = false;
+    for mut m in open.maps_mut() {
+        if m.name() == HELD_MAP {
+            m.reuse_fd(map.fd())?;
+            reused = true;
+        }
+    }
+    if !reused {
+        return Err(libbpf_rs::Error::from(io::Error::other(format!(
+            "the BPF object has no map {HELD_MAP}"
+        ))));
+    }
+    open.load()
+}
+
+fn find_program<'obj>(
+    object: &'obj Object,
+    name: &str,
+    map_id: u32,
+) -> Result<libbpf_rs::ProgramMut<'obj>, IdentityError> {
+    object
+        .progs_mut()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| IdentityError::Malformed {
+            map_id,
+            what: format!("the BPF object has no program {name}"),
+        })
+}
+
+/// Splits targets into passes of at most `batch` distinct keys, in order.
+fn chunks(targets: &[(RawKey, u64)], batch: usize) -> Vec<&[(RawKey, u64)]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut keys = std::collections::HashSet::new();
+    for (i, (key, _)) in targets.iter().enumerate() {
+        if keys.len() == batch || !keys.insert(*key) {
+            out.push(&targets[start..i]);
+            start = i;
+            keys.clear();
+            keys.insert(*key);
+        }
+    }
+    out.push(&targets[start..]);
+    out
+}
+
+/// One pass: fill `targets`, run the iterator once, collect outcomes, empty `targets`.
+fn cad_pass(
+    program: &libbpf_rs::ProgramMut<'_>,
+    table: &libbpf_rs::Map<'_>,
+    map: &SockMap,
+    chunk: &[(RawKey, u64)],
+) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
+    let id = map.id();
+    let fill_error = |e: libbpf_rs::Error| IdentityError::Targets {
+        map_id: id,
+        error: format!("{e:#}"),
+    };
+    // Left over from a pass that failed half-way.
+    let stale: Vec<Vec<u8>> = table.keys().collect();
+    for key in stale {
+        table.delete(&key).map_err(fill_error)?;
+    }
+    // One syscall each way for the whole chunk (hash map batch ops, Linux 5.6).
+    let count = u32::try_from(chunk.len()).map_err(|_| IdentityError::Targets {
+        map_id: id,
+        error: format!("{} targets in one pass", chunk.len()),
+    })?;
+    let mut keys = Vec::with_capacity(chunk.len() * KEY_LEN);
+    let mut values = Vec::with_capacity(chunk.len() * mem::size_of::<CadTarget>());
+    for (key, cookie) in chunk {
+        keys.extend_from_slice(&key.0);
+        let value = CadTarget {
+            cookie: *cookie,
+            outcome: CAD_PENDING,
+            pad: 0,
+        };
+        values.extend_from_slice(record_bytes(&value));
+    }
+    table
+        .update_batch(&keys, &values, count, MapFlags::ANY, MapFlags::ANY)
+        .map_err(fill_error)?;
+    let link =
+        program
+            .attach_iter(map.fd())
+            .map_err(|e| IdentityError::CompareAndDeleteRefused {
+                map_id: id,
+                kind: Some(e.kind()),
+                error: format!("{e:#}"),
+            })?;
+    let read = read_iter(id, &link);
+    drop(link);
+    let records: Vec<CadRecord> = parse_records(id, &read?)?;
+    let mut met: HashMap<RawKey, i32> =
+        records.iter().map(|r| (RawKey(r.key), r.outcome)).collect();
+    let mut results = Vec::with_capacity(chunk.len());
+    for (key, _) in chunk {
+        // A record lost to a read boundary still left its outcome in the target.
+        let code = match met.remove(key) {
+            Some(code) => code,
+            None => stored_outcome(id, table, key)?,
+        };
+        results.push((*key, outcome(id, key, code)?));
+    }
+    table
+        .delete_batch(&keys, count, MapFlags::ANY, MapFlags::ANY)
+        .map_err(fill_error)?;
+    Ok(results)
+}
+
+fn stored_outcome(
+    map_id: u32,
+    table: &libbpf_rs::Map<'_>,
+    key: &RawKey,
+) -> Result<i32, IdentityError> {
+    let value = table
+        .lookup(&key.0, MapFlags::ANY)
+        .map_err(|e| IdentityError::Targets {
+            map_id,
+            error: format!("{e:#}"),
+        })?;
+    match value {
+        Some(bytes) => Ok(parse_records::<CadTarget>(map_id, &bytes)?
+            .first()
+            .map_or(CAD_PENDING, |t| t.outcome)),
+        None => Ok(CAD_PENDING),
+    }
+}
+
+fn outcome(map_id: u32, key: &RawKey, code: i32) -> Result<CadOutcome, IdentityError> {
+    match code {
+        CAD_PENDING => Ok(CadOutcome::Gone),
+        CAD_DELETED => Ok(CadOutcome::Deleted),
+        CAD_COOKIE_CHANGED => Ok(CadOutcome::CookieChanged),
+        // Removed between the lookup and the delete: gone by itself.
+        n if n == -libc::ENOENT => Ok(CadOutcome::Gone),
+        n if n < 0 => Ok(CadOutcome::Failed(-n)),
+        n => Err(IdentityError::Malformed {
+            map_id,
+            what: format!("unknown outcome {n} for key {}", key.to_hex()),
+        }),
+    }
+}
+
+/// Refuses a map opened read-only: the program would delete through it regardless.
+fn require_writable(map: &SockMap) -> Result<(), IdentityError> {
+    let flags = nix::fcntl::fcntl(map.fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
+        IdentityError::CompareAndDeleteRefused {
+            map_id: map.id(),
+            kind: Some(libbpf_rs::Error::from_raw_os_error(e as i32).kind()),
+            error: format!("fcntl(F_GETFL) on the map fd: {e}"),
+        }
+    })?;
+    let mode = nix::fcntl::OFlag::from_bits_truncate(flags) & nix::fcntl::OFlag::O_ACCMODE;
+    if mode == nix::fcntl::OFlag::O_RDONLY {
+        return Err(IdentityError::ReadOnlyMap {
+            path: map.path().to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_codes() {
+        let k = RawKey([0; KEY_LEN]);
+        assert_eq!(outcome(1, &k, 0).unwrap(), CadOutcome::Gone);
+        assert_eq!(outcome(1, &k, 1).unwrap(), CadOutcome::Deleted);
+        assert_eq!(outcome(1, &k, 2).unwrap(), CadOutcome::CookieChanged);
+        assert_eq!(outcome(1, &k, -libc::ENOENT).unwrap(), CadOutcome::Gone);
+        assert_eq!(
+            outcome(1, &k, -libc::EBUSY).unwrap(),
+            CadOutcome::Failed(libc::EBUSY)
+        );
+        assert!(outcome(1, &k, 9).is_err());
+    }
+
+    #[test]
+    fn chunks_split_on_size_and_repeated_keys() {
+        let key = |i: u32| {
+            let mut k = [0u8; KEY_LEN];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            RawKey(k)
+        };
+        const BATCH: usize = 8192;
+        let many: Vec<(RawKey, u64)> = (0..(BATCH as u32 * 2 + 5)).map(|i| (key(i), 1)).collect();
+        let sizes: Vec<usize> = chunks(&many, BATCH).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![BATCH, BATCH, 5]);
+        let repeated = [(key(1), 1), (key(2), 2), (key(1), 3)];
+        let sizes: Vec<usize> = chunks(&repeated, BATCH).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![2, 1]);
+    }
+}

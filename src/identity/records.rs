@@ -1,0 +1,318 @@
+//! The records of the socket-identity programs, read as `#[repr(C)]` structs, and the
+//! iterator's bytes read to their end.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use libbpf_rs::Iter;
+
+use super::{HeldSocket, IdentityError};
+use crate::key::{RawKey, KEY_LEN};
+use crate::socket::TcpState;
+
+/// `struct identity_rec` of the BPF program: one per entry.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IdentityRecord {
+    key: [u8; KEY_LEN],
+    family: u16,
+    state: u8,
+    pad: u8,
+    cookie: u64,
+    local_addr: [u8; 16],
+    remote_addr: [u8; 16],
+    /// Host order (the kernel's `skc_num`).
+    local_port: u16,
+    /// Host order (the program converts `skc_dport`).
+    remote_port: u16,
+    netns_inode: u32,
+}
+const _: () = assert!(mem::size_of::<IdentityRecord>() == 96);
+
+/// `struct cad_rec` of the BPF program: one per target the iteration met.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CadRecord {
+    pub(super) key: [u8; KEY_LEN],
+    pub(super) outcome: i32,
+    pub(super) cookie: u64,
+}
+const _: () = assert!(mem::size_of::<CadRecord>() == 56);
+
+/// `struct cad_target`: the value of the program's `targets` map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CadTarget {
+    pub(super) cookie: u64,
+    pub(super) outcome: i32,
+    pub(super) pad: u32,
+}
+const _: () = assert!(mem::size_of::<CadTarget>() == 16);
+
+/// Plain integers only, so every byte pattern is a valid value.
+pub(super) trait Record: Copy {}
+impl Record for IdentityRecord {}
+impl Record for CadRecord {}
+impl Record for CadTarget {}
+
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+
+/// Bytes asked of the iterator per read(2). The kernel fills a buffer of 8 pages per read and
+/// stops once it holds this much, so with a request well below 8 pages no record overflows
+/// its buffer and has to be shown again.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads the identity iterator behind `link` to its end: the socket behind every entry, one
+/// per key, in the iterator's order. `max_entries` is the map's, to size the result once.
+pub(super) fn read_entries(
+    map_id: u32,
+    max_entries: u32,
+    link: &libbpf_rs::Link,
+) -> Result<Vec<(RawKey, HeldSocket)>, IdentityError> {
+    // Sized for a full map once, rather than grown through copies (capped, as the map's
+    // own size is not ours to trust with an allocation).
+    let capacity = usize::try_from(max_entries).map_or(0, |n| n.min(1 << 20));
+    let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
+    let mut entries: Vec<(RawKey, HeldSocket)> = Vec::with_capacity(capacity);
+    // Parsed as the bytes come: a full map's records as a buffer and again as a list
+    // would double what the read costs in memory.
+    let mut partial: Vec<u8> = Vec::with_capacity(mem::size_of::<IdentityRecord>());
+    read_chunks(map_id, link, |chunk| {
+        let mut rest = chunk;
+        if !partial.is_empty() {
+            let need = mem::size_of::<IdentityRecord>() - partial.len();
+            let take = need.min(rest.len());
+            partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if partial.len() < mem::size_of::<IdentityRecord>() {
+                return Ok(());
+            }
+            let whole = std::mem::take(&mut partial);
+            for record in parse_records::<IdentityRecord>(map_id, &whole)? {
+                file_entry(map_id, &record, &mut index, &mut entries)?;
+            }
+        }
+        let whole = rest.len() - rest.len() % mem::size_of::<IdentityRecord>();
+        for record in parse_records::<IdentityRecord>(map_id, &rest[..whole])? {
+            file_entry(map_id, &record, &mut index, &mut entries)?;
+        }
+        partial.extend_from_slice(&rest[whole..]);
+        Ok(())
+    })?;
+    if !partial.is_empty() {
+        return Err(IdentityError::Malformed {
+            map_id,
+            what: format!(
+                "the read ended inside a record ({} of {} bytes)",
+                partial.len(),
+                mem::size_of::<IdentityRecord>()
+            ),
+        });
+    }
+    Ok(entries)
+}
+
+/// Files one record's entry; a bucket shown again after a read boundary replaces the earlier
+/// sighting, which is older.
+fn file_entry(
+    map_id: u32,
+    record: &IdentityRecord,
+    index: &mut HashMap<RawKey, usize>,
+    entries: &mut Vec<(RawKey, HeldSocket)>,
+) -> Result<(), IdentityError> {
+    let key = RawKey(record.key);
+    let held = held_socket(map_id, record)?;
+    match index.get(&key).and_then(|&at| entries.get_mut(at)) {
+        Some(entry) => entry.1 = held,
+        None => {
+            index.insert(key, entries.len());
+            entries.push((key, held));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the iterator to its end.
+pub(super) fn read_iter(map_id: u32, link: &libbpf_rs::Link) -> Result<Vec<u8>, IdentityError> {
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    read_chunks(map_id, link, |chunk| {
+        out.extend_from_slice(chunk);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Reads the iterator to its end in READ_CHUNK reads, handing each read's bytes to `each`
+/// (a record may straddle two reads).
+fn read_chunks(
+    map_id: u32,
+    link: &libbpf_rs::Link,
+    mut each: impl FnMut(&[u8]) -> Result<(), IdentityError>,
+) -> Result<(), IdentityError> {
+    let mut iter = Iter::new(link).map_err(|e| IdentityError::Read {
+        map_id,
+        bytes: 0,
+        source: io::Error::other(format!("{e:#}")),
+    })?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut total = 0;
+    loop {
+        match iter.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                total += n;
+                each(&buf[..n])?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => {
+                return Err(IdentityError::Read {
+                    map_id,
+                    bytes: total,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+pub(super) fn parse_records<T: Record>(map_id: u32, bytes: &[u8]) -> Result<Vec<T>, IdentityError> {
+    let size = mem::size_of::<T>();
+    if !bytes.len().is_multiple_of(size) {
+        return Err(IdentityError::Malformed {
+            map_id,
+            what: format!(
+                "{} bytes are no whole number of {size}-byte records",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(size)
+        .map(|chunk| {
+            // SAFETY: `chunk` holds exactly size_of::<T>() bytes; T is a #[repr(C)] record of
+            // plain integers (the Record trait), so every byte pattern is a valid T, and
+            // read_unaligned makes no alignment demand on the byte buffer.
+            unsafe { chunk.as_ptr().cast::<T>().read_unaligned() }
+        })
+        .collect())
+}
+
+pub(super) fn record_bytes<T: Record>(value: &T) -> &[u8] {
+    // SAFETY: `value` is a live T of size_of::<T>() bytes, readable as bytes for the borrow's
+    // life; the records are #[repr(C)] with explicit padding fields, so no byte is
+    // uninitialised.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), mem::size_of::<T>()) }
+}
+
+fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityError> {
+    let (local, remote) = match r.family {
+        AF_INET => {
+            let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
+            (ip(&r.local_addr), ip(&r.remote_addr))
+        }
+        AF_INET6 => (
+            IpAddr::V6(Ipv6Addr::from(r.local_addr)),
+            IpAddr::V6(Ipv6Addr::from(r.remote_addr)),
+        ),
+        other => {
+            return Err(IdentityError::Malformed {
+                map_id,
+                what: format!(
+                    "key {} holds a socket of family {other}, not AF_INET or AF_INET6",
+                    RawKey(r.key).to_hex()
+                ),
+            })
+        }
+    };
+    Ok(HeldSocket {
+        cookie: r.cookie,
+        local: SocketAddr::new(local, r.local_port),
+        remote: SocketAddr::new(remote, r.remote_port),
+        state: TcpState::from_kernel(r.state),
+        netns_inode: u64::from(r.netns_inode),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn record(family: u16) -> IdentityRecord {
+        let mut local_addr = [0u8; 16];
+        let mut remote_addr = [0u8; 16];
+        local_addr[..4].copy_from_slice(&[10, 1, 2, 2]);
+        remote_addr[..4].copy_from_slice(&[10, 1, 2, 1]);
+        IdentityRecord {
+            key: [7; KEY_LEN],
+            family,
+            state: 1,
+            pad: 0,
+            cookie: 0x1234,
+            local_addr,
+            remote_addr,
+            local_port: 8080,
+            remote_port: 40000,
+            netns_inode: 4026532000,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_bytes() {
+        let r = record(AF_INET);
+        let mut bytes = record_bytes(&r).to_vec();
+        bytes.extend_from_slice(record_bytes(&r));
+        let back: Vec<IdentityRecord> = parse_records(1, &bytes).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].cookie, 0x1234);
+        assert_eq!(back[1].key, [7; KEY_LEN]);
+        let held = held_socket(1, &back[0]).unwrap();
+        assert_eq!(held.local, "10.1.2.2:8080".parse().unwrap());
+        assert_eq!(held.remote, "10.1.2.1:40000".parse().unwrap());
+        assert_eq!(held.state, TcpState::Established);
+        assert_eq!(held.netns_inode, 4026532000);
+    }
+
+    #[test]
+    fn field_offsets_match_the_c_layout() {
+        let r = record(AF_INET6);
+        let base = std::ptr::addr_of!(r) as usize;
+        assert_eq!(std::ptr::addr_of!(r.family) as usize - base, 44);
+        assert_eq!(std::ptr::addr_of!(r.state) as usize - base, 46);
+        assert_eq!(std::ptr::addr_of!(r.cookie) as usize - base, 48);
+        assert_eq!(std::ptr::addr_of!(r.local_addr) as usize - base, 56);
+        assert_eq!(std::ptr::addr_of!(r.remote_addr) as usize - base, 72);
+        assert_eq!(std::ptr::addr_of!(r.local_port) as usize - base, 88);
+        assert_eq!(std::ptr::addr_of!(r.remote_port) as usize - base, 90);
+        assert_eq!(std::ptr::addr_of!(r.netns_inode) as usize - base, 92);
+        let c = CadRecord {
+            key: [0; KEY_LEN],
+            outcome: 0,
+            cookie: 0,
+        };
+        let base = std::ptr::addr_of!(c) as usize;
+        assert_eq!(std::ptr::addr_of!(c.outcome) as usize - base, 44);
+        assert_eq!(std::ptr::addr_of!(c.cookie) as usize - base, 48);
+    }
+
+    #[test]
+    fn ipv6_and_unknown_families() {
+        let held = held_socket(1, &record(AF_INET6)).unwrap();
+        assert!(held.local.is_ipv6());
+        assert!(matches!(
+            held_socket(1, &record(1)),
+            Err(IdentityError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_partial_record_is_malformed() {
+        let r = record(AF_INET);
+        let bytes = &record_bytes(&r)[..95];
+        assert!(matches!(
+            parse_records::<IdentityRecord>(3, bytes),
+            Err(IdentityError::Malformed { map_id: 3, .. })
+        ));
+    }
+}
