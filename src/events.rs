@@ -29,6 +29,7 @@ use libbpf_rs::{
 
 use crate::identity::kind_text;
 use crate::key::{RawKey, SockKey, KEY_LEN};
+use crate::label::labels;
 use crate::socket::TcpState;
 
 /// The compiled BPF object (build.rs also generates its skeleton; the object is opened
@@ -132,13 +133,52 @@ pub struct Watching {
 }
 
 impl Watching {
-    /// The label the start line and the metric use.
     pub fn label(&self) -> &'static str {
-        match (self.closes, self.collisions) {
-            (true, true) => "closes-and-collisions",
-            (true, false) => "closes",
-            (false, true) => "collisions",
-            (false, false) => "none",
+        EventsState::of(EventsMode::On, Some(*self)).as_str()
+    }
+}
+
+labels! {
+    /// What a daemon hears from the kernel: its start line and the `mode` label of
+    /// `sockmap_gc_events`.
+    pub enum EventsState {
+        /// `events = "off"`.
+        Off => "off",
+        /// The kernel refused the programs (or they were given up): the pass alone.
+        Unavailable => "unavailable",
+        Closes => "closes",
+        Collisions => "collisions",
+        ClosesAndCollisions => "closes-and-collisions",
+    }
+}
+
+impl EventsState {
+    /// The state for `mode` with these programs running (`None`: none).
+    pub fn of(mode: EventsMode, watching: Option<Watching>) -> EventsState {
+        match (mode, watching) {
+            (
+                _,
+                Some(Watching {
+                    closes: true,
+                    collisions: true,
+                }),
+            ) => EventsState::ClosesAndCollisions,
+            (
+                _,
+                Some(Watching {
+                    closes: true,
+                    collisions: false,
+                }),
+            ) => EventsState::Closes,
+            (
+                _,
+                Some(Watching {
+                    closes: false,
+                    collisions: true,
+                }),
+            ) => EventsState::Collisions,
+            (EventsMode::Off, _) => EventsState::Off,
+            _ => EventsState::Unavailable,
         }
     }
 }

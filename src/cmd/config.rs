@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use sockmap_gc::events::EventsMode;
 use sockmap_gc::guard::{GuardSettings, SettingsError, MAX_DURATION};
 use sockmap_gc::identity::IdentityMode;
 
@@ -64,6 +65,9 @@ pub struct Settings {
     pub gateways: Vec<IpAddr>,
     /// Whether to see the socket behind each entry (the sockmap iterator).
     pub identity: IdentityMode,
+    /// Whether to watch the kernel for sockets in the map closing and inserts refused by a
+    /// stale entry, and act on them at once.
+    pub events: EventsMode,
 }
 
 impl Settings {
@@ -94,6 +98,7 @@ impl Default for Settings {
             log_format: LogFormat::Plain,
             gateways: Vec::new(),
             identity: IdentityMode::Auto,
+            events: EventsMode::Auto,
         }
     }
 }
@@ -160,6 +165,7 @@ struct FileConfig {
     log_format: Option<String>,
     gateways: Option<Vec<String>>,
     identity: Option<String>,
+    events: Option<String>,
 }
 
 /// Reads, validates and overrides the config at `path`.
@@ -320,6 +326,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         Some("off") => IdentityMode::Off,
         Some(v) => return Err(invalid("identity", v, "use \"auto\", \"on\" or \"off\"")),
     };
+    s.events = match file.events.as_deref() {
+        None => defaults.events,
+        Some("auto") => EventsMode::Auto,
+        Some("on") => EventsMode::On,
+        Some("off") => EventsMode::Off,
+        Some(v) => return Err(invalid("events", v, "use \"auto\", \"on\" or \"off\"")),
+    };
     Ok(s)
 }
 
@@ -364,7 +377,7 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 
 /// Every key the config file takes, for the tests of the shipped file and of the parser.
 #[cfg(test)]
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 13] = [
     "map",
     "interval_min",
     "interval_max",
@@ -377,6 +390,7 @@ const KEYS: [&str; 12] = [
     "log_format",
     "gateways",
     "identity",
+    "events",
 ];
 
 #[cfg(test)]

@@ -8,6 +8,9 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[path = "bench/events.rs"]
+mod events;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -85,6 +88,16 @@ struct Args {
     /// Lab id (names its namespaces smgc-ID-*, cgroup and pin directory)
     #[arg(long, default_value = "bench")]
     id: String,
+    /// What kernel events cost instead: the same churn with the daemon at events = off, then
+    /// on (see docs/BENCHMARKS.md)
+    #[arg(long)]
+    events_cost: bool,
+    /// --events-cost: connections per second over both pods
+    #[arg(long, default_value_t = 2200)]
+    events_rate: u32,
+    /// --events-cost: seconds each run's load lasts
+    #[arg(long, default_value_t = 30)]
+    events_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +154,17 @@ fn run(args: &Args) -> Result<()> {
     }
     println!("machine    {}", machine());
     println!("product    {}", product.display());
+    if args.events_cost {
+        let runs = events::bench(
+            &args.id,
+            args.events_rate,
+            Duration::from_secs(args.events_seconds),
+            &product,
+            &peer_bin,
+        )?;
+        println!("\n{}", events::markdown(&runs));
+        return Ok(());
+    }
     let mut results = Vec::new();
     for &entries in &args.entries {
         interrupt::check()?;
