@@ -5,7 +5,10 @@
  *
  * Two iter/sockmap programs; userspace attaches them to the map at run time:
  *  - identity: one struct identity_rec per entry: the raw key and, for the socket it holds,
- *    the cookie, family, own local and remote end, TCP state and network namespace inode.
+ *    the cookie, family, own local and remote end, TCP state, network namespace inode, and
+ *    what says who keeps it: the inode of the file that refers to it (0 when none does: a
+ *    connection in a listener's accept queue, or an orphan), whether it is orphaned
+ *    (SOCK_DEAD), and its last error (sk_err: ECONNRESET after a reset).
  *    Only direct BTF reads and bpf_get_socket_cookie: no fentry, no bpf_probe_read_kernel,
  *    so it loads under lockdown's confidentiality mode.
  *  - compare_and_delete: for each entry whose key is in `targets` and whose socket's cookie
@@ -18,6 +21,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "vmlinux_min.h"
 
 #define AF_INET 2
@@ -25,6 +29,10 @@
 #define EIO 5
 
 #define KEY_LEN 44
+/* enum sock_flags: bit 0 of sk_flags. */
+#define SOCK_DEAD 0
+/* struct identity_rec's flags. */
+#define IDENTITY_ORPHANED 1
 /* Targets per compare-and-delete pass; userspace sends larger batches in chunks. */
 #define CAD_BATCH 8192
 
@@ -49,8 +57,11 @@ struct identity_rec {
 	__u16 local_port;       /* 88: skc_num, host order */
 	__u16 remote_port;      /* 90: skc_dport converted to host order */
 	__u32 netns_inode;      /* 92: skc_net.net->ns.inum */
+	__u64 inode;            /* 96: sk_socket->file->f_inode->i_ino (fstat's st_ino), or 0 */
+	__s32 error;            /* 104: sk_err */
+	__u32 flags;            /* 108: IDENTITY_ORPHANED */
 };
-_Static_assert(sizeof(struct identity_rec) == 96, "identity_rec layout is shared with Rust");
+_Static_assert(sizeof(struct identity_rec) == 112, "identity_rec layout is shared with Rust");
 
 struct cad_target {
 	__u64 cookie;           /* the cookie of the socket that was judged stale */
@@ -80,6 +91,30 @@ struct {
 	__type(key, struct raw_key);
 	__type(value, struct cad_target);
 } targets SEC(".maps");
+
+/* SOCK_DEAD, wherever this kernel keeps the flags (sock_common since 6.x, sock before). */
+static __always_inline int sock_dead(struct sock *sk)
+{
+	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
+		return (sk->__sk_common.skc_flags >> SOCK_DEAD) & 1;
+	return (((struct sock___old *)sk)->sk_flags >> SOCK_DEAD) & 1;
+}
+
+/* The inode of the file that refers to the socket; 0 when no struct socket or no file does. */
+static __always_inline __u64 file_inode(struct sock *sk)
+{
+	struct socket *sock = sk->sk_socket;
+	struct file *file;
+	struct inode *inode;
+
+	if (!sock)
+		return 0;
+	file = sock->file;
+	if (!file)
+		return 0;
+	inode = file->f_inode;
+	return inode ? inode->i_ino : 0;
+}
 
 SEC("iter/sockmap")
 int identity(struct bpf_iter__sockmap *ctx)
@@ -120,6 +155,10 @@ int identity(struct bpf_iter__sockmap *ctx)
 	net = sk->__sk_common.skc_net.net;
 	if (net)
 		rec.netns_inode = net->ns.inum;
+	rec.inode = file_inode(sk);
+	rec.error = sk->sk_err;
+	if (sock_dead(sk))
+		rec.flags |= IDENTITY_ORPHANED;
 	bpf_seq_write(seq, &rec, sizeof(rec));
 	return 0;
 }

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The few kernel types bpf/sockmap_identity.bpf.c and bpf/sockmap_events.bpf.c read, declared for CO-RE instead of a
+ * The few kernel types bpf/sockmap_identity.bpf.c, bpf/sockmap_holders.bpf.c and
+ * bpf/sockmap_events.bpf.c read, declared for CO-RE instead of a
  * generated vmlinux.h, so the product builds on a machine without /sys/kernel/btf/vmlinux
  * (a Debian build host). Only the fields read are declared; every struct carries
  * preserve_access_index, so libbpf relocates each field offset at load time against the
@@ -56,6 +57,19 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+struct inode {
+	unsigned short i_mode;
+	unsigned long i_ino;
+};
+
+struct file {
+	struct inode *f_inode;
+};
+
+struct socket {
+	struct file *file;
+};
+
 struct sock_common {
 	__be32 skc_daddr;
 	__be32 skc_rcv_saddr;
@@ -66,12 +80,36 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	/* Moved here from struct sock in recent kernels (6.18 has it here); see sock___old. */
+	unsigned long skc_flags;
 };
 
 struct sock {
 	struct sock_common __sk_common;
+	/* NULL when no struct socket (and so no file) refers to the sock. */
+	struct socket *sk_socket;
+	int sk_err;
 	/* A psock (the socket is in a sockmap or sockhash) sets the SK_USER_DATA_NOCOPY bit. */
 	void *sk_user_data;
+};
+
+/* Kernels whose flags (SOCK_DEAD ...) still live in struct sock; the ___ suffix names a
+ * flavour of struct sock for CO-RE, matched by the part before it. */
+struct sock___old {
+	unsigned long sk_flags;
+};
+
+struct task_struct {
+	int tgid;
+	char comm[16];
+};
+
+/* kernel/bpf/task_iter.c: the context of an iter/task_file program. */
+struct bpf_iter__task_file {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+	__u32 fd;
+	struct file *file;
 };
 
 /* inet_sport keeps the local port after the kernel zeroes skc_num on unhash (TCP_CLOSE).

@@ -6,9 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-cargo build --release --workspace --locked
-bin=$PWD/target/release
+# SMGC_BIN=DIR uses binaries already built there (scripts/kernel-check.sh runs this in a guest).
+if [ -n "${SMGC_BIN:-}" ]; then
+  bin=$SMGC_BIN
+else
+  bash scripts/setup.sh
+  cargo build --release --workspace --locked
+  bin=$PWD/target/release
+fi
 
 # audit exits 1 when it finds stale entries: here that is the expected finding.
 cure="$bin/sockmap-gc audit --map {map}; test \$? -eq 1 && $bin/sockmap-gc sweep --map {map} --execute"

@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+target="${CARGO_TARGET_DIR:-target}"
+# One run at a time (the package and image tests both run this): cargo-deb's install, the
+# generated files and the package are all rewritten below.
+mkdir -p "$target/debian"
+exec 9>"$target/debian/.package.lock"
+flock 9
+
 CARGO_DEB_VERSION=3.8.0
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "package.sh: installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked)" >&2
@@ -16,7 +23,6 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 
 cargo build --release --locked -p sockmap-gc --bin sockmap-gc
-target="${CARGO_TARGET_DIR:-target}"
 bin="$target/release/sockmap-gc"
 # cargo-deb reads the assets under target/release/ in Cargo.toml from the real target directory.
 generated="$target/release/generated"
@@ -28,9 +34,13 @@ mkdir -p "$generated"
 
 # Dependencies are listed in Cargo.toml ([package.metadata.deb] depends), so dpkg-shlibdeps
 # (dpkg-dev) is not needed.
-rm -f "$target"/debian/sockmap-gc_*.deb
-# --strip: the release profile keeps line tables (debug = 1) for backtraces; the package does not.
-cargo deb --no-build --strip --locked -p sockmap-gc --output "$target/debian/" >&2
+# Made aside and moved in: a test still reading the previous package keeps reading it whole.
 deb="$target/debian/sockmap-gc_$("$bin" --version | awk '{print $2}')-1_$(dpkg --print-architecture).deb"
-[ -f "$deb" ] || { echo "package.sh: $deb was not made" >&2; exit 1; }
+made=$(mktemp -d "$target/debian/.made.XXXXXX")
+# --strip: the release profile keeps line tables (debug = 1) for backtraces; the package does not.
+cargo deb --no-build --strip --locked -p sockmap-gc --output "$made/" >&2
+[ -f "$made/${deb##*/}" ] || { echo "package.sh: $deb was not made" >&2; rm -rf "$made"; exit 1; }
+mv "$made/${deb##*/}" "$deb"
+rm -rf "$made"
+find "$target/debian" -maxdepth 1 -name 'sockmap-gc_*.deb' ! -name "${deb##*/}" -delete
 echo "$deb"

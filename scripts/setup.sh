@@ -8,7 +8,9 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
-packages=(clang llvm libelf-dev zlib1g-dev pkg-config bpftool iproute2 libbpf-dev linux-libc-dev prometheus python3-yaml systemd groff-base python3-venv binutils time)
+# podman with runc (crun refuses a hybrid cgroup layout) and debootstrap: the container image's
+# test (scripts/image.sh); python3-yaml: the tests that read deploy/.
+packages=(clang llvm libelf-dev zlib1g-dev pkg-config bpftool iproute2 libbpf-dev linux-libc-dev prometheus systemd groff-base python3-venv binutils time runc podman debootstrap python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -298,6 +298,7 @@ mod tests {
             lookups: None,
             per_netns: [(NS, sockets)].into_iter().collect(),
             took: Duration::ZERO,
+            holders: None,
         }
     }
 

@@ -61,6 +61,14 @@ pub struct HeldSocket {
     pub state: TcpState,
     /// The inode of its network namespace (`net:[INODE]`, [`crate::netns::NetnsId::inode`]).
     pub netns_inode: u64,
+    /// The inode of the file that refers to the socket (what `fstat` on a holder's fd
+    /// reports); 0 when no file does: a connection in a listener's accept queue, or an orphan.
+    pub inode: u64,
+    /// `SOCK_DEAD`: its application closed it.
+    pub orphaned: bool,
+    /// Its pending error (`sk_err`, an errno): `ECONNRESET` after a reset that no read has
+    /// reported to the application yet (a read takes it); 0 for none.
+    pub error: i32,
 }
 
 /// The socket behind every entry of one map, from one pass of the iterator.

@@ -6,7 +6,8 @@
 //! behind each entry) → inventory live sockets ([`socket`]) in every network namespace
 //! ([`netns`] finds them and enters each on a worker thread; [`diag`] dumps each one, or, with
 //! identity, [`lookup`] asks for the tuples that matter; both speak sock_diag through
-//! [`netlink`]) → judge ([`verdict`], pure) → guard ([`guard`], pure) → delete ([`sweep`],
+//! [`netlink`]) → judge ([`verdict`], pure) → name who keeps each stale entry ([`holder`],
+//! only when there are stale entries) → guard ([`guard`], pure) → delete ([`sweep`],
 //! deciding through [`deletion`], pure) → report ([`report`]). [`observe`] runs one
 //! observation through the first stages into the plain data of [`observation`].
 
@@ -18,6 +19,7 @@ pub mod deletion;
 pub mod diag;
 pub mod events;
 pub mod guard;
+pub mod holder;
 pub mod identity;
 pub mod key;
 pub mod lookup;

@@ -379,7 +379,7 @@ fn discover_with(root: &Path, check: NsCheck) -> Result<Discovery, NetnsError> {
 
 /// `(st_dev, st_ino)` of a process' or thread's `net/dev`: the same for every process in one
 /// network namespace, different across namespaces.
-fn proc_net_fingerprint(dir: &Path) -> Option<(u64, u64)> {
+pub(crate) fn proc_net_fingerprint(dir: &Path) -> Option<(u64, u64)> {
     fs::metadata(dir.join("net/dev"))
         .ok()
         .map(|m| (m.dev(), m.ino()))

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::holder::StaleHolders;
 use crate::identity::HeldSocket;
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::netns::NetnsId;
@@ -68,6 +69,9 @@ pub struct Observation {
     pub lookups: Option<LookupCounts>,
     pub per_netns: HashMap<NetnsId, usize>,
     pub took: Duration,
+    /// Who keeps each stale entry's socket, once [`crate::holder::diagnose`] ran on an
+    /// observation with stale entries.
+    pub holders: Option<StaleHolders>,
 }
 
 /// The exact lookups of one observation.

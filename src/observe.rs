@@ -1,7 +1,7 @@
 //! The observation stage: snapshot the map, inventory every namespace (or, with identity,
 //! look up the sockets that matter), judge each entry into an [`Observation`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Once;
@@ -98,8 +98,9 @@ impl Gathered {
             .collect();
         let mut procfs_tables = 0;
         let mut gone = 0;
+        let mut tables_read = HashSet::new();
         for e in &inventory.unreadable {
-            match read_denied_netns(e) {
+            match read_denied_netns(e, &mut tables_read) {
                 Denied::Read(rows) => {
                     procfs_tables += 1;
                     for p in rows {
@@ -112,6 +113,7 @@ impl Gathered {
                     }
                 }
                 Denied::Gone => gone += 1,
+                Denied::AlreadyRead => {}
                 Denied::Unreadable => unreadable.push(Unreadable {
                     what: e.path().display().to_string(),
                     error: e.to_string(),
@@ -184,12 +186,16 @@ enum Denied {
     Read(Vec<procnet::ProcSocket>),
     /// The process exited meanwhile: its namespace is gone, or reached through another path.
     Gone,
+    /// Its namespace's table was already read through another process.
+    AlreadyRead,
     Unreadable,
 }
 
 /// A process whose namespace file is denied to us (ptrace rules, an LSM) still shows its
-/// namespace's TCP table in `/proc/PID/net`: read it there instead of leaving a hole.
-fn read_denied_netns(e: &netns::NetnsError) -> Denied {
+/// namespace's TCP table in `/proc/PID/net`: read it there instead of leaving a hole, once
+/// per namespace (`read` holds the `net/dev` fingerprints of the tables already read: in a pod
+/// with only CAP_SYS_ADMIN, every host process is denied, and each would read the same table).
+fn read_denied_netns(e: &netns::NetnsError, read: &mut HashSet<(u64, u64)>) -> Denied {
     let netns::NetnsError::Stat { path, source } = e else {
         return Denied::Unreadable;
     };
@@ -200,8 +206,17 @@ fn read_denied_netns(e: &netns::NetnsError) -> Denied {
     ) else {
         return Denied::Unreadable;
     };
+    let before = netns::proc_net_fingerprint(dir);
+    if before.is_some_and(|fp| read.contains(&fp)) {
+        return Denied::AlreadyRead;
+    }
     match procnet::read(dir) {
         Ok(rows) => {
+            // Recorded only if the process did not change namespace (or its PID was not
+            // reused) during the read: a namespace wrongly marked read would go unseen.
+            if let Some(fp) = before.filter(|fp| netns::proc_net_fingerprint(dir) == Some(*fp)) {
+                read.insert(fp);
+            }
             tracing::debug!(path = %path.display(), sockets = rows.len(), "namespace file denied; read its TCP table from procfs");
             Denied::Read(rows)
         }
@@ -290,6 +305,7 @@ pub fn observe(
         unreadable: sockets.unreadable,
         per_netns: sockets.per_netns,
         took: started.elapsed(),
+        holders: None,
     })
 }
 
@@ -328,4 +344,44 @@ pub fn gateways(given: &[IpAddr]) -> Vec<IpAddr> {
         });
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// Two processes in one denied namespace (their `net/dev` is one inode) and one in
+    /// another: two tables read, not three.
+    #[test]
+    fn a_denied_namespace_is_read_once_whatever_its_processes() {
+        let root = std::env::temp_dir().join(format!("smgc-observe-denied-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let table = "  sl  local_address rem_address   st\n   0: 0100007F:1F90 0100007F:9C40 01\n";
+        let proc_dir = |pid: u32| root.join(pid.to_string());
+        for pid in [1, 2, 3] {
+            fs::create_dir_all(proc_dir(pid).join("net")).expect("fake /proc");
+            fs::write(proc_dir(pid).join("net/tcp"), table).expect("fake tcp table");
+        }
+        fs::write(proc_dir(1).join("net/dev"), "").expect("net/dev");
+        fs::hard_link(proc_dir(1).join("net/dev"), proc_dir(2).join("net/dev")).expect("link");
+        fs::write(proc_dir(3).join("net/dev"), "").expect("net/dev");
+        let denied = |pid: u32| netns::NetnsError::Stat {
+            path: proc_dir(pid).join("ns/net"),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        let mut read = HashSet::new();
+        let outcomes: Vec<&str> = [1, 2, 3]
+            .iter()
+            .map(|&pid| match read_denied_netns(&denied(pid), &mut read) {
+                Denied::Read(rows) if rows.len() == 1 => "read",
+                Denied::Read(_) => "read, wrong rows",
+                Denied::AlreadyRead => "already read",
+                Denied::Gone => "gone",
+                Denied::Unreadable => "unreadable",
+            })
+            .collect();
+        let _ = fs::remove_dir_all(&root);
+        assert_eq!(outcomes, ["read", "already read", "read"]);
+    }
 }

@@ -8,6 +8,10 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::guard::Guard;
+use crate::holder::{
+    summarize, Classified, Diagnosis, Holder, HolderClass, HolderProcess, HolderSummary, ScanInfo,
+    ScanMethod, StaleHolders, UnknownHolder,
+};
 use crate::key::RawKey;
 use crate::observation::{Filter, Judged, Observation};
 use crate::socket::TcpState;
@@ -71,6 +75,32 @@ pub struct JsonEntry {
     /// The socket the entry holds, when identity is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<JsonSocket>,
+    /// Who keeps the socket of a stale entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<JsonHolder>,
+}
+
+/// A stale entry's holder class, why, and the processes holding its socket.
+#[derive(Debug, Serialize)]
+pub struct JsonHolder {
+    pub class: HolderClass,
+    /// Why the holder is not known, for `holder-unknown`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<UnknownHolder>,
+    /// The fact and the fix.
+    pub reason: String,
+    pub holders: Vec<Holder>,
+}
+
+impl JsonHolder {
+    pub fn of(d: &Diagnosis) -> JsonHolder {
+        JsonHolder {
+            class: d.class(),
+            unknown: d.classified.unknown,
+            reason: d.classified.reason(),
+            holders: d.holders.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -81,10 +111,19 @@ pub struct JsonSocket {
     pub remote: String,
     pub state: TcpState,
     pub netns_inode: u64,
+    /// The inode of the file that refers to the socket (`ls -l /proc/PID/fd` shows
+    /// `socket:[INODE]`); 0 when none does.
+    pub inode: u64,
+    /// `SOCK_DEAD`: its application closed it.
+    pub orphaned: bool,
+    /// Its pending error (`sk_err`), e.g. `ECONNRESET`, unless none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl JsonEntry {
-    pub fn of(e: &Judged) -> JsonEntry {
+    /// `e` with its holder diagnosis, when it has one (stale entries, after the holder pass).
+    pub fn of(e: &Judged, holder: Option<&Diagnosis>) -> JsonEntry {
         let key = e.key().ok();
         JsonEntry {
             key: e.raw.to_hex(),
@@ -100,9 +139,18 @@ impl JsonEntry {
                 remote: h.remote.to_string(),
                 state: h.state,
                 netns_inode: h.netns_inode,
+                inode: h.inode,
+                orphaned: h.orphaned,
+                error: (h.error != 0).then(|| errno_name(h.error)),
             }),
+            holder: holder.map(JsonHolder::of),
         }
     }
+}
+
+/// `ECONNRESET` for 104: the kernel's name of an errno.
+fn errno_name(errno: i32) -> String {
+    format!("{:?}", nix::errno::Errno::from_raw(errno))
 }
 
 #[derive(Debug, Serialize)]
@@ -154,12 +202,83 @@ pub struct AuditJson<'a> {
     pub inventory: JsonInventory,
     pub entries: JsonEntries<'a>,
     pub summary: Summary,
+    /// The selected stale entries counted by holder, once the holder pass ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_by_holder: Option<JsonStaleByHolder>,
+}
+
+/// "Stale by holder" for scripts.
+#[derive(Debug, Serialize)]
+pub struct JsonStaleByHolder {
+    /// Stale entries per holder class.
+    pub by_class: BTreeMap<&'static str, usize>,
+    pub top_processes: Vec<JsonHolderCount>,
+    pub top_pods: Vec<JsonPodCount>,
+    /// How the holders were searched; absent when no stale socket had a file to look for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<JsonHolderSearch>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonHolderCount {
+    #[serde(flatten)]
+    pub process: HolderProcess,
+    pub entries: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonPodCount {
+    pub pod_uid: String,
+    pub entries: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonHolderSearch {
+    pub method: ScanMethod,
+    /// Whether every process was looked at.
+    pub complete: bool,
+    pub notes: Vec<String>,
+    pub ms: u128,
+}
+
+impl JsonStaleByHolder {
+    pub fn of(s: HolderSummary, search: Option<&ScanInfo>) -> JsonStaleByHolder {
+        JsonStaleByHolder {
+            by_class: s.by_class.iter().map(|(c, n)| (c.as_str(), *n)).collect(),
+            top_processes: s
+                .top_processes
+                .into_iter()
+                .map(|(process, entries)| JsonHolderCount { process, entries })
+                .collect(),
+            top_pods: s
+                .top_pods
+                .into_iter()
+                .map(|(pod_uid, entries)| JsonPodCount { pod_uid, entries })
+                .collect(),
+            search: search.map(|i| JsonHolderSearch {
+                method: i.method,
+                complete: i.complete,
+                notes: i.notes.clone(),
+                ms: i.took.as_millis(),
+            }),
+        }
+    }
+}
+
+/// How many processes and pods "stale by holder" names.
+pub const TOP_HOLDERS: usize = 5;
+
+/// The selected entries' "stale by holder", once the holder pass ran.
+pub fn stale_by_holder(o: &Observation, entries: &[&Judged]) -> Option<HolderSummary> {
+    let holders = o.holders.as_ref()?;
+    let diagnoses = entries.iter().filter_map(|e| holders.of(&e.raw));
+    Some(summarize(diagnoses, TOP_HOLDERS))
 }
 
 /// The selected entries, each turned into a [`JsonEntry`] only as it is written: a full
 /// map's entries as JSON values would take several times the memory of the entries.
 #[derive(Debug)]
-pub struct JsonEntries<'a>(Vec<&'a Judged>);
+pub struct JsonEntries<'a>(Vec<&'a Judged>, Option<&'a StaleHolders>);
 
 impl JsonEntries<'_> {
     pub fn len(&self) -> usize {
@@ -173,7 +292,11 @@ impl JsonEntries<'_> {
 
 impl Serialize for JsonEntries<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|e| JsonEntry::of(e)))
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .map(|e| JsonEntry::of(e, self.1.and_then(|h| h.of(&e.raw)))),
+        )
     }
 }
 
@@ -199,11 +322,13 @@ fn verdict_rank(v: &Verdict) -> u8 {
 
 pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -> AuditJson<'a> {
     let entries = selected(o, filter);
+    let search = o.holders.as_ref().and_then(|h| h.scan.as_ref());
     AuditJson {
         map: source.clone(),
         inventory: JsonInventory::of(o),
         summary: Summary::of(entries.iter().copied()),
-        entries: JsonEntries(entries),
+        stale_by_holder: stale_by_holder(o, &entries).map(|s| JsonStaleByHolder::of(s, search)),
+        entries: JsonEntries(entries, o.holders.as_ref()),
     }
 }
 
@@ -271,6 +396,22 @@ pub fn header(source: &MapSource, o: &Observation) -> String {
             "off: tuple evidence only (see --identity)"
         }
     );
+    if let Some(scan) = o.holders.as_ref().and_then(|h| h.scan.as_ref()) {
+        let how = match scan.method {
+            ScanMethod::Iterator => "the BPF task_file iterator",
+            ScanMethod::Procfs => "/proc/PID/fd",
+        };
+        let _ = writeln!(
+            out,
+            "holders    stale sockets' holders searched through {how}{} ({} ms){}",
+            if scan.complete { "" } else { ", INCOMPLETE" },
+            scan.took.as_millis(),
+            scan.notes
+                .iter()
+                .map(|n| format!("\n           {n}"))
+                .collect::<String>()
+        );
+    }
     if !o.is_complete() {
         let _ = writeln!(
             out,
@@ -306,28 +447,33 @@ pub fn write_audit_table(
     writeln!(out)?;
     writeln!(
         out,
-        "{:<8} {:<6} {:<45} {:<45} REASON",
-        "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE"
+        "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} REASON",
+        "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE", "HOLDER"
     )?;
     for e in &entries {
-        // Written through the formatter, with no String per field: a full map is 65,535 rows.
+        // Written through the formatter, with no String per field: a full map is 65,535 rows
+        // (only a stale entry's holder is a String: they are few).
+        let holder = o.holders.as_ref().and_then(|h| h.of(&e.raw));
+        let holder = holder.map_or_else(|| "-".to_string(), Diagnosis::column);
         match e.key() {
             Ok(k) => writeln!(
                 out,
-                "{:<8} {:<6} {:<45} {:<45} {}",
+                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
                 e.verdict.label(),
                 k.family,
                 k.local,
                 k.remote,
+                holder,
                 e.verdict
             )?,
             Err(_) => writeln!(
                 out,
-                "{:<8} {:<6} {:<45} {:<45} {}",
+                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
                 e.verdict.label(),
                 "?",
                 "-",
                 "-",
+                holder,
                 e.verdict
             )?,
         }
@@ -335,6 +481,13 @@ pub fn write_audit_table(
     let summary = Summary::of(entries.iter().copied());
     writeln!(out)?;
     out.write_all(summary_lines(&summary).as_bytes())?;
+    if let Some(by_holder) = stale_by_holder(o, &entries) {
+        out.write_all(holder_lines(&by_holder).as_bytes())?;
+        writeln!(out, "why, and what to do:")?;
+        for c in holder_reasons(o, &entries) {
+            writeln!(out, "  {}", c.reason())?;
+        }
+    }
     let mut stale = entries.iter().filter(|e| e.verdict.is_stale()).peekable();
     if stale.peek().is_some() {
         writeln!(
@@ -346,6 +499,51 @@ pub fn write_audit_table(
         }
     }
     Ok(())
+}
+
+/// The holder column's width: `pid 4242 nginx, pod 7c1e3f4a… ctr 0123456789ab…` fits.
+const HOLDER_WIDTH: usize = 56;
+
+/// "Stale by holder": counts per class, the top processes and pods.
+pub fn holder_lines(s: &HolderSummary) -> String {
+    let mut out = String::from("stale by holder:\n");
+    for (class, n) in &s.by_class {
+        let _ = writeln!(out, "  {:<40} {n}", class.as_str());
+    }
+    if !s.top_processes.is_empty() {
+        out.push_str("  top processes:\n");
+        for (p, n) in &s.top_processes {
+            let _ = writeln!(out, "    {:<78} {n}", p.to_string());
+        }
+    }
+    if !s.top_pods.is_empty() {
+        out.push_str("  top pods:\n");
+        for (uid, n) in &s.top_pods {
+            let _ = writeln!(out, "    pod {uid:<74} {n}");
+        }
+    }
+    out
+}
+
+/// The holder classes of the selected stale entries, each once: their facts and fixes.
+pub fn holder_reasons(o: &Observation, entries: &[&Judged]) -> Vec<Classified> {
+    let Some(holders) = o.holders.as_ref() else {
+        return Vec::new();
+    };
+    let present: HashSet<Classified> = entries
+        .iter()
+        .filter_map(|e| holders.of(&e.raw))
+        .map(|d| d.classified)
+        .collect();
+    let mut out: Vec<Classified> = present.into_iter().collect();
+    out.sort_by_key(|c| {
+        (
+            HolderClass::ALL.iter().position(|k| *k == c.class),
+            c.unknown
+                .and_then(|u| UnknownHolder::ALL.iter().position(|k| *k == u)),
+        )
+    });
+    out
 }
 
 pub fn summary_lines(s: &Summary) -> String {
@@ -510,7 +708,12 @@ fn planned_entries(r: &SweepReport) -> Vec<JsonEntry> {
     r.plan
         .delete
         .iter()
-        .filter_map(|k| by_key.get(k).map(|e| JsonEntry::of(e)))
+        .filter_map(|k| {
+            by_key.get(k).map(|e| {
+                let holder = r.second.holders.as_ref().and_then(|h| h.of(k));
+                JsonEntry::of(e, holder)
+            })
+        })
         .collect()
 }
 
@@ -629,6 +832,7 @@ mod tests {
             lookups: None,
             per_netns: Default::default(),
             took: Duration::from_millis(3),
+            holders: None,
         }
     }
 
@@ -692,6 +896,131 @@ mod tests {
         let j = audit_json(&source(), &o, &filter);
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.summary.stale, 1);
+    }
+
+    /// The observation with its three stale entries diagnosed: two kept by one process in
+    /// a pod, one in an accept queue.
+    fn diagnosed() -> Observation {
+        use crate::holder::{kubepods, PodCgroup, StaleHolders};
+        let mut o = observation();
+        let nginx = Holder {
+            pid: 4242,
+            fd: 7,
+            comm: "nginx".into(),
+            cgroup: Some("/kubepods/pod7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6/c0ffee".into()),
+            pod: Some(PodCgroup {
+                pod_uid: "7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6".into(),
+                qos: kubepods::QosClass::Guaranteed,
+                container: None,
+            }),
+        };
+        let kept = |holders| Diagnosis {
+            classified: Classified {
+                class: HolderClass::AppKeepsFd,
+                unknown: None,
+            },
+            holders,
+        };
+        let stale: Vec<RawKey> = o
+            .entries
+            .iter()
+            .filter(|e| e.verdict.is_stale())
+            .map(|e| e.raw)
+            .collect();
+        let by_key = [
+            (stale[0], kept(vec![nginx.clone()])),
+            (stale[1], kept(vec![nginx])),
+            (
+                stale[2],
+                Diagnosis {
+                    classified: Classified {
+                        class: HolderClass::AcceptQueue,
+                        unknown: None,
+                    },
+                    holders: vec![],
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        o.holders = Some(StaleHolders {
+            by_key,
+            scan: Some(ScanInfo {
+                method: ScanMethod::Iterator,
+                complete: true,
+                notes: vec![],
+                took: Duration::from_millis(4),
+            }),
+        });
+        o
+    }
+
+    #[test]
+    fn the_table_names_holders_and_counts_them() {
+        let t = table(&diagnosed());
+        assert!(t.contains("HOLDER"), "{t}");
+        assert!(
+            t.contains("holders    stale sockets' holders searched through the BPF task_file iterator (4 ms)"),
+            "{t}"
+        );
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("stale    ")).collect();
+        assert_eq!(rows.len(), 3, "{t}");
+        assert_eq!(
+            rows.iter()
+                .filter(|r| r.contains("pid 4242 nginx, pod 7c1e3f4a…"))
+                .count(),
+            2,
+            "{t}"
+        );
+        assert_eq!(
+            rows.iter().filter(|r| r.contains("accept-queue")).count(),
+            1
+        );
+        let summary = t.split("stale by holder:\n").nth(1).expect("the summary");
+        assert!(summary.starts_with("  app-keeps-fd"), "{summary}");
+        assert!(summary.contains("pid 4242 nginx (pod 7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6)"));
+        assert!(summary.contains("pod 7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6"));
+        assert!(
+            t.contains("accept-queue: no file refers to the socket"),
+            "{t}"
+        );
+        assert!(!table(&observation()).contains("stale by holder"));
+    }
+
+    #[test]
+    fn json_has_a_holder_on_each_stale_entry_and_the_summary() {
+        let o = diagnosed();
+        let v = serde_json::to_value(audit_json(&source(), &o, &Filter::default()))
+            .expect("serialises");
+        for e in v["entries"].as_array().expect("entries") {
+            assert_eq!(e["holder"].is_object(), e["verdict"] == "stale", "{e}");
+        }
+        let kept = v["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .find(|e| e["holder"]["class"] == "app-keeps-fd")
+            .expect("an app-keeps-fd entry");
+        let h = &kept["holder"]["holders"][0];
+        assert_eq!(
+            (h["pid"].as_u64(), h["comm"].as_str()),
+            (Some(4242), Some("nginx"))
+        );
+        assert_eq!(h["pod"]["pod_uid"], "7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6");
+        assert!(kept["holder"]["reason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("app-keeps-fd: "));
+        let by = &v["stale_by_holder"];
+        assert_eq!(by["by_class"]["app-keeps-fd"], 2);
+        assert_eq!(by["by_class"]["accept-queue"], 1);
+        assert_eq!(by["top_processes"][0]["pid"], 4242);
+        assert_eq!(by["top_processes"][0]["entries"], 2);
+        assert_eq!(by["top_pods"][0]["entries"], 2);
+        assert_eq!(by["search"]["method"], "iterator");
+        let plain = serde_json::to_value(audit_json(&source(), &observation(), &Filter::default()))
+            .expect("serialises");
+        assert!(plain.get("stale_by_holder").is_none());
     }
 
     fn table(o: &Observation) -> String {

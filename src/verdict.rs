@@ -313,7 +313,7 @@ impl fmt::Display for Verdict {
                 "L7-proxy entry (A side is the gateway) whose held socket is a live connection",
             ),
             Verdict::Stale(StaleReason::HeldClosed) => f.write_str(
-                "the held socket is closed (TCP_CLOSE); only its application's open fd keeps it in the map",
+                "the held socket is closed (TCP_CLOSE); something still references it (its holder says what: an application's fd, a listener's accept queue)",
             ),
             Verdict::Stale(StaleReason::HeldElsewhere(e)) => write!(
                 f,

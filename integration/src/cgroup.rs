@@ -37,16 +37,21 @@ impl Cgroup {
 
     /// `cgroup.procs` opened for writing: a child writes "0" to it to join.
     pub fn procs_for_join(&self) -> Result<File> {
-        let p = self.path.join("cgroup.procs");
-        OpenOptions::new()
-            .write(true)
-            .open(&p)
-            .with_context(|| format!("opening {}", p.display()))
+        procs_for_join(&self.path)
     }
 
     pub fn kill_all(&self) {
         kill_all(&self.path);
     }
+}
+
+/// `cgroup.procs` of the cgroup at `path`, opened for writing.
+pub fn procs_for_join(path: &Path) -> Result<File> {
+    let p = path.join("cgroup.procs");
+    OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .with_context(|| format!("opening {}", p.display()))
 }
 
 /// Process ids in the cgroup at `path` (empty when it is gone).
@@ -68,22 +73,47 @@ pub fn kill_all(path: &Path) {
         .and_then(|mut f| f.write_all(b"1"))
         .is_ok();
     if !killed {
-        for pid in procs(path) {
+        for pid in procs_below(path) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
     }
-    sys::wait_until(Duration::from_secs(3), || procs(path).is_empty());
+    sys::wait_until(Duration::from_secs(3), || procs_below(path).is_empty());
 }
 
-/// Kills the cgroup's processes and removes the directory (retrying while they exit).
+/// Process ids in the cgroup at `path` and every cgroup below it.
+fn procs_below(path: &Path) -> Vec<i32> {
+    let mut all = procs(path);
+    for child in children(path) {
+        all.extend(procs_below(&child));
+    }
+    all
+}
+
+/// The cgroups directly below `path` (its subdirectories).
+fn children(path: &Path) -> Vec<PathBuf> {
+    fs::read_dir(path)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Kills the cgroup's processes and removes the directory and the cgroups below it (which
+/// the lab made: a pod's kubelet-like tree), retrying while the processes exit.
 pub fn remove(path: &Path) -> Result<()> {
     if !sys::exists(path) {
         return Ok(());
     }
     kill_all(path);
+    for child in children(path) {
+        remove(&child)?;
+    }
     let mut last = None;
     let gone = sys::wait_until(Duration::from_secs(3), || match fs::remove_dir(path) {
         Ok(()) => true,

@@ -160,6 +160,36 @@ fn fnv1a(s: &str) -> u32 {
     })
 }
 
+/// How [`Lab::start_server_with`] runs a server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOpts {
+    /// Keep the fds of connections reset by the client (the leaky app).
+    pub keep_reset_fds: bool,
+    /// Listen but never accept (the stuck app).
+    pub never_accept: bool,
+    /// Run in this cgroup (under the lab's) instead of the lab's own.
+    pub cgroup: Option<PathBuf>,
+}
+
+fn wait_listening(
+    proc: &mut peer::PeerProc,
+    pod: usize,
+    args: &[String],
+    what: &str,
+) -> Result<()> {
+    let lines = proc.lines_until(Duration::from_secs(5), |l| {
+        l.starts_with("listening") || l.starts_with("error")
+    })?;
+    let last = lines.last().cloned().unwrap_or_default();
+    if !last.starts_with("listening") {
+        bail!(
+            "{what} on pod {pod} did not start ({}): {last}",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
 /// A running lab. Dropping it tears everything down: peers, programs, pin, cgroup, netns.
 pub struct Lab {
     names: Names,
@@ -364,11 +394,26 @@ impl Lab {
     }
 
     fn spawn(&self, place: Place, args: &[String]) -> Result<peer::PeerProc> {
-        let cgroup = self
-            .cgroup
-            .as_ref()
-            .context("lab is being torn down")?
-            .procs_for_join()?;
+        self.spawn_in(place, args, None)
+    }
+
+    /// Spawns a peer in `cgroup` (a directory under the lab's cgroup), or in the lab's own.
+    fn spawn_in(
+        &self,
+        place: Place,
+        args: &[String],
+        cgroup: Option<&Path>,
+    ) -> Result<peer::PeerProc> {
+        let lab_cgroup = self.cgroup.as_ref().context("lab is being torn down")?;
+        let cgroup = match cgroup {
+            None => lab_cgroup.procs_for_join()?,
+            Some(dir) if dir.starts_with(lab_cgroup.path()) => cgroup::procs_for_join(dir)?,
+            Some(dir) => bail!(
+                "cgroup {} is not under the lab's {}",
+                dir.display(),
+                lab_cgroup.path().display()
+            ),
+        };
         let mut args = args.to_vec();
         args.push("--max-life".into());
         args.push(peer::child::format_duration(self.peer_max_life));
@@ -379,6 +424,49 @@ impl Lab {
     /// connections reset by the client open (the busy app that leaves stale entries).
     pub fn start_server(&self, pod: usize, port: u16, keep_reset_fds: bool) -> Result<Server> {
         self.start_server_on(pod, Ipv4Addr::UNSPECIFIED.into(), port, keep_reset_fds)
+    }
+
+    /// Starts a server on `pod`:`port` as `opts` say: in a container's cgroup (see
+    /// [`Lab::kube_cgroup`]), keeping reset fds, or never accepting.
+    pub fn start_server_with(&self, pod: usize, port: u16, opts: &ServerOpts) -> Result<Server> {
+        let mut args = vec![
+            "peer".to_string(),
+            "server".into(),
+            "--port".into(),
+            port.to_string(),
+        ];
+        if opts.keep_reset_fds {
+            args.push("--keep-reset-fds".into());
+        }
+        if opts.never_accept {
+            args.push("--never-accept".into());
+        }
+        let mut proc = self.spawn_in(Place::Pod(pod), &args, opts.cgroup.as_deref())?;
+        wait_listening(&mut proc, pod, &args, "server")?;
+        Ok(Server {
+            proc,
+            addr: SocketAddr::new(IpAddr::V4(self.pod_ip(pod)), port),
+        })
+    }
+
+    /// Makes the cgroup the kubelet (systemd driver) and containerd give one container of a
+    /// Burstable pod, inside the lab's cgroup:
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<UID with _>.slice/cri-containerd-<ID>.scope`.
+    /// Removed with the lab's cgroup.
+    pub fn kube_cgroup(&self, pod_uid: &str, container_id: &str) -> Result<PathBuf> {
+        let lab_cgroup = self.cgroup.as_ref().context("lab is being torn down")?;
+        let dir = lab_cgroup
+            .path()
+            .join("kubepods.slice")
+            .join("kubepods-burstable.slice")
+            .join(format!(
+                "kubepods-burstable-pod{}.slice",
+                pod_uid.replace('-', "_")
+            ))
+            .join(format!("cri-containerd-{container_id}.scope"));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(dir)
     }
 
     /// Like [`Lab::start_server`], listening on `bind` (e.g. `::` for IPv6, which on Linux
@@ -418,16 +506,7 @@ impl Lab {
     /// Spawns a server peer (`args`) in `pod` and waits for the line saying it listens.
     fn spawn_listening(&self, pod: usize, args: &[String], what: &str) -> Result<peer::PeerProc> {
         let mut proc = self.spawn(Place::Pod(pod), args)?;
-        let lines = proc.lines_until(Duration::from_secs(5), |l| {
-            l.starts_with("listening") || l.starts_with("error")
-        })?;
-        let last = lines.last().cloned().unwrap_or_default();
-        if !last.starts_with("listening") {
-            bail!(
-                "{what} on pod {pod} did not start ({}): {last}",
-                args.join(" ")
-            );
-        }
+        wait_listening(&mut proc, pod, args, what)?;
         Ok(proc)
     }
 

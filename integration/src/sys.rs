@@ -110,3 +110,21 @@ pub fn require_root() -> Result<()> {
 pub fn exists(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok()
 }
+
+/// The running kernel's (major, minor) release.
+pub fn kernel_release() -> Result<(u32, u32)> {
+    let release =
+        fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the kernel release")?;
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse().unwrap_or(0));
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
+}
+
+/// Whether a reset socket stays in the map while its application keeps the fd: since Linux
+/// 5.16 (commit b8b8315e39ff, also in 5.14.y/5.15.y stable). Before, its unhash removed it,
+/// and the natural stale entry did not arise.
+pub fn keeps_reset_sockets() -> Result<bool> {
+    Ok(kernel_release()? >= (5, 16))
+}

@@ -18,11 +18,12 @@ use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 
 use sockmap_gc::guard::SettingsError;
+use sockmap_gc::holder::{self, HolderSource};
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
 use sockmap_gc::map::{Access, MapError, SockMap};
-use sockmap_gc::observation::Filter;
+use sockmap_gc::observation::{Filter, Judged};
 use sockmap_gc::observe;
-use sockmap_gc::report::Summary;
+use sockmap_gc::report::{self, Summary};
 use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings, Trail};
 
 use crate::cmd::config::{self, Overrides, Settings};
@@ -111,6 +112,8 @@ struct Daemon {
     /// The identity iterator, loaded once and kept across sweeps (reloaded when the
     /// `identity` key changes).
     identity: Arc<Mutex<Option<(IdentityMode, IdentitySource)>>>,
+    /// The holder search, its iterator loaded at the first sweep with stale entries.
+    holders: Arc<Mutex<HolderSource>>,
 }
 
 impl Daemon {
@@ -160,6 +163,7 @@ impl Daemon {
             signals,
             watchdog,
             identity: Arc::new(Mutex::new(None)),
+            holders: Arc::new(Mutex::new(HolderSource::new("/proc"))),
         };
         notify(&[
             NotifyState::Ready,
@@ -192,12 +196,13 @@ impl Daemon {
         let settings = Arc::clone(&self.settings);
         let stop = Arc::clone(&self.stop);
         let identity = Arc::clone(&self.identity);
+        let holders = Arc::clone(&self.holders);
         let done = self.done_tx.clone();
         let spawned = std::thread::Builder::new()
             .name("sweep".into())
             .spawn(move || {
                 let started = Instant::now();
-                let outcome = sweep_once(&settings, &stop, &identity);
+                let outcome = sweep_once(&settings, &stop, &identity, &holders);
                 // The receiver is gone only when the daemon is exiting.
                 let _ = done.send(Swept {
                     outcome,
@@ -227,6 +232,9 @@ impl Daemon {
                 );
                 let line = summary_line(&report, &path, self.wait);
                 tracing::info!("{line}");
+                if let Some(holders) = holders_line(&report) {
+                    tracing::info!("{holders}");
+                }
                 line
             }
             Err(e) => {
@@ -352,6 +360,7 @@ fn sweep_once(
     settings: &Settings,
     stop: &AtomicBool,
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+    holders: &Mutex<HolderSource>,
 ) -> Result<(SweepReport, PathBuf), SweepFailed> {
     let access = if settings.dry_run {
         Access::ReadOnly
@@ -381,7 +390,7 @@ fn sweep_once(
     let Some((_, source)) = held.as_mut() else {
         return Err(SweepFailed::IdentityLost);
     };
-    let report = sweep::sweep(
+    let mut report = sweep::sweep(
         &map,
         &sweep_settings,
         source,
@@ -389,7 +398,38 @@ fn sweep_once(
         trail.as_mut(),
         &mut |_| {},
     )?;
+    // After the deletes, so the search never delays one; a deleted entry's holder still
+    // keeps its socket.
+    let mut holders = holders.lock().unwrap_or_else(|e| e.into_inner());
+    holder::diagnose(&mut report.second, &mut holders);
     Ok((report, map.path().to_path_buf()))
+}
+
+/// One log line per sweep with stale entries naming who keeps them: the counts per holder
+/// class and the top processes and pods.
+fn holders_line(r: &SweepReport) -> Option<String> {
+    let stale: Vec<&Judged> = r
+        .second
+        .entries
+        .iter()
+        .filter(|e| e.verdict.is_stale())
+        .collect();
+    let s = report::stale_by_holder(&r.second, &stale)?;
+    let classes: Vec<String> = s.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let mut line = format!("stale by holder: {}", classes.join(", "));
+    if !s.top_processes.is_empty() {
+        let top: Vec<String> = s
+            .top_processes
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        line += &format!("; top processes: {}", top.join(", "));
+    }
+    if !s.top_pods.is_empty() {
+        let top: Vec<String> = s.top_pods.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        line += &format!("; top pods: {}", top.join(", "));
+    }
+    Some(line)
 }
 
 /// The sweep's one-line summary: the log line and systemd's `STATUS=`.

@@ -1,5 +1,6 @@
 //! The daemon's Prometheus metrics (`sockmap_gc_*`) and the small HTTP listener serving them.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use hyper_util::rt::TokioTimer;
+use prometheus_client::encoding::{prometheus_text, EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -17,14 +19,30 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sockmap_gc::deletion::Outcome;
 use sockmap_gc::guard::Guard;
+use sockmap_gc::holder::HolderClass;
 use sockmap_gc::report::Summary;
 use sockmap_gc::sweep::{Interrupted, SweepReport};
 use sockmap_gc::verdict::VerdictKind;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VerdictLabel {
+/// `verdict`, and for stale entries `held_by`, their holder class (only the class, never a pod
+/// or pid: the series stay bounded). Stale entries exist only split by class, so a sum over
+/// `{verdict="stale"}` counts each once.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct EntriesLabel {
     verdict: &'static str,
+    held_by: Option<&'static str>,
+}
+
+impl EncodeLabelSet for EntriesLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        ("verdict", self.verdict).encode(encoder.encode_label())?;
+        if let Some(class) = self.held_by {
+            ("held_by", class).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,10 +60,18 @@ struct GuardLabel {
     guard: &'static str,
 }
 
-impl VerdictLabel {
+impl EntriesLabel {
     fn of(v: VerdictKind) -> Self {
-        VerdictLabel {
+        EntriesLabel {
             verdict: v.as_str(),
+            held_by: None,
+        }
+    }
+
+    fn stale(held_by: HolderClass) -> Self {
+        EntriesLabel {
+            verdict: VerdictKind::Stale.as_str(),
+            held_by: Some(held_by.as_str()),
         }
     }
 }
@@ -135,7 +161,7 @@ pub fn sweep_result(r: &SweepReport) -> SweepResult {
 /// Every metric, registered once; the handles are cheap atomic clones.
 pub struct Metrics {
     registry: Registry,
-    entries: Family<VerdictLabel, Gauge>,
+    entries: Family<EntriesLabel, Gauge>,
     deletions: Family<OutcomeLabel, Counter>,
     sweeps: Family<ResultLabel, Counter>,
     sweep_duration: Histogram,
@@ -174,7 +200,7 @@ impl Metrics {
             };
         }
         register! {
-            "entries", "Entries of the map by verdict in the last sweep's second observation",
+            "entries", "Entries of the map by verdict in the last sweep's second observation; stale ones also by holder class (held_by) once their holders were searched",
                 m.entries;
             "deletions", "Stale entries the sweeps acted on, by outcome",
                 m.deletions;
@@ -194,8 +220,15 @@ impl Metrics {
                 m.interval;
         }
         // Every series from the start: a rate() over a series that appears late misses its start.
-        let verdicts = VerdictKind::ALL.iter().map(|v| VerdictLabel::of(*v));
+        let verdicts = VerdictKind::ALL
+            .iter()
+            .filter(|v| **v != VerdictKind::Stale)
+            .map(|v| EntriesLabel::of(*v));
         create_every(&m.entries, verdicts);
+        create_every(
+            &m.entries,
+            HolderClass::ALL.iter().map(|c| EntriesLabel::stale(*c)),
+        );
         create_every(
             &m.deletions,
             Outcome::ALL.iter().map(|o| OutcomeLabel::of(*o)),
@@ -210,13 +243,28 @@ impl Metrics {
         let summary = Summary::of(&r.second.entries);
         let entries = [
             (VerdictKind::Live, summary.live),
-            (VerdictKind::Stale, summary.stale),
             (VerdictKind::Unknown, summary.unknown),
         ];
         for (verdict, n) in entries {
             self.entries
-                .get_or_create(&VerdictLabel::of(verdict))
+                .get_or_create(&EntriesLabel::of(verdict))
                 .set(n as i64);
+        }
+        // Each sweep sets every class, 0 for those absent; stale entries the holder pass did
+        // not see (it did not run) count as holder-unknown.
+        let mut held_by: HashMap<HolderClass, i64> = HashMap::new();
+        let diagnosed = r.second.holders.as_ref().map_or(0, |h| {
+            for d in h.by_key.values() {
+                *held_by.entry(d.class()).or_default() += 1;
+            }
+            h.by_key.len()
+        });
+        *held_by.entry(HolderClass::HolderUnknown).or_default() +=
+            summary.stale.saturating_sub(diagnosed) as i64;
+        for class in HolderClass::ALL {
+            self.entries
+                .get_or_create(&EntriesLabel::stale(*class))
+                .set(held_by.get(class).copied().unwrap_or(0));
         }
         let deletions = [
             (Outcome::Deleted, r.deleted.len()),
@@ -282,9 +330,28 @@ impl Metrics {
     }
 }
 
-/// Answers `GET /metrics` on `listener` until the task is dropped.
+/// Connections served at once. A scrape is one short request; more connections wait in the
+/// kernel's accept queue, where they cost the daemon no memory.
+const MAX_CONNECTIONS: usize = 4;
+/// A client that has not sent its whole request head by then is dropped, so idle and
+/// half-sent connections do not keep the few slots from the scrapes and probes.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most one connection is kept, keep-alive included: a scraper that stalls holds one slot
+/// for this long at most.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// hyper's smallest read buffer: a request head is well under a kilobyte.
+const READ_BUFFER: usize = 8192;
+
+/// Answers `GET /metrics` on `listener` until the task is dropped. At most
+/// [`MAX_CONNECTIONS`] at once: the listener is on the pod IP in Kubernetes, and a
+/// connection flood must delay a scrape, never cost the daemon its memory.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot first, then accept: the excess stays in the kernel's queue.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -301,13 +368,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(READ_BUFFER)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            // A scraper that stalls holds one task, not the daemon; bound it.
-            match tokio::time::timeout(Duration::from_secs(30), conn).await {
+            match tokio::time::timeout(CONNECTION_DEADLINE, conn).await {
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection"),
                 Err(_) => tracing::debug!("metrics connection timed out"),
                 Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
@@ -357,7 +427,8 @@ mod tests {
             assert!(line.starts_with("sockmap_gc_"), "{line}");
         }
         for want in [
-            "sockmap_gc_entries{verdict=\"stale\"} 0",
+            "sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"} 0",
+            "sockmap_gc_entries{verdict=\"stale\",held_by=\"holder-unknown\"} 0",
             "sockmap_gc_deletions_total{outcome=\"deleted\"} 0",
             "sockmap_gc_deletions_total{outcome=\"already-gone\"} 0",
             "sockmap_gc_sweeps_total{result=\"error\"} 1",
@@ -370,5 +441,9 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+        assert!(
+            !text.contains("sockmap_gc_entries{verdict=\"stale\"}"),
+            "stale entries exist only by holder class, so sums count them once:\n{text}"
+        );
     }
 }

@@ -28,8 +28,16 @@ pub(super) struct IdentityRecord {
     /// Host order (the program converts `skc_dport`).
     remote_port: u16,
     netns_inode: u32,
+    /// The inode of the file that refers to the socket; 0 when none does.
+    inode: u64,
+    /// `sk_err`.
+    error: i32,
+    flags: u32,
 }
-const _: () = assert!(mem::size_of::<IdentityRecord>() == 96);
+const _: () = assert!(mem::size_of::<IdentityRecord>() == 112);
+
+/// `flags` bit: the socket is orphaned (`SOCK_DEAD`).
+const ORPHANED: u32 = 1;
 
 /// `struct cad_rec` of the BPF program: one per target the iteration met.
 #[repr(C)]
@@ -233,6 +241,9 @@ fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityEr
         remote: SocketAddr::new(remote, r.remote_port),
         state: TcpState::from_kernel(r.state),
         netns_inode: u64::from(r.netns_inode),
+        inode: r.inode,
+        orphaned: r.flags & ORPHANED != 0,
+        error: r.error,
     })
 }
 
@@ -255,6 +266,9 @@ mod tests {
             local_port: 8080,
             remote_port: 40000,
             netns_inode: 4026532000,
+            inode: 0,
+            error: 0,
+            flags: 0,
         }
     }
 
@@ -272,6 +286,21 @@ mod tests {
         assert_eq!(held.remote, "10.1.2.1:40000".parse().unwrap());
         assert_eq!(held.state, TcpState::Established);
         assert_eq!(held.netns_inode, 4026532000);
+        assert_eq!((held.inode, held.orphaned, held.error), (0, false, 0));
+    }
+
+    #[test]
+    fn who_keeps_the_socket_is_read_from_the_record() {
+        let mut r = record(AF_INET);
+        r.inode = 259827;
+        r.error = libc::ECONNRESET;
+        r.flags = ORPHANED;
+        let held = held_socket(1, &r).unwrap();
+        assert_eq!(held.inode, 259827);
+        assert_eq!(held.error, libc::ECONNRESET);
+        assert!(held.orphaned);
+        r.flags = 0;
+        assert!(!held_socket(1, &r).unwrap().orphaned);
     }
 
     #[test]
@@ -286,6 +315,9 @@ mod tests {
         assert_eq!(std::ptr::addr_of!(r.local_port) as usize - base, 88);
         assert_eq!(std::ptr::addr_of!(r.remote_port) as usize - base, 90);
         assert_eq!(std::ptr::addr_of!(r.netns_inode) as usize - base, 92);
+        assert_eq!(std::ptr::addr_of!(r.inode) as usize - base, 96);
+        assert_eq!(std::ptr::addr_of!(r.error) as usize - base, 104);
+        assert_eq!(std::ptr::addr_of!(r.flags) as usize - base, 108);
         let c = CadRecord {
             key: [0; KEY_LEN],
             outcome: 0,
@@ -309,7 +341,7 @@ mod tests {
     #[test]
     fn a_partial_record_is_malformed() {
         let r = record(AF_INET);
-        let bytes = &record_bytes(&r)[..95];
+        let bytes = &record_bytes(&r)[..111];
         assert!(matches!(
             parse_records::<IdentityRecord>(3, bytes),
             Err(IdentityError::Malformed { map_id: 3, .. })

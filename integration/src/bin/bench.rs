@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sockmap_gc::diag;
+use sockmap_gc::holder::{HolderSource, ScanMethod};
 use sockmap_gc::identity::IdentityReader;
 use sockmap_gc::key::{RawKey, SockKey, KEY_LEN};
 use sockmap_gc::map::{Access, SockMap};
@@ -253,6 +254,8 @@ impl Size {
 struct RunFigures {
     kernel_iter: f64,
     kernel_diag: f64,
+    /// The holder pass over the stale entries' sockets, loading its program as `audit` does.
+    holders: f64,
     audit_off: f64,
     audit_off_rss_kib: u64,
     audit_on: f64,
@@ -335,6 +338,28 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
                 size.entries
             );
         }
+        // The holder pass as audit runs it when there are stale entries: the planted
+        // sockets' inodes (held by this process's planter), a fresh source, one scan.
+        let planted: HashSet<RawKey> = stale_keys.iter().map(SockKey::encode).collect();
+        let inodes: HashSet<u64> = ids
+            .entries
+            .iter()
+            .filter(|(k, _)| planted.contains(k))
+            .map(|(_, h)| h.inode)
+            .collect();
+        let t = Instant::now();
+        let scan = HolderSource::new("/proc").scan(&inodes);
+        f.holders = t.elapsed().as_secs_f64();
+        if scan.info.method != ScanMethod::Iterator || scan.holders.len() != size.stale {
+            bail!(
+                "run {r}: the holder pass ({:?}) named holders of {} of the {} stale sockets: {:?}",
+                scan.info.method,
+                scan.holders.len(),
+                size.stale,
+                scan.info.notes
+            );
+        }
+        drop(scan);
         let discovery = netns::discover(Path::new("/"))?;
         let t = Instant::now();
         let inventory = diag::inventory(&discovery.namespaces);
@@ -426,11 +451,12 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
             replant(&lab, &stale_keys)?;
         }
         println!(
-            "   run {}: kernel {:.3} s (iterator {:.3} + sock_diag {:.3}), audit off {:.3} s / on {:.3} s, sweep {:.3} s (delete phase {:.3}), RSS {:.1} MiB, manual {}",
+            "   run {}: kernel {:.3} s (iterator {:.3} + sock_diag {:.3}), holder pass {:.3} s, audit off {:.3} s / on {:.3} s, sweep {:.3} s (delete phase {:.3}), RSS {:.1} MiB, manual {}",
             r + 1,
             f.kernel(),
             f.kernel_iter,
             f.kernel_diag,
+            f.holders,
             f.audit_off,
             f.audit_on,
             f.sweep,
@@ -718,6 +744,7 @@ struct Medians {
     kernel: f64,
     kernel_iter: f64,
     kernel_diag: f64,
+    holders: f64,
     audit_off: f64,
     audit_on: f64,
     sweep: f64,
@@ -743,6 +770,7 @@ impl SizeResult {
             kernel: m(&|r| Some(r.kernel())),
             kernel_iter: m(&|r| Some(r.kernel_iter)),
             kernel_diag: m(&|r| Some(r.kernel_diag)),
+            holders: m(&|r| Some(r.holders)),
             audit_off: m(&|r| Some(r.audit_off)),
             audit_on: m(&|r| Some(r.audit_on)),
             sweep: m(&|r| Some(r.sweep)),
@@ -769,17 +797,17 @@ fn markdown(results: &[SizeResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| entries | stale | sockets | netns | kernel (iter + diag) | audit off | audit on | sweep (delete phase) | peak RSS | manual find | manual delete | audit on / kernel | manual find / audit | manual / sweep |"
+        "| entries | stale | sockets | netns | kernel (iter + diag) | holder pass | audit off | audit on | sweep (delete phase) | peak RSS | manual find | manual delete | audit on / kernel | manual find / audit | manual / sweep |"
     );
     let _ = writeln!(
         out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in results {
         let m = r.medians();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.3} s ({:.3} + {:.3}) | {:.3} s | {:.3} s | {:.3} s ({:.3} s) | {:.1} MiB | {:.2} s | {:.2} s | {:.2}× | {:.0}× | {:.0}× |",
+            "| {} | {} | {} | {} | {:.3} s ({:.3} + {:.3}) | {:.3} s | {:.3} s | {:.3} s | {:.3} s ({:.3} s) | {:.1} MiB | {:.2} s | {:.2} s | {:.2}× | {:.0}× | {:.0}× |",
             r.size.entries,
             r.size.stale,
             r.sockets,
@@ -787,6 +815,7 @@ fn markdown(results: &[SizeResult]) -> String {
             m.kernel,
             m.kernel_iter,
             m.kernel_diag,
+            m.holders,
             m.audit_off,
             m.audit_on,
             m.sweep,
@@ -833,7 +862,7 @@ fn json(results: &[SizeResult]) -> String {
         let m = r.medians();
         let _ = write!(
             out,
-            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"audit_off\": {}, \"audit_on\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
+            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"holders\": {}, \"audit_off\": {}, \"audit_on\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
             r.size.entries,
             r.size.stale,
             r.size.pods,
@@ -843,6 +872,7 @@ fn json(results: &[SizeResult]) -> String {
             num(m.kernel),
             num(m.kernel_iter),
             num(m.kernel_diag),
+            num(m.holders),
             num(m.audit_off),
             num(m.audit_on),
             num(m.sweep),
@@ -858,10 +888,11 @@ fn json(results: &[SizeResult]) -> String {
         for (j, f) in r.runs.iter().enumerate() {
             let _ = write!(
                 out,
-                "{}\n       {{\"kernel_iter\": {}, \"kernel_diag\": {}, \"audit_off\": {}, \"audit_off_rss_kib\": {}, \"audit_on\": {}, \"audit_on_rss_kib\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"sweep_rss_kib\": {}, \"deleted\": {}, \"manual_audit\": {}, \"manual_delete\": {}}}",
+                "{}\n       {{\"kernel_iter\": {}, \"kernel_diag\": {}, \"holders\": {}, \"audit_off\": {}, \"audit_off_rss_kib\": {}, \"audit_on\": {}, \"audit_on_rss_kib\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"sweep_rss_kib\": {}, \"deleted\": {}, \"manual_audit\": {}, \"manual_delete\": {}}}",
                 if j == 0 { "" } else { "," },
                 num(f.kernel_iter),
                 num(f.kernel_diag),
+                num(f.holders),
                 num(f.audit_off),
                 f.audit_off_rss_kib,
                 num(f.audit_on),

@@ -15,7 +15,7 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::peer::bulk;
 use sockmap_gc_lab::peer::child::churn::{self, ChurnArgs};
 use sockmap_gc_lab::peer::child::{self, ClientArgs, ServerArgs};
-use sockmap_gc_lab::{interrupt, map, ClientOpts, Lab, LabConfig, Outcome};
+use sockmap_gc_lab::{interrupt, map, sys, ClientOpts, Lab, LabConfig, Outcome};
 
 #[derive(Parser)]
 #[command(
@@ -234,20 +234,30 @@ fn incident(a: &IncidentArgs) -> Result<()> {
     println!("   request from {node}:{natural_port} then reset (SO_LINGER 0): {reset}");
     let natural =
         SockKey::for_socket(target, SocketAddr::new(node.into(), natural_port)).context("key")?;
-    expect(
-        lab.wait_key(&natural, true, Duration::from_secs(1)),
-        &format!("the server end's key stays after the reset: {natural}"),
-    )?;
-    show_keys(&lab)?;
-    let o = request(&lab, target, natural_port, t)?;
-    expect(
-        o.is_hang(),
-        &format!("the next request from port {natural_port} hangs after the handshake"),
-    )?;
-    expect(
-        request(&lab, target, 40101, t)?.is_replied(),
-        "a request from another port (40101) works",
-    )?;
+    let mut stale = Vec::new();
+    if !lab.wait_key(&natural, true, Duration::from_secs(1)) && !sys::keeps_reset_sockets()? {
+        println!("   this kernel (before 5.16) removes a reset socket's entry on unhash: the natural stale entry does not occur here");
+        expect(
+            request(&lab, target, natural_port, t)?.is_replied(),
+            &format!("the next request from port {natural_port} works"),
+        )?;
+    } else {
+        expect(
+            lab.contains(&natural),
+            &format!("the server end's key stays after the reset: {natural}"),
+        )?;
+        show_keys(&lab)?;
+        let o = request(&lab, target, natural_port, t)?;
+        expect(
+            o.is_hang(),
+            &format!("the next request from port {natural_port} hangs after the handshake"),
+        )?;
+        expect(
+            request(&lab, target, 40101, t)?.is_replied(),
+            "a request from another port (40101) works",
+        )?;
+        stale.push(natural);
+    }
 
     step(
         "3b",
@@ -273,7 +283,7 @@ fn incident(a: &IncidentArgs) -> Result<()> {
         "a request from another port (40201) works",
     )?;
 
-    let stale = [natural, planted];
+    stale.push(planted);
     match (&a.cure_exec, a.cure) {
         (Some(cmd), _) => {
             step("4", "cure: external command");

@@ -66,6 +66,9 @@ pub struct ServerArgs {
     /// Keep the fds of connections that end without `quit` (reset by the client) open.
     #[arg(long)]
     pub keep_reset_fds: bool,
+    /// Listen but never accept: connections wait in the accept queue (a stuck server).
+    #[arg(long, conflicts_with = "keep_reset_fds")]
+    pub never_accept: bool,
     /// Exit after this long whatever happens.
     #[arg(long, default_value = "600s", value_parser = parse_duration)]
     pub max_life: Duration,
@@ -146,6 +149,12 @@ pub fn run_server(args: &ServerArgs) -> i32 {
         wait_stdin_eof();
         std::process::exit(exit::OK);
     });
+    if args.never_accept {
+        // The kernel completes handshakes into the backlog; nothing takes them out.
+        loop {
+            thread::park();
+        }
+    }
     let keep = args.keep_reset_fds;
     for conn in listener.incoming() {
         match conn {

@@ -66,6 +66,14 @@ fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
     let json = out.json();
     assert_eq!(json["inventory"]["complete"], true, "{}", out.stdout);
     let got = verdicts(&json["entries"]);
+    let reasons: std::collections::BTreeSet<String> = got
+        .iter()
+        .map(|(_, verdict, reason)| format!("{verdict}/{reason}"))
+        .collect();
+    support::kernel_fact(&format!(
+        "audit of live, natural and planted entries (identity auto): verdicts {}",
+        reasons.into_iter().collect::<Vec<_>>().join(", ")
+    ));
     let in_map: HashSet<String> = lab.raw_keys().iter().map(|k| k.to_hex()).collect();
     let reported: HashSet<String> = got.iter().map(|(k, _, _)| k.clone()).collect();
     assert_eq!(

@@ -51,6 +51,7 @@ fn smoke_mode_builds_a_full_map_measures_and_tears_down() {
     for field in [
         "kernel_iter",
         "kernel_diag",
+        "holders",
         "audit_off",
         "audit_on",
         "sweep",

@@ -79,11 +79,11 @@ impl Daemon {
         Daemon { inner, metrics }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.inner.pid()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.inner.log()
     }
 
@@ -91,31 +91,14 @@ impl Daemon {
         self.inner.wait_line(timeout, pred)
     }
 
+    pub(crate) fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
     pub(crate) fn scrape(&self) -> String {
-        let timeout = Duration::from_secs(5);
-        let mut stream =
-            TcpStream::connect_timeout(&self.metrics, timeout).expect("connect to metrics");
-        stream.set_read_timeout(Some(timeout)).expect("timeout");
-        stream.set_write_timeout(Some(timeout)).expect("timeout");
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send the request");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("read the response");
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("not HTTP: {response}"));
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(
-            head.to_lowercase()
-                .contains("content-type: text/plain; version=0.0.4"),
-            "{head}"
-        );
-        body.to_string()
+        let stream = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(5))
+            .expect("connect to metrics");
+        scrape(stream)
     }
 
     /// The value of the sample `series` (name with labels, as exposed), if present.
@@ -165,8 +148,39 @@ impl Daemon {
     }
 }
 
+/// `GET /metrics` on a connected stream: the page, once the answer is a 200 in the
+/// Prometheus text format.
+pub(crate) fn scrape(stream: TcpStream) -> String {
+    try_scrape(stream).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`scrape`], saying what went wrong instead of panicking.
+pub(crate) fn try_scrape(mut stream: TcpStream) -> Result<String, String> {
+    let timeout = Duration::from_secs(5);
+    let io = |e: std::io::Error| format!("metrics: {e}");
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(io)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not HTTP: {response}"))?;
+    let prometheus = head
+        .to_lowercase()
+        .contains("content-type: text/plain; version=0.0.4");
+    if !head.starts_with("HTTP/1.1 200") || !prometheus {
+        return Err(format!("not a metrics page: {head}"));
+    }
+    Ok(body.to_string())
+}
+
 /// One sample's value from a Prometheus text page.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
@@ -323,10 +337,15 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
         "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
     );
     let daemon = Daemon::start(&config);
+    // Stale entries by holder class: the planted sockets are this test process's fds.
     let counted = sys::wait_until(Duration::from_secs(15), || {
-        daemon.metric("sockmap_gc_entries{verdict=\"stale\"}") == Some(3.0)
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}") == Some(3.0)
     });
     assert!(counted, "stale count never reached 3:\n{}", daemon.log());
+    assert_eq!(
+        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"holder-unknown\"}"),
+        Some(0.0)
+    );
     let n = daemon.sweeps();
     daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
     for k in stale.iter().chain(&live) {
@@ -447,7 +466,7 @@ fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
 }
 
 /// The unit's `CapabilityBoundingSet=` as setpriv spells it: `-all,+sys_admin,...`.
-fn unit_capabilities() -> String {
+pub fn unit_capabilities() -> String {
     let unit = std::fs::read_to_string(unit_file()).expect("read the unit");
     let caps: Vec<String> = unit
         .lines()
@@ -521,6 +540,24 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     evidence(&format!(
         "the daemon with only {caps} (CapEff {eff}) deleted the stale entries"
     ));
+    // The sweep that deleted them named who kept them: the server keeps the reset one's fd.
+    let named = format!("pid {} sockmap-gc-lab", server.pid());
+    let said = sys::wait_until(Duration::from_secs(5), || {
+        daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("stale by holder: app-keeps-fd") && l.contains(&named))
+    });
+    assert!(said, "no holder line naming {named}:\n{}", daemon.log());
+    // Stale entries are exported by holder class (their count is the last sweep's: 0 again
+    // once deleted).
+    let metrics = daemon.scrape();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}")
+        ),
+        "{metrics}"
+    );
     let log = daemon.stop_promptly();
     assert!(
         !log.contains("could not read"),

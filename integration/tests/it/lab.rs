@@ -189,23 +189,29 @@ fn a_reset_client_and_a_busy_server_leave_an_entry_that_hangs_the_next_request()
         assert!(reset.is_replied(), "the first request works: {reset}");
 
         let stale = server_end_key(target, node_end(&lab, port));
-        assert!(
-            lab.wait_key(&stale, true, Duration::from_secs(1)),
-            "the server end's key should stay while the server keeps the fd"
-        );
+        let stayed = lab.wait_key(&stale, true, Duration::from_secs(1));
         let client_key = stale.peer();
         assert!(
             lab.wait_key(&client_key, false, Duration::from_secs(1)),
             "the client end's key leaves with the client's fd"
         );
+        if !stayed && !sys::keeps_reset_sockets().expect("kernel release") {
+            // Before 5.16 the reset socket's unhash removes its entry: no incident to see.
+            evidence("kernel fact: a reset socket leaves the map on unhash (before 5.16): the next request from its port works");
+            expect_reply(&lab, target, port);
+        } else {
+            assert!(
+                stayed,
+                "the server end's key should stay while the server keeps the fd"
+            );
+            expect_hang(&lab, target, port);
+            expect_reply(&lab, target, port + 1);
 
-        expect_hang(&lab, target, port);
-        expect_reply(&lab, target, port + 1);
-
-        // The cure: delete the stale key; the same port works again.
-        lab.delete_key(&stale).expect("delete the stale key");
-        assert!(!lab.contains(&stale));
-        expect_reply(&lab, target, port);
+            // The cure: delete the stale key; the same port works again.
+            lab.delete_key(&stale).expect("delete the stale key");
+            assert!(!lab.contains(&stale));
+            expect_reply(&lab, target, port);
+        }
     }
     assert_gone(id);
 }

@@ -8,7 +8,8 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
 use crate::support::{
-    entry_of, evidence, hex, lab, live_keys, natural_stale, run_json, run_json_without, run_without,
+    entry_of, evidence, hex, lab, live_keys, natural_stale_entry, run_json, run_json_without,
+    run_without,
 };
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -38,7 +39,9 @@ fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
 
     let target = server.addr();
     std::thread::scope(|s| {
-        let hung = s.spawn(|| lab.request_from(target, port, Duration::from_secs(5)));
+        // Stuck long enough for two audits and a sweep on a slow (emulated) machine: once it
+        // times out, no socket owns the tuple and the verdict is another one.
+        let hung = s.spawn(|| lab.request_from(target, port, Duration::from_secs(20)));
         assert!(wait_stuck(&lab, target, port), "the stuck connection is up");
 
         // Tuple evidence is blind: a live socket owns the tuple right now.
@@ -93,7 +96,10 @@ fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
 fn identity_judges_natural_stale_entries_by_their_closed_socket() {
     let lab = lab("stuck-closed", 1);
     let server = lab.start_server(0, 8080, true).expect("busy server");
-    let stale = natural_stale(&lab, server.addr(), sa(lab.node_ip(0), 42000));
+    let Some(stale) = natural_stale_entry(&lab, server.addr(), sa(lab.node_ip(0), 42000)) else {
+        // Before 5.16 the kernel removes the entry itself: nothing to judge (a kernel fact says so).
+        return;
+    };
     let path = lab.map_path();
     let out = run_json("audit", &path, &["--identity", "on"]);
     assert_eq!(out.code, 1);
