@@ -222,7 +222,7 @@ fn refusal_hint(kind: Option<ErrorKind>) -> &'static str {
         _ => {
             "the kernel needs BTF and BPF trampolines (x86_64 or arm64, Linux 5.5 or later; \
              collisions also need bpf_probe_read_kernel, which lockdown's confidentiality mode \
-             refuses); the periodic pass still finds stale entries"
+             refuses); the sweeps still find stale entries"
         }
     }
 }

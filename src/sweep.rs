@@ -164,7 +164,7 @@ impl Trail {
         })
     }
 
-    fn record(
+    pub(crate) fn record(
         &mut self,
         map: &SockMap,
         raw: &RawKey,

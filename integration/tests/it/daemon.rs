@@ -17,7 +17,9 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, ClientOpts, Lab};
 
 use crate::rig::{self, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, HANG};
+use crate::support::{
+    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, HANG,
+};
 
 /// The unit file the tests read the capability set and the hardening from.
 fn unit_file() -> PathBuf {
@@ -87,7 +89,11 @@ impl Daemon {
         self.inner.log()
     }
 
-    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    pub(crate) fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
         self.inner.wait_line(timeout, pred)
     }
 
@@ -102,7 +108,7 @@ impl Daemon {
     }
 
     /// The value of the sample `series` (name with labels, as exposed), if present.
-    fn metric(&self, series: &str) -> Option<f64> {
+    pub(crate) fn metric(&self, series: &str) -> Option<f64> {
         sample(&self.scrape(), series)
     }
 
@@ -260,7 +266,11 @@ fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
     let ok_before = daemon
         .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
         .unwrap_or(0.0);
-    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45010))];
+    let mut stale = vec![natural_stale_under_daemon(
+        &lab,
+        server.addr(),
+        node_end(&lab, 45010),
+    )];
     stale.extend(plant_for_ports(&lab, server.addr(), &[45020, 45021]));
     let planted = Instant::now();
     let gone = sys::wait_until(Duration::from_secs(30), || {

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use sockmap_gc::events::{monotonic_now, Event, EventWatcher, EventsError, EventsMode, Watching};
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::Lab;
+use sockmap_gc_lab::{sys, ClientOpts, Lab};
 
-use crate::support::{evidence, lab, natural_stale};
+use crate::daemon::{write_config, Daemon};
+use crate::rig::{read_trail, Scratch};
+use crate::support::{evidence, hex, lab, natural_stale, HANG};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -179,4 +181,179 @@ fn events_report_an_insert_refused_by_a_stale_entry() {
     assert_eq!(socket.remote, sa(lab.node_ip(0), port));
     evidence(&format!("kernel fact: events: collision on {stale} heard"));
     assert_eq!(watcher.lost(), 0);
+}
+
+/// The daemon's `events`: `on` where `SMGC_EXPECT_EVENTS=1`, else `auto`.
+fn events_key() -> &'static str {
+    if expect_events() {
+        "on"
+    } else {
+        "auto"
+    }
+}
+
+/// A deleting daemon that acts on kernel events alone: its next sweep is an hour after the
+/// first. `None` (after checking the start line's reason) where this kernel
+/// does not give the events `need` names ("closes" or "collisions").
+fn daemon_on_events(scratch: &Scratch, lab: &Lab, need: &str) -> Option<Daemon> {
+    let config = write_config(
+        scratch,
+        lab,
+        &format!(
+            "dry_run = false\ninterval_min = \"1h\"\ninterval_max = \"1h\"\nevents = \"{}\"",
+            events_key()
+        ),
+    );
+    let daemon = Daemon::start(&config);
+    let started = daemon
+        .wait_line(Duration::from_secs(20), |l| {
+            l.contains("sockmap-gc daemon started")
+        })
+        .unwrap_or_else(|| panic!("the daemon never started:\n{}", daemon.log()));
+    let mode = started
+        .split("events=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no events= in the start line: {started}"));
+    evidence(&format!(
+        "kernel fact: events: the daemon started with events={mode}"
+    ));
+    assert_eq!(
+        daemon.metric(&format!("sockmap_gc_events{{mode=\"{mode}\"}}")),
+        Some(1.0),
+        "the mode is in the metrics too"
+    );
+    if !mode.contains(need) {
+        assert!(!expect_events(), "SMGC_EXPECT_EVENTS=1 but events={mode}");
+        // auto said why, once.
+        let why = daemon.log();
+        assert!(
+            why.contains("kernel events"),
+            "auto's fallback says why:\n{why}"
+        );
+        return None;
+    }
+    daemon.wait_sweeps(1.0, Duration::from_secs(60));
+    Some(daemon)
+}
+
+/// Polls the map until `key` is gone (every millisecond, at most `timeout`).
+fn gone_within(lab: &Lab, key: &SockKey, timeout: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if !lab.contains(key) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+#[test]
+fn daemon_deletes_a_reset_socket_entry_at_once() {
+    let lab = lab("ev-daemon-close", 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let scratch = Scratch::new("ev-daemon-close");
+    let Some(daemon) = daemon_on_events(&scratch, &lab, "closes") else {
+        return;
+    };
+    let node = sa(lab.node_ip(0), 42200);
+    let stale = SockKey::for_socket(server.addr(), node).expect("v4");
+    let outcome = lab
+        .request(
+            &ClientOpts::to(server.addr())
+                .from_port(node.port())
+                .timeout(HANG)
+                .reset(true),
+        )
+        .expect("client runs");
+    assert!(outcome.is_replied(), "{outcome}");
+    // The next sweep is an hour away: only the event can delete it.
+    let after = gone_within(&lab, &stale, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{stale} stayed:\n{}", daemon.log()));
+    // The trail line is written once the delete returns.
+    let mut trail = Vec::new();
+    sys::wait_until(Duration::from_secs(5), || {
+        trail = read_trail(&scratch.trail());
+        trail
+            .iter()
+            .any(|l| l.key == hex(&stale) && l.outcome == "deleted")
+    });
+    assert!(
+        trail
+            .iter()
+            .any(|l| l.key == hex(&stale) && l.outcome == "deleted"),
+        "the delete is in the trail: {trail:?}\n{}",
+        daemon.log()
+    );
+    // From the kernel's close event to the delete, as the daemon logged it.
+    let line = daemon
+        .wait_line(Duration::from_secs(5), |l| {
+            l.contains("deleted stale entry (kernel event)") && l.contains(&hex(&stale))
+        })
+        .unwrap_or_else(|| panic!("no delete line:\n{}", daemon.log()));
+    let us: u64 = line
+        .split("since_event_us=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no since_event_us in {line}"));
+    assert_eq!(
+        daemon.metric("sockmap_gc_deletions_total{outcome=\"deleted\"}"),
+        Some(1.0)
+    );
+    evidence(&format!(
+        "kernel fact: events: a reset socket's entry deleted {:.1} ms after its close event (gone {} ms after the client returned)",
+        us as f64 / 1000.0,
+        after.as_millis()
+    ));
+    // The server's other connections are untouched: a new request works.
+    let again = lab
+        .request_from(server.addr(), 42201, HANG)
+        .expect("client runs");
+    assert!(again.is_replied(), "{again}");
+}
+
+#[test]
+fn daemon_counts_a_collision_and_frees_its_key() {
+    let lab = lab("ev-daemon-collide", 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let scratch = Scratch::new("ev-daemon-collide");
+    let Some(daemon) = daemon_on_events(&scratch, &lab, "collisions") else {
+        return;
+    };
+    assert_eq!(daemon.metric("sockmap_gc_collisions_total"), Some(0.0));
+    let port = 40000;
+    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), port)).expect("v4");
+    lab.plant(stale).expect("plant");
+    // The new connection collides; whether its own request hangs depends on whether its
+    // payload left before the delete.
+    let first = lab
+        .request_from(server.addr(), port, Duration::from_millis(500))
+        .expect("client runs");
+    let after = gone_within(&lab, &stale, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{stale} stayed:\n{}", daemon.log()));
+    assert!(
+        sys::wait_until(Duration::from_secs(5), || {
+            daemon.metric("sockmap_gc_collisions_total") == Some(1.0)
+        }),
+        "one collision counted:\n{}",
+        daemon.log()
+    );
+    let lines = daemon.log();
+    let collisions: Vec<&str> = lines.lines().filter(|l| l.contains("collision:")).collect();
+    assert_eq!(collisions.len(), 1, "one line per collision:\n{lines}");
+    assert!(
+        collisions[0].contains(&stale.to_string()),
+        "the key decoded in the line: {}",
+        collisions[0]
+    );
+    evidence(&format!(
+        "kernel fact: events: a collision counted and its key gone {} ms after the client returned (its request: {first})",
+        after.as_millis()
+    ));
+    let again = lab
+        .request_from(server.addr(), port, HANG)
+        .expect("client runs");
+    assert!(again.is_replied(), "port {port} works again: {again}");
 }

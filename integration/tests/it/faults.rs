@@ -23,7 +23,10 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, ClientOpts, Lab};
 
 use crate::rig::{read_trail, Daemon, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, run_command, PEER};
+use crate::support::{
+    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, run_command,
+    PEER,
+};
 
 fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -501,7 +504,7 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
             n
         });
         for i in 0..5u16 {
-            stale.push(natural_stale(
+            stale.push(natural_stale_under_daemon(
                 &lab,
                 server.addr(),
                 sa(lab.node_ip(0), 45510 + i),

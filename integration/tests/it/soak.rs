@@ -24,7 +24,7 @@ use sockmap_gc_lab::peer::child::churn::{ChurnOpts, ChurnReport};
 use sockmap_gc_lab::ClientOpts;
 
 use crate::rig::{read_trail, Daemon, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale};
+use crate::support::{evidence, hex, lab, live_keys, natural_stale_under_daemon};
 
 const CHURN_PORT: u16 = 8080;
 const BUSY_PORT: u16 = 9090;
@@ -161,7 +161,12 @@ fn soak(id: &str, duration: Duration) {
         s.spawn(|| {
             let mut n = 0u16;
             while making.load(Ordering::Relaxed) {
-                let key = natural_stale(&lab, busy_addr, sa(lab.node_ip(0), NATURAL_FROM + n));
+                // With kernel events the daemon may delete it before this returns.
+                let key = natural_stale_under_daemon(
+                    &lab,
+                    busy_addr,
+                    sa(lab.node_ip(0), NATURAL_FROM + n),
+                );
                 made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
                     key,
                     natural: true,
