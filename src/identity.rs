@@ -294,6 +294,22 @@ impl IdentitySource {
         }
     }
 
+    /// Loads in-kernel compare-and-delete for `map` ahead of its first use, so that the first
+    /// delete does not wait for it; a refusal is kept as at first use.
+    pub fn prepare_compare_and_delete(&mut self, map: &SockMap) -> Result<(), IdentityError> {
+        let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
+            return Ok(());
+        };
+        match reader.prepare_compare_and_delete(map) {
+            Err(e) if e.is_refusal() => {
+                tracing::warn!(error = %e, "in-kernel compare-and-delete refused; deleting by key after the re-check");
+                self.cad_refused = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// In-kernel compare-and-delete, or `None` when it is not available: the caller then
     /// deletes by key.
     pub fn compare_and_delete(

@@ -533,6 +533,16 @@ impl Events {
             }
         })
         .context("starting kernel events (set events = \"off\" to run without them)")?;
+        let reactor = Arc::new(Mutex::new(Reactor::default()));
+        if watcher.is_some() && !settings.dry_run {
+            // Loaded now, not at the first event: that one is to be acted on in milliseconds.
+            let mut r = reactor.lock().unwrap_or_else(|e| e.into_inner());
+            let mut source = IdentitySource::new(settings.identity)?;
+            if let Ok(map) = SockMap::open_default(settings.map.as_deref(), Access::ReadWrite) {
+                source.prepare_compare_and_delete(&map)?;
+            }
+            r.identity = Some((settings.identity, source));
+        }
         Ok(Events {
             mode: settings.events,
             watcher,
@@ -543,7 +553,7 @@ impl Events {
             reacting: false,
             done_tx,
             done_rx,
-            reactor: Arc::new(Mutex::new(Reactor::default())),
+            reactor,
         })
     }
 
