@@ -237,6 +237,15 @@ fn daemon_on_events(scratch: &Scratch, lab: &Lab, need: &str) -> Option<Daemon> 
     Some(daemon)
 }
 
+/// The time from the kernel's event to the delete, as the daemon logs it.
+fn since_event_us(line: &str) -> u64 {
+    line.split("since_event_us=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no since_event_us in {line}"))
+}
+
 /// Polls the map until `key` is gone (every millisecond, at most `timeout`).
 fn gone_within(lab: &Lab, key: &SockKey, timeout: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -292,12 +301,7 @@ fn daemon_deletes_a_reset_socket_entry_at_once() {
             l.contains("deleted stale entry (kernel event)") && l.contains(&hex(&stale))
         })
         .unwrap_or_else(|| panic!("no delete line:\n{}", daemon.log()));
-    let us: u64 = line
-        .split("since_event_us=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no since_event_us in {line}"));
+    let us = since_event_us(&line);
     assert_eq!(
         daemon.metric("sockmap_gc_deletions_total{outcome=\"deleted\"}"),
         Some(1.0)
@@ -348,8 +352,14 @@ fn daemon_counts_a_collision_and_frees_its_key() {
         "the key decoded in the line: {}",
         collisions[0]
     );
+    let deleted = daemon
+        .wait_line(Duration::from_secs(5), |l| {
+            l.contains("deleted stale entry (kernel event)") && l.contains(&hex(&stale))
+        })
+        .unwrap_or_else(|| panic!("no delete line:\n{}", daemon.log()));
     evidence(&format!(
-        "kernel fact: events: a collision counted and its key gone {} ms after the client returned (its request: {first})",
+        "kernel fact: events: a collision counted, its key deleted {} us after the collision event (gone {} ms after the client returned; its request: {first})",
+        since_event_us(&deleted),
         after.as_millis()
     ));
     let again = lab
