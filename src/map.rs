@@ -203,31 +203,6 @@ impl SockMap {
         })
     }
 
-    /// Whether `key` has an entry now: one lookup. The kernel answers a sockhash lookup with
-    /// the socket's cookie when the value size is 8 and with ENOSPC when it is 4 (Cilium's),
-    /// both meaning present; ENOENT means absent.
-    pub fn contains(&self, key: &RawKey) -> io::Result<bool> {
-        let mut value = [0u8; 8];
-        // SAFETY: the key buffer holds KEY_LEN bytes, the map's checked key size, and the
-        // value buffer 8 bytes, the most a sockhash lookup writes (its cookie).
-        let rc = unsafe {
-            libbpf_sys::bpf_map_lookup_elem(
-                self.handle.as_fd().as_raw_fd(),
-                key.0.as_ptr().cast(),
-                value.as_mut_ptr().cast(),
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENOSPC) => Ok(true),
-            Some(libc::ENOENT) => Ok(false),
-            _ => Err(err),
-        }
-    }
-
     /// Deletes one key: one syscall, nothing else.
     pub fn delete(&self, key: &RawKey) -> io::Result<DeleteOutcome> {
         // SAFETY: the key buffer holds KEY_LEN bytes, the map's checked key size.

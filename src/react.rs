@@ -155,9 +155,10 @@ pub struct Reaction {
     pub map_id: u32,
     pub events: usize,
     pub dry_run: bool,
-    /// Entries the events named, judged stale and found in this map.
+    /// Entries the events named and judged stale.
     pub named: usize,
-    /// Closed sockets filed under no key of this map (in another sockmap, or gone already).
+    /// Of those, the ones compare-and-delete did not find in this map: a closed socket filed
+    /// in another sockmap, or an entry gone already.
     pub not_in_map: usize,
     /// Judged stale, but over `max_deletes` or beyond the rate limit now (the continuous pass
     /// or the next sweep takes them).
@@ -201,8 +202,6 @@ pub enum ReactError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Trail(#[from] SweepError),
-    #[error("looking up an entry an event named failed: {0}")]
-    Lookup(std::io::Error),
     #[error("identity is not in use (off, or refused by this kernel): kernel events delete through its compare-and-delete")]
     NoIdentity,
     #[error("in-kernel compare-and-delete is refused on this kernel: kernel events delete only through it")]
@@ -241,25 +240,12 @@ pub fn react(
             .filter(|(k, _)| collided.contains(k))
             .collect()
     };
-    let (named, skipped) = judge(events, map.id(), &held, gateways);
-    // A close event names any socket with a psock, in whatever sockmap: act only on entries
-    // this map has (compare-and-delete would find the others gone, and say so in the trail).
-    let mut not_in_map = 0;
-    let mut present = Vec::with_capacity(named.len());
-    for n in named {
-        if map.contains(&n.key).map_err(ReactError::Lookup)? {
-            present.push(n);
-        } else {
-            not_in_map += 1;
-        }
-    }
-    let mut named = present;
+    let (mut named, skipped) = judge(events, map.id(), &held, gateways);
     let mut reaction = Reaction {
         map_id: map.id(),
         events: events.len(),
         dry_run: guards.dry_run,
         named: named.len(),
-        not_in_map,
         skipped,
         ..Reaction::default()
     };
@@ -283,6 +269,12 @@ pub fn react(
                 let now = monotonic_now();
                 for (n, (_, outcome)) in named.iter().zip(outcomes) {
                     let settled = deletion::after_compare_and_delete(outcome);
+                    if matches!(settled, Settled::AlreadyGone) {
+                        // A close event names a socket in any sockmap: one this map does not
+                        // file (or no longer does) is no deletion of its own, nor a trail line.
+                        reaction.not_in_map += 1;
+                        continue;
+                    }
                     let since = now.saturating_sub(n.at);
                     log(&n.key, &n.verdict, &settled, since);
                     if let (Some(t), Some(label)) = (trail.as_deref_mut(), settled.trail_label()) {
