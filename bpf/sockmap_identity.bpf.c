@@ -11,9 +11,11 @@
  *    (SOCK_DEAD), and its last error (sk_err: ECONNRESET after a reset).
  *    Only direct BTF reads and bpf_get_socket_cookie: no fentry, no bpf_probe_read_kernel,
  *    so it loads under lockdown's confidentiality mode.
- *  - compare_and_delete: for each entry whose key is in `targets` and whose socket's cookie
- *    equals the target's, deletes the entry from `held` (userspace makes `held` the iterated
- *    map with bpf_map__reuse_fd before load) and emits one struct cad_rec.
+ *  - compare_and_delete: for each entry whose key is in `targets`, re-checks the verdict and
+ *    deletes the entry from `held` (userspace makes `held` the iterated map with
+ *    bpf_map__reuse_fd before load) only if it still holds the judged socket (same cookie)
+ *    and that socket is still stale: closed, or with ends other than the key's. Emits one
+ *    struct cad_rec.
  *
  * The layouts of both records are mirrored in src/identity.rs; both sides assert the sizes.
  */
@@ -41,6 +43,21 @@
 #define CAD_PENDING 0
 #define CAD_DELETED 1
 #define CAD_COOKIE_CHANGED 2
+/* Same socket, but alive with the key's ends now (it reconnected to the key's tuple): kept. */
+#define CAD_NOT_STALE 3
+
+/* struct cad_target flags: an L7-proxy entry, whose A side is the gateway: only the local
+ * end (B) is compared. */
+#define CAD_LOCAL_ONLY 1
+
+#define TCP_CLOSE 7
+/* Key layout (Cilium's struct sock_key): A (16 bytes), B (16), family u8 (1 IPv4, 2 IPv6),
+ * pad, port A and port B, each big-endian in the first two bytes of a u32. */
+#define KEY_FAMILY 32
+#define KEY_PORT_A 36
+#define KEY_PORT_B 40
+#define KEY_IPV4 1
+#define KEY_IPV6 2
 
 struct raw_key {
 	__u8 bytes[KEY_LEN];
@@ -66,12 +83,12 @@ _Static_assert(sizeof(struct identity_rec) == 112, "identity_rec layout is share
 struct cad_target {
 	__u64 cookie;           /* the cookie of the socket that was judged stale */
 	__s32 outcome;          /* CAD_PENDING until the entry is met, then its outcome */
-	__u32 pad;
+	__u32 flags;            /* CAD_LOCAL_ONLY */
 };
 
 struct cad_rec {
 	struct raw_key key;     /* 0 */
-	__s32 outcome;          /* 44: CAD_DELETED, CAD_COOKIE_CHANGED or -errno */
+	__s32 outcome;          /* 44: CAD_DELETED, CAD_COOKIE_CHANGED, CAD_NOT_STALE or -errno */
 	__u64 cookie;           /* 48: the cookie of the socket the entry held when met */
 };
 _Static_assert(sizeof(struct cad_rec) == 56, "cad_rec layout is shared with Rust");
@@ -163,6 +180,66 @@ int identity(struct bpf_iter__sockmap *ctx)
 	return 0;
 }
 
+/* An address as 16 bytes, IPv4 mapped (::ffff:a.b.c.d), so that an IPv4 key and a dual-stack
+ * socket compare as the userspace classifier compares them. */
+static __always_inline void mapped_v4(__u32 *out, __u32 v4)
+{
+	out[0] = 0;
+	out[1] = 0;
+	out[2] = bpf_htonl(0xffff);
+	out[3] = v4;
+}
+
+static __always_inline int same16(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Whether sk has exactly the ends its key files it under: its local end is B, its remote end
+ * A (with local_only, the local end alone). An unknown key or socket family never matches
+ * here; userspace never judges such an entry stale, so it is never a target. */
+static __always_inline int has_key_ends(struct sock *sk, const struct raw_key *key,
+					int local_only)
+{
+	const __u8 *k = key->bytes;
+	__u16 family = sk->__sk_common.skc_family;
+	__u32 key_a[4], key_b[4], local[4], remote[4], v4;
+	__u16 port_a = ((__u16)k[KEY_PORT_A] << 8) | k[KEY_PORT_A + 1];
+	__u16 port_b = ((__u16)k[KEY_PORT_B] << 8) | k[KEY_PORT_B + 1];
+
+	if (k[KEY_FAMILY] == KEY_IPV4) {
+		/* Byte copies: the key has no alignment. */
+		__builtin_memcpy(&v4, &k[0], 4);
+		mapped_v4(key_a, v4);
+		__builtin_memcpy(&v4, &k[16], 4);
+		mapped_v4(key_b, v4);
+	} else if (k[KEY_FAMILY] == KEY_IPV6) {
+		__builtin_memcpy(key_a, &k[0], 16);
+		__builtin_memcpy(key_b, &k[16], 16);
+	} else {
+		return 0;
+	}
+	if (family == AF_INET) {
+		mapped_v4(local, sk->__sk_common.skc_rcv_saddr);
+		mapped_v4(remote, sk->__sk_common.skc_daddr);
+	} else if (family == AF_INET6) {
+		local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
+		local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
+		local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
+		local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
+		remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
+		remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
+		remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
+		remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+	} else {
+		return 0;
+	}
+	if (sk->__sk_common.skc_num != port_b || !same16(local, key_b))
+		return 0;
+	return local_only ||
+	       (bpf_ntohs(sk->__sk_common.skc_dport) == port_a && same16(remote, key_a));
+}
+
 SEC("iter/sockmap")
 int compare_and_delete(struct bpf_iter__sockmap *ctx)
 {
@@ -188,6 +265,10 @@ int compare_and_delete(struct bpf_iter__sockmap *ctx)
 	if (target->outcome == CAD_PENDING) {
 		if (cookie != target->cookie) {
 			target->outcome = CAD_COOKIE_CHANGED;
+		} else if (sk->__sk_common.skc_state != TCP_CLOSE &&
+			   has_key_ends(sk, &key, target->flags & CAD_LOCAL_ONLY)) {
+			/* The verdict no longer holds: the socket reconnected to the key's tuple. */
+			target->outcome = CAD_NOT_STALE;
 		} else {
 			err = bpf_map_delete_elem(&held, &key);
 			target->outcome = err == 0 ? CAD_DELETED : (err < 0 ? (__s32)err : -EIO);

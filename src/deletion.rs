@@ -30,6 +30,8 @@ labels! {
         NoLongerStale => "no-longer-stale",
         /// The entry holds another socket than the one judged.
         HoldsAnotherSocket => "holds-another-socket",
+        /// The judged socket has the key's ends now (it reconnected to the key's tuple).
+        NotStaleNow => "not-stale-now",
     }
 }
 
@@ -138,17 +140,23 @@ pub fn after_compare_and_delete(outcome: CadOutcome) -> Settled {
         CadOutcome::Deleted => Settled::Deleted,
         CadOutcome::Gone => Settled::AlreadyGone,
         CadOutcome::CookieChanged => Settled::Spared(SpareReason::HoldsAnotherSocket),
+        CadOutcome::NotStale => Settled::Spared(SpareReason::NotStaleNow),
         CadOutcome::Failed(errno) => Settled::Failed(DeleteError::Kernel { errno }),
     }
 }
 
-/// Compare-and-delete refused: compared in userspace instead. `judged` is the cookie the
-/// entry was judged on, `now` the one a fresh read of the map finds (`None`: gone).
-pub fn after_reread(judged: u64, now: Option<u64>) -> Step {
+/// Compare-and-delete refused: compared in userspace instead, by the kernel program's rule.
+/// `judged` is the cookie the entry was judged on; `now`, what a fresh read of the map finds:
+/// the held socket's cookie, and whether it is still stale (closed, or other ends than the
+/// key's); `None`: gone.
+pub fn after_reread(judged: u64, now: Option<(u64, bool)>) -> Step {
     match now {
         None => Step::Settle(Settled::AlreadyGone),
-        Some(c) if c == judged => Step::DeleteByKey,
-        Some(_) => Step::Settle(Settled::Spared(SpareReason::HoldsAnotherSocket)),
+        Some((c, _)) if c != judged => {
+            Step::Settle(Settled::Spared(SpareReason::HoldsAnotherSocket))
+        }
+        Some((_, true)) => Step::DeleteByKey,
+        Some((_, false)) => Step::Settle(Settled::Spared(SpareReason::NotStaleNow)),
     }
 }
 
@@ -241,6 +249,11 @@ mod tests {
                 Some("spared-holds-another-socket"),
             ),
             (
+                CadOutcome::NotStale,
+                Outcome::Spared,
+                Some("spared-not-stale-now"),
+            ),
+            (
                 CadOutcome::Failed(libc::ENOENT),
                 Outcome::Failed,
                 Some("failed"),
@@ -254,11 +267,14 @@ mod tests {
     }
 
     #[test]
-    fn the_userspace_fallback_deletes_only_the_judged_socket() {
+    fn the_userspace_fallback_deletes_only_the_judged_socket_still_stale() {
+        // (judged cookie, (cookie now, still stale), settled as; None: deleted by key)
         let cases = [
             (5, None, Some(Outcome::AlreadyGone)),
-            (5, Some(5), None),
-            (5, Some(6), Some(Outcome::Spared)),
+            (5, Some((5, true)), None),
+            (5, Some((5, false)), Some(Outcome::Spared)),
+            (5, Some((6, true)), Some(Outcome::Spared)),
+            (5, Some((6, false)), Some(Outcome::Spared)),
         ];
         for (judged, now, want) in cases {
             assert_eq!(settled_as(after_reread(judged, now)), want, "{now:?}");

@@ -8,8 +8,9 @@
 //!   syscall per key. It needs only direct BTF reads and `bpf_get_socket_cookie`, which a
 //!   kernel in lockdown's confidentiality mode allows.
 //! - `compare_and_delete` deletes an entry from inside the kernel only while it holds the
-//!   socket with the cookie that was judged stale, closing the window a delete by key leaves
-//!   between the last check and the delete. It references the sockhash itself, so it is
+//!   socket with the cookie that was judged stale and that socket is still stale (closed, or
+//!   with ends other than the key's), closing the window a delete by key leaves between the
+//!   last check and the delete: a socket that reconnects to the key's tuple is kept. It references the sockhash itself, so it is
 //!   loaded once per map (its fd replaces the object's `held` map before load).
 //!
 //! The sockhash iterator is no snapshot: it restarts its current hash bucket after each read,
@@ -79,6 +80,27 @@ pub struct Identities {
     pub entries: Vec<(RawKey, HeldSocket)>,
 }
 
+/// One entry for in-kernel compare-and-delete: deleted only if it still holds the socket
+/// judged stale and that socket is still stale (closed, or with ends other than the key's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub key: RawKey,
+    /// The cookie of the socket judged stale.
+    pub cookie: u64,
+    /// An L7-proxy entry (its A side is the gateway): only the local end is compared.
+    pub local_only: bool,
+}
+
+impl Target {
+    pub fn new(key: RawKey, cookie: u64) -> Target {
+        Target {
+            key,
+            cookie,
+            local_only: false,
+        }
+    }
+}
+
 /// How an in-kernel compare-and-delete of one target ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CadOutcome {
@@ -86,6 +108,9 @@ pub enum CadOutcome {
     Deleted,
     /// The entry holds another socket now; it was kept.
     CookieChanged,
+    /// The entry holds the judged socket, but that socket is alive with the key's ends now
+    /// (it reconnected to the key's tuple): the verdict no longer holds, it was kept.
+    NotStale,
     /// The iteration never met the key: the entry was gone already.
     Gone,
     /// The delete failed with this errno; the entry was kept.
@@ -315,7 +340,7 @@ impl IdentitySource {
     pub fn compare_and_delete(
         &mut self,
         map: &SockMap,
-        targets: &[(RawKey, u64)],
+        targets: &[Target],
     ) -> Result<Option<Vec<(RawKey, CadOutcome)>>, IdentityError> {
         let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
             return Ok(None);

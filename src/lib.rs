@@ -9,7 +9,8 @@
 //! [`netlink`]) → judge ([`verdict`], pure) → name who keeps each stale entry ([`holder`],
 //! only when there are stale entries) → guard ([`guard`], pure) → delete ([`sweep`],
 //! deciding through [`deletion`], pure) → report ([`report`]). [`observe`] runs one
-//! observation through the first stages into the plain data of [`observation`].
+//! observation through the first stages into the plain data of [`observation`]; [`pass`] is
+//! the daemon's continuous pass, one iterator read judged and deleted through the same guards.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -28,6 +29,7 @@ pub mod netlink;
 pub mod netns;
 pub mod observation;
 pub mod observe;
+pub mod pass;
 pub mod procnet;
 pub mod react;
 pub mod report;

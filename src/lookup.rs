@@ -4,8 +4,8 @@
 //! A dump walks the kernel's TCP hash table, and every namespace shares that table: on a node
 //! with a hundred pods an inventory walks all of the node's sockets a hundred times. An exact
 //! request is one hash lookup. With the sockmap iterator, an observation knows which tuples
-//! matter (each entry's key and its held socket's own ends) and in which namespace the held
-//! socket lives, so it asks for those alone.
+//! matter (the keys of the entries judged stale, to name the connection each wrongs) and in
+//! which namespace the held socket lives, so it asks for those alone.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};

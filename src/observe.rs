@@ -12,10 +12,12 @@ use crate::identity::{IdentityError, IdentitySource};
 use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
-use crate::observation::{Judged, LookupCounts, Observation, Unreadable};
+use crate::observation::{held_view, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
-use crate::socket::{LiveSocket, TcpState, Tuple};
-use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict};
+use crate::socket::{LiveSocket, Tuple};
+use crate::verdict::{
+    classify, is_proxy_key, judge_held, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -132,38 +134,31 @@ impl Gathered {
     }
 }
 
-/// Looks up, instead of dumping every namespace, only the sockets that can decide or explain
-/// a verdict on the held sockets: each live-looking held socket's own tuple in its own
-/// namespace (to confirm it by cookie), and for a held socket that is closed or has other
-/// ends, the key's tuple where a connection with it would live (to name the connection the
-/// entry wrongs). Costs one hash lookup per tuple instead of a walk of the node's whole TCP
-/// table per namespace.
+/// With identity, the held socket decides every verdict (see [`crate::verdict::judge_held`]);
+/// sock_diag is asked only what explains one: for each entry judged stale, the key's tuple
+/// where a connection with it would live (the held socket's namespace, and every namespace
+/// with the key's local address), to name the live connection the entry wrongs right now.
+/// One exact request per tuple instead of a walk of the node's whole TCP table per namespace.
 pub fn gather_owners(
     proc_root: &Path,
     entries: &[Judged],
-    proxy_rules: bool,
+    gateways: &[IpAddr],
 ) -> Result<Sockets, ObserveError> {
-    // Id 2i is entry i's held socket's own tuple, 2i + 1 the tuple its key names.
+    let proxy_rules = !gateways.is_empty();
     let tuple_of = |id: usize| {
-        let e = entries.get(id / 2)?;
-        if id.is_multiple_of(2) {
-            e.held.map(|h| Tuple::new(h.local, h.remote))
-        } else {
-            e.key().ok().map(|k| Tuple::new(k.local, k.remote))
-        }
+        let k = entries.get(id)?.key().ok()?;
+        Some(Tuple::new(k.local, k.remote))
     };
     let mut lookups = Lookups::new(tuple_of);
     for (i, e) in entries.iter().enumerate() {
         let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let closed = held.state == TcpState::Close;
-        if !closed {
-            lookups.in_netns(held.netns_inode, 2 * i);
-        }
-        if closed || Tuple::new(held.local, held.remote) != Tuple::new(key.local, key.remote) {
-            lookups.in_netns(held.netns_inode, 2 * i + 1);
-            lookups.at_local_address(key.local.ip(), 2 * i + 1);
+        let proxy = is_proxy_key(&key, gateways);
+        // A proxy entry's tuple names no connection (its A side is the gateway).
+        if !proxy && judge_held(&key, &held_view(&held), proxy).is_stale() {
+            lookups.in_netns(held.netns_inode, i);
+            lookups.at_local_address(key.local.ip(), i);
         }
     }
     let mut gathered = Gathered::new(proxy_rules);
@@ -280,7 +275,7 @@ pub fn observe(
         "map read"
     );
     let sockets = if with_identity {
-        gather_owners(proc_root, &entries, !gateways.is_empty())?
+        gather_owners(proc_root, &entries, gateways)?
     } else {
         gather_sockets(proc_root, !gateways.is_empty())?
     };

@@ -17,13 +17,13 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use crate::deletion::{self, Settled};
 use crate::events::{monotonic_now, Event};
 use crate::guard::{GuardSettings, Hold};
-use crate::identity::{HeldSocket, IdentityError, IdentitySource};
+use crate::identity::{HeldSocket, IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::{MapError, SockMap};
 use crate::observation::held_view;
 use crate::sweep::{SweepError, Trail};
 use crate::verdict::{
-    classify, Evidence, SeenSocket, SocketIndex, SocketKind, StaleReason, Verdict,
+    classify, is_proxy_key, Evidence, SeenSocket, SocketIndex, SocketKind, StaleReason, Verdict,
 };
 
 /// An entry an event named and that is judged stale: compare-and-delete it.
@@ -262,7 +262,18 @@ pub fn react(
         // The fd reads the map it was opened on, whatever the path holds now: ask the path.
         match map.id_at_path_now() {
             Ok(id) if id == map.id() => {
-                let targets: Vec<(RawKey, u64)> = named.iter().map(|n| (n.key, n.cookie)).collect();
+                // Compare-and-delete re-checks in the kernel that the entry holds the judged
+                // socket and that it is still stale (closed, or other ends than the key's;
+                // for an L7-proxy entry, the local end alone).
+                let targets: Vec<Target> = named
+                    .iter()
+                    .map(|n| Target {
+                        key: n.key,
+                        cookie: n.cookie,
+                        local_only: SockKey::decode(&n.key)
+                            .is_ok_and(|k| is_proxy_key(&k, gateways)),
+                    })
+                    .collect();
                 let outcomes = identity
                     .compare_and_delete(map, &targets)?
                     .ok_or(ReactError::NoCompareAndDelete)?;
@@ -434,8 +445,8 @@ mod tests {
                 "a collision with a live socket of the key's ends",
                 collision(1, SERVER, CLIENT, 20),
                 Some(held(SERVER, CLIENT, 7, TcpState::Established)),
-                Err(Skip::NotStale(Verdict::Unknown(
-                    crate::verdict::UnknownReason::HeldAliveUnconfirmed,
+                Err(Skip::NotStale(Verdict::Live(
+                    crate::verdict::LiveReason::HeldIsOwner,
                 ))),
             ),
             (

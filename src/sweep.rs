@@ -15,12 +15,12 @@ use serde::Serialize;
 
 use crate::deletion::{self, DeleteError, Route, Settled, Step};
 use crate::guard::{self, GuardSettings, Plan};
-use crate::identity::IdentitySource;
+use crate::identity::{IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::SockMap;
-use crate::observation::{Filter, Observation};
+use crate::observation::{held_view, Filter, Observation};
 use crate::observe::{self, ObserveError, Sockets};
-use crate::verdict::{classify, HeldView, Verdict};
+use crate::verdict::{classify, has_key_ends, is_proxy_key, HeldView, Verdict};
 
 /// How old the inventory behind a delete's re-check may be.
 pub const RECHECK_MAX_AGE: Duration = Duration::from_secs(1);
@@ -306,8 +306,8 @@ struct Deleter<'a> {
     map: &'a SockMap,
     identity: &'a mut IdentitySource,
     trail: Option<&'a mut Trail>,
-    /// Re-checked entries waiting for compare-and-delete: key, held cookie, verdict.
-    pending: Vec<(RawKey, u64, Verdict)>,
+    /// Re-checked entries waiting for compare-and-delete, with their verdicts.
+    pending: Vec<(Target, Verdict)>,
     /// When the first of `pending` was queued.
     pending_since: Instant,
 }
@@ -321,22 +321,7 @@ impl Deleter<'_> {
         verdict: &Verdict,
         settled: Settled,
     ) -> Result<(), SweepError> {
-        let described = SockKey::decode(&raw).map_or_else(|e| e.to_string(), |k| k.to_string());
-        match &settled {
-            Settled::Deleted => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, "deleted stale entry");
-            }
-            Settled::AlreadyGone => {}
-            Settled::Spared(deletion::SpareReason::NoLongerStale) => {
-                tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
-            }
-            Settled::Spared(deletion::SpareReason::HoldsAnotherSocket) => {
-                tracing::info!(key = %raw.to_hex(), entry = %described, "spared: the entry holds another socket now");
-            }
-            Settled::Failed(e) => {
-                tracing::warn!(key = %raw.to_hex(), entry = %described, error = %e, "delete failed");
-            }
-        }
+        log_settled(&raw, verdict, &settled);
         if let (Some(t), Some(label)) = (self.trail.as_deref_mut(), settled.trail_label()) {
             t.record(self.map, &raw, &verdict.to_string(), &label)?;
         }
@@ -363,14 +348,13 @@ impl Deleter<'_> {
     fn queue(
         &mut self,
         report: &mut SweepReport,
-        raw: RawKey,
-        cookie: u64,
+        target: Target,
         verdict: Verdict,
     ) -> Result<(), SweepError> {
         if self.pending.is_empty() {
             self.pending_since = Instant::now();
         }
-        self.pending.push((raw, cookie, verdict));
+        self.pending.push((target, verdict));
         let batch = self.identity.cad_batch().unwrap_or(1);
         if deletion::batch_due(
             self.pending.len(),
@@ -388,44 +372,77 @@ impl Deleter<'_> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let targets: Vec<(RawKey, u64)> = pending.iter().map(|(k, c, _)| (*k, *c)).collect();
+        let targets: Vec<Target> = pending.iter().map(|(t, _)| *t).collect();
         match self.identity.compare_and_delete(self.map, &targets) {
             Ok(Some(outcomes)) => {
-                for ((raw, _, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
+                for ((target, verdict), (_, outcome)) in pending.iter().zip(outcomes) {
                     let settled = deletion::after_compare_and_delete(outcome);
-                    self.record(report, *raw, verdict, settled)?;
+                    self.record(report, target.key, verdict, settled)?;
                 }
             }
             Ok(None) => {
                 // Compare in userspace instead: a fresh read of who each entry holds, then
-                // a delete by key only where it still holds the judged socket.
-                let now: HashMap<RawKey, u64> = match self.identity.read(self.map) {
+                // a delete by key only where it still holds the judged socket and that
+                // socket is still stale (the kernel program's rule).
+                let now: HashMap<RawKey, HeldView> = match self.identity.read(self.map) {
                     Ok(Some(ids)) => ids
                         .entries
-                        .into_iter()
-                        .map(|(k, h)| (k, h.cookie))
+                        .iter()
+                        .map(|(k, h)| (*k, held_view(h)))
                         .collect(),
                     Ok(None) | Err(_) => {
-                        for (raw, _, verdict) in &pending {
+                        for (target, verdict) in &pending {
                             let settled = Settled::Failed(DeleteError::CannotReread);
-                            self.record(report, *raw, verdict, settled)?;
+                            self.record(report, target.key, verdict, settled)?;
                         }
                         return Ok(());
                     }
                 };
-                for (raw, cookie, verdict) in &pending {
-                    let step = deletion::after_reread(*cookie, now.get(raw).copied());
-                    self.settle(report, *raw, verdict, step)?;
+                for (target, verdict) in &pending {
+                    let now = now
+                        .get(&target.key)
+                        .map(|h| (h.cookie, still_stale(&target.key, h, target.local_only)));
+                    let step = deletion::after_reread(target.cookie, now);
+                    self.settle(report, target.key, verdict, step)?;
                 }
             }
             Err(e) => {
                 let e = DeleteError::CompareAndDelete(std::sync::Arc::new(e));
-                for (raw, _, verdict) in &pending {
-                    self.record(report, *raw, verdict, Settled::Failed(e.clone()))?;
+                for (target, verdict) in &pending {
+                    self.record(report, target.key, verdict, Settled::Failed(e.clone()))?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Whether the held socket is still stale by the kernel program's rule: closed, or with ends
+/// other than those `raw` files it under (an L7-proxy entry: its local end).
+fn still_stale(raw: &RawKey, held: &HeldView, local_only: bool) -> bool {
+    held.closed || !SockKey::decode(raw).is_ok_and(|key| has_key_ends(&key, held, local_only))
+}
+
+/// The journal line of an entry a sweep or a pass acted on, or was kept from acting on.
+pub(crate) fn log_settled(raw: &RawKey, verdict: &Verdict, settled: &Settled) {
+    let described = || SockKey::decode(raw).map_or_else(|e| e.to_string(), |k| k.to_string());
+    match settled {
+        Settled::Deleted => {
+            tracing::info!(key = %raw.to_hex(), entry = %described(), reason = %verdict, "deleted stale entry");
+        }
+        Settled::AlreadyGone => {}
+        Settled::Spared(deletion::SpareReason::NoLongerStale) => {
+            tracing::info!(key = %raw.to_hex(), verdict = %verdict, "spared: the re-check found it no longer stale");
+        }
+        Settled::Spared(deletion::SpareReason::NotStaleNow) => {
+            tracing::info!(key = %raw.to_hex(), entry = %described(), "spared: the held socket has the key's ends now");
+        }
+        Settled::Spared(deletion::SpareReason::HoldsAnotherSocket) => {
+            tracing::info!(key = %raw.to_hex(), entry = %described(), "spared: the entry holds another socket now");
+        }
+        Settled::Failed(e) => {
+            tracing::warn!(key = %raw.to_hex(), entry = %described(), error = %e, "delete failed");
+        }
     }
 }
 
@@ -478,7 +495,14 @@ fn delete_phase(
         let route = deletion::route(held.map(|(h, _)| h.cookie), deleter.identity.is_active());
         match (route, held) {
             (Route::CompareAndDelete { cookie }, Some((_, verdict))) => {
-                deleter.queue(report, raw, cookie, verdict.clone())?;
+                let local_only =
+                    SockKey::decode(&raw).is_ok_and(|key| is_proxy_key(&key, &settings.gateways));
+                let target = Target {
+                    key: raw,
+                    cookie,
+                    local_only,
+                };
+                deleter.queue(report, target, verdict.clone())?;
             }
             _ => {
                 if deletion::inventory_due(

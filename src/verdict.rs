@@ -55,8 +55,6 @@ pub struct SocketIndex {
     /// Local ends of connections, for the L7-proxy rules; `None` when no gateway is known,
     /// so no entry can be a proxy entry.
     local_ends: Option<HashSet<PackedEnd>>,
-    /// Cookies of every connection socket seen.
-    live_cookies: HashSet<u64>,
     sockets: usize,
 }
 
@@ -93,7 +91,6 @@ impl SocketIndex {
         let mut index = SocketIndex {
             tuples: HashMap::with_capacity(hint),
             local_ends: Some(HashSet::with_capacity(hint)),
-            live_cookies: HashSet::with_capacity(hint),
             sockets: 0,
         };
         for s in sockets {
@@ -124,9 +121,6 @@ impl SocketIndex {
         match s.kind {
             SocketKind::Connection => {
                 owners.connection = true;
-                if let Some(c) = s.cookie {
-                    self.live_cookies.insert(c);
-                }
                 if let Some(ends) = self.local_ends.as_mut() {
                     ends.insert(local);
                 }
@@ -157,10 +151,6 @@ impl SocketIndex {
         self.local_ends
             .as_ref()
             .is_some_and(|ends| ends.contains(&PackedEnd::of(local)))
-    }
-
-    fn is_live_cookie(&self, cookie: u64) -> bool {
-        self.live_cookies.contains(&cookie)
     }
 }
 
@@ -198,9 +188,10 @@ pub enum LiveReason {
     TupleOwned,
     /// An L7-proxy entry whose local end a live connection owns.
     ProxyLocalEndOwned,
-    /// Identity: the held socket itself is the live connection that owns the tuple.
+    /// Identity: the held socket itself is alive with exactly the key's ends: the connection
+    /// the entry serves.
     HeldIsOwner,
-    /// Identity: an L7-proxy entry whose held socket is a live connection.
+    /// Identity: an L7-proxy entry whose held socket is alive with the key's local end.
     ProxyHeldIsLive,
 }
 
@@ -238,9 +229,6 @@ pub enum UnknownReason {
     },
     /// An L7-proxy entry whose local end no live connection owns.
     ProxyLocalEndNotFound,
-    /// Identity: the held socket is alive with the key's ends, but no inventoried
-    /// connection has its cookie (its namespace may not have been read).
-    HeldAliveUnconfirmed,
     /// Read from the map but not judged yet: what an entry holds between the map's read and
     /// its classification, so an observation judges its entries in place. A finished
     /// observation has none.
@@ -271,7 +259,6 @@ impl Verdict {
             Verdict::Stale(StaleReason::HeldClosed) => "held-closed",
             Verdict::Stale(StaleReason::HeldElsewhere(_)) => "held-elsewhere",
             Verdict::Stale(StaleReason::TupleOwnedByAnother(_)) => "tuple-owned-by-another",
-            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => "held-alive-unconfirmed",
             Verdict::Unknown(UnknownReason::NotJudged) => "not-judged",
             Verdict::Stale(StaleReason::NoSocket { .. }) => "no-socket",
             Verdict::Stale(StaleReason::OnlyTimeWait) => "only-time-wait",
@@ -307,10 +294,10 @@ impl fmt::Display for Verdict {
                 "only a handshake in progress has this tuple: the entry will hang that connection",
             ),
             Verdict::Live(LiveReason::HeldIsOwner) => f.write_str(
-                "the held socket itself is the live connection with this local and remote end",
+                "the held socket itself is alive with this local and remote end: the connection the entry serves",
             ),
             Verdict::Live(LiveReason::ProxyHeldIsLive) => f.write_str(
-                "L7-proxy entry (A side is the gateway) whose held socket is a live connection",
+                "L7-proxy entry (A side is the gateway) whose held socket is alive with its local end",
             ),
             Verdict::Stale(StaleReason::HeldClosed) => f.write_str(
                 "the held socket is closed (TCP_CLOSE); something still references it (its holder says what: an application's fd, a listener's accept queue)",
@@ -326,9 +313,6 @@ impl fmt::Display for Verdict {
                 e.local, e.remote
             ),
             Verdict::Unknown(UnknownReason::NotJudged) => f.write_str("not judged yet"),
-            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed) => f.write_str(
-                "the held socket is alive with these ends, but no inventoried connection has its cookie: not judged",
-            ),
             Verdict::Unknown(UnknownReason::Undecodable(e)) => {
                 write!(f, "key does not decode: {e}")
             }
@@ -354,15 +338,26 @@ pub fn classify(
         Ok(key) => key,
         Err(e) => return Verdict::Unknown(UnknownReason::Undecodable(e.clone())),
     };
-    let proxy = evidence
-        .gateways
-        .iter()
-        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip());
+    let proxy = is_proxy_key(key, evidence.gateways);
     match held {
         Some(held) => by_identity(key, held, proxy, evidence),
         None if proxy => proxy_by_tuple(key, evidence),
         None => by_tuple(key, evidence),
     }
+}
+
+/// Whether `key` is one of Cilium's L7-proxy entries: its A side is a gateway address.
+pub fn is_proxy_key(key: &SockKey, gateways: &[IpAddr]) -> bool {
+    gateways
+        .iter()
+        .any(|g| unmap(SocketAddr::new(*g, 0)).ip() == unmap(key.remote).ip())
+}
+
+/// Whether the held socket has exactly the ends `key` files it under (for an L7-proxy entry,
+/// the local end alone). The in-kernel compare-and-delete applies the same rule
+/// (bpf/sockmap_identity.bpf.c, `has_key_ends`).
+pub fn has_key_ends(key: &SockKey, held: &HeldView, proxy: bool) -> bool {
+    unmap(held.local) == unmap(key.local) && (proxy || unmap(held.remote) == unmap(key.remote))
 }
 
 fn proxy_by_tuple(key: &SockKey, evidence: &Evidence<'_>) -> Verdict {
@@ -394,32 +389,33 @@ fn by_tuple(key: &SockKey, evidence: &Evidence<'_>) -> Verdict {
     }
 }
 
-/// The held socket's own state and ends are proof on their own. A held socket that is alive
-/// with the key's ends is the connection the entry serves: it is never judged stale, only
-/// `live` once the inventory confirms it by cookie.
-fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<'_>) -> Verdict {
+/// The verdict the held socket alone gives, with no socket lookup: closed, or with ends other
+/// than the key's, is stale; alive with exactly the key's ends (for an L7-proxy entry, its
+/// local end) is the connection the entry serves, live. The sockmap iterator reads all of it.
+pub fn judge_held(key: &SockKey, held: &HeldView, proxy: bool) -> Verdict {
     if held.closed {
-        return Verdict::Stale(StaleReason::HeldClosed);
-    }
-    let index = evidence.sockets;
-    let local_matches = unmap(held.local) == unmap(key.local);
-    let remote_matches = proxy || unmap(held.remote) == unmap(key.remote);
-    if !local_matches || !remote_matches {
-        let ends = Box::new(Ends {
+        Verdict::Stale(StaleReason::HeldClosed)
+    } else if !has_key_ends(key, held, proxy) {
+        Verdict::Stale(StaleReason::HeldElsewhere(Box::new(Ends {
             local: held.local,
             remote: held.remote,
-        });
-        return if !proxy && index.owners(key.local, key.remote).connection {
-            Verdict::Stale(StaleReason::TupleOwnedByAnother(ends))
-        } else {
-            Verdict::Stale(StaleReason::HeldElsewhere(ends))
-        };
+        })))
+    } else if proxy {
+        Verdict::Live(LiveReason::ProxyHeldIsLive)
+    } else {
+        Verdict::Live(LiveReason::HeldIsOwner)
     }
-    match (index.is_live_cookie(held.cookie), proxy) {
-        (true, true) => Verdict::Live(LiveReason::ProxyHeldIsLive),
-        (true, false) => Verdict::Live(LiveReason::HeldIsOwner),
-        (false, true) => proxy_by_tuple(key, evidence),
-        (false, false) => Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
+}
+
+/// [`judge_held`], with the evidence naming the live connection a stale entry wrongs.
+fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<'_>) -> Verdict {
+    match judge_held(key, held, proxy) {
+        Verdict::Stale(StaleReason::HeldElsewhere(ends))
+            if !proxy && evidence.sockets.owners(key.local, key.remote).connection =>
+        {
+            Verdict::Stale(StaleReason::TupleOwnedByAnother(ends))
+        }
+        v => v,
     }
 }
 
@@ -725,7 +721,9 @@ mod tests {
     }
 
     #[test]
-    fn identity_alive_held_socket_is_never_stale() {
+    fn identity_alive_held_socket_with_the_keys_ends_is_live_without_a_lookup() {
+        // Formerly `held-alive-unconfirmed` unless an inventoried connection had its cookie:
+        // the held socket's own state and ends decide, whatever the inventory says.
         let k = key(SERVER, CLIENT);
         let h = held(SERVER, CLIENT, 77, false);
         for (sockets, unreadable) in [
@@ -736,12 +734,12 @@ mod tests {
             (vec![cookied(SERVER, CLIENT, SocketKind::TimeWait, 77)], 0),
         ] {
             let v = judge_held(&k, Some(&h), &sockets, unreadable, &[]);
-            assert_eq!(
-                v,
-                Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
-                "{sockets:?}"
-            );
+            assert_eq!(v, Verdict::Live(LiveReason::HeldIsOwner), "{sockets:?}");
         }
+        assert_eq!(
+            super::judge_held(&k.clone().expect("key"), &h, false),
+            Verdict::Live(LiveReason::HeldIsOwner)
+        );
     }
 
     #[test]
@@ -770,15 +768,12 @@ mod tests {
             judge_held(&k, Some(&h), &[conn], 0, &[gateway]),
             Verdict::Live(LiveReason::ProxyHeldIsLive)
         );
-        // Not confirmed by cookie: the tuple rule for proxies, never stale.
+        // Alive with the key's local end: live whatever the inventory has (formerly the tuple
+        // rule for proxies when no inventoried connection had its cookie).
         let h2 = held("10.0.1.2:33000", "10.0.9.9:80", 12, false);
         assert_eq!(
-            judge_held(&k, Some(&h2), &[conn], 0, &[gateway]),
-            Verdict::Live(LiveReason::ProxyLocalEndOwned)
-        );
-        assert_eq!(
             judge_held(&k, Some(&h2), &[], 0, &[gateway]),
-            Verdict::Unknown(UnknownReason::ProxyLocalEndNotFound)
+            Verdict::Live(LiveReason::ProxyHeldIsLive)
         );
         // Identity proof still applies to proxy entries.
         let elsewhere = held("10.0.1.3:1", "10.0.9.9:80", 11, false);
@@ -839,7 +834,6 @@ mod tests {
                 local: sa(SERVER),
                 remote: sa(CLIENT),
             }))),
-            Verdict::Unknown(UnknownReason::HeldAliveUnconfirmed),
         ];
         let codes: HashSet<_> = verdicts.iter().map(Verdict::reason_code).collect();
         assert_eq!(codes.len(), verdicts.len());

@@ -65,6 +65,11 @@ pub struct Settings {
     pub gateways: Vec<IpAddr>,
     /// Whether to see the socket behind each entry (the sockmap iterator).
     pub identity: IdentityMode,
+    /// The continuous pass's interval; `None`: no continuous pass, full sweeps only.
+    pub pass_interval: Option<Duration>,
+    /// The share of one core the continuous passes may take on average (0 to 1): a pass's
+    /// interval stretches to keep within it.
+    pub pass_cpu_budget: f64,
     /// Whether to watch the kernel for sockets in the map closing and inserts refused by a
     /// stale entry, and act on them at once.
     pub events: EventsMode,
@@ -92,12 +97,16 @@ impl Default for Settings {
             dry_run: true,
             rate_limit: guards.rate_limit,
             max_deletes: guards.max_deletes,
-            confirm_after: guards.confirm_after,
+            // Half the command line's 1s: with the continuous pass a stale entry lives about
+            // pass_interval / 2 + confirm_after, and each delete is re-checked in the kernel.
+            confirm_after: Duration::from_millis(500),
             trail: Some(PathBuf::from(DEFAULT_TRAIL)),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().ok(),
             log_format: LogFormat::Plain,
             gateways: Vec::new(),
             identity: IdentityMode::Auto,
+            pass_interval: Some(Duration::from_secs(1)),
+            pass_cpu_budget: 0.01,
             events: EventsMode::Auto,
         }
     }
@@ -165,6 +174,8 @@ struct FileConfig {
     log_format: Option<String>,
     gateways: Option<Vec<String>>,
     identity: Option<String>,
+    pass_interval: Option<String>,
+    pass_cpu_budget: Option<f64>,
     events: Option<String>,
 }
 
@@ -326,6 +337,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         Some("off") => IdentityMode::Off,
         Some(v) => return Err(invalid("identity", v, "use \"auto\", \"on\" or \"off\"")),
     };
+    s.pass_interval = match &file.pass_interval {
+        None => defaults.pass_interval,
+        // "0s": no continuous pass.
+        Some(_) => Some(duration(
+            "pass_interval",
+            &file.pass_interval,
+            Duration::ZERO,
+        )?)
+        .filter(|d| !d.is_zero()),
+    };
+    if let Some(budget) = file.pass_cpu_budget {
+        if !(budget > 0.0 && budget <= 1.0) {
+            return Err(invalid(
+                "pass_cpu_budget",
+                &budget.to_string(),
+                "must be more than 0 and at most 1 (a share of one core, e.g. 0.01); set pass_interval = \"0s\" for no continuous pass",
+            ));
+        }
+        s.pass_cpu_budget = budget;
+    }
     s.events = match file.events.as_deref() {
         None => defaults.events,
         Some("auto") => EventsMode::Auto,
@@ -377,7 +408,7 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 
 /// Every key the config file takes, for the tests of the shipped file and of the parser.
 #[cfg(test)]
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 15] = [
     "map",
     "interval_min",
     "interval_max",
@@ -390,6 +421,8 @@ const KEYS: [&str; 13] = [
     "log_format",
     "gateways",
     "identity",
+    "pass_interval",
+    "pass_cpu_budget",
     "events",
 ];
 
@@ -451,6 +484,8 @@ trail = ""
 metrics_listen = ""
 log_format = "json"
 gateways = ["10.0.0.1", "fd00::1"]
+pass_interval = "250ms"
+pass_cpu_budget = 0.05
 "#,
         )
         .expect("parses");
@@ -465,6 +500,10 @@ gateways = ["10.0.0.1", "fd00::1"]
         assert_eq!(s.metrics_listen, None);
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.gateways.len(), 2);
+        assert_eq!(s.pass_interval, Some(Duration::from_millis(250)));
+        assert_eq!(s.pass_cpu_budget, 0.05);
+        let off = parse_str("pass_interval = \"0s\"").expect("parses");
+        assert_eq!(off.pass_interval, None, "0s: full sweeps only");
     }
 
     /// Each bad file and the key its error must name.
@@ -492,6 +531,11 @@ gateways = ["10.0.0.1", "fd00::1"]
             ("map = \"cilium_sock_ops\"", "map"),
             ("[daemon]\ndry_run = true", "daemon"),
             ("dry_run = true\ndry_run = false", "dry_run"),
+            ("pass_interval = \"soon\"", "pass_interval"),
+            ("pass_interval = \"8d\"", "pass_interval"),
+            ("pass_cpu_budget = 0.0", "pass_cpu_budget"),
+            ("pass_cpu_budget = 1.5", "pass_cpu_budget"),
+            ("pass_cpu_budget = \"1%\"", "pass_cpu_budget"),
         ];
         for (text, key) in cases {
             let e = parse_str(text).expect_err(text).to_string();

@@ -1,8 +1,12 @@
-//! `sockmap-gc daemon`: guarded sweeps on an adaptive interval, for systemd (`Type=notify`,
-//! watchdog, `STATUS=`), with signals (HUP reload, USR1 sweep now, TERM/INT stop) and metrics.
+//! `sockmap-gc daemon`: guarded sweeps on an adaptive interval and, with identity, a continuous
+//! pass every second, for systemd (`Type=notify`, watchdog, `STATUS=`), with signals (HUP
+//! reload, USR1 sweep now, TERM/INT stop) and metrics.
 //!
-//! The event loop is a single-threaded tokio runtime; each sweep runs the blocking engine on a
-//! thread of its own, which itself starts the threads that `setns` (never a runtime thread).
+//! One event loop, two cadences: a full sweep on its adaptive interval, and a continuous pass
+//! (one iterator read, [`crate::pass`]) every `pass_interval`, stretched to `pass_cpu_budget`.
+//! One of them runs at a time. The loop is a single-threaded tokio runtime; each sweep or pass
+//! runs the blocking engine on a thread of its own, and a sweep itself starts the threads that
+//! `setns` (never a runtime thread).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc::map::{Access, MapError, SockMap};
 use sockmap_gc::observation::{Filter, Judged};
 use sockmap_gc::observe;
+use sockmap_gc::pass::{self, PassError, PassReport, PassState};
 use sockmap_gc::react::{self, Budget, ReactError, Reaction};
 use sockmap_gc::report::{self, Summary};
 use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings, Trail};
@@ -91,8 +96,6 @@ enum SweepFailed {
     Sweep(#[from] SweepError),
     #[error("config: {0}")]
     Settings(#[from] SettingsError),
-    #[error("the identity iterator was not kept")]
-    IdentityLost,
 }
 
 /// Why one reaction to kernel events failed.
@@ -139,6 +142,26 @@ struct Swept {
     took: Duration,
 }
 
+/// What a sweep or pass thread hands back.
+enum Done {
+    Sweep(Box<Swept>),
+    Pass(Box<Passed>),
+}
+
+/// What a pass thread hands back, and when the pass started.
+struct Passed {
+    outcome: Result<(PassReport, PathBuf), PassError>,
+    started: Instant,
+}
+
+/// What runs now: one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Running {
+    Nothing,
+    Sweep,
+    Pass,
+}
+
 struct Daemon {
     config_path: PathBuf,
     overrides: Overrides,
@@ -149,14 +172,20 @@ struct Daemon {
     wait: Duration,
     last_end: Instant,
     next: Instant,
-    running: bool,
-    done_tx: mpsc::UnboundedSender<Swept>,
-    done_rx: mpsc::UnboundedReceiver<Swept>,
+    /// When the next continuous pass is due; `None` while passes are off.
+    next_pass: Option<Instant>,
+    running: Running,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
     signals: Signals,
     watchdog: Option<tokio::time::Interval>,
     /// The identity iterator, loaded once and kept across sweeps (reloaded when the
     /// `identity` key changes).
     identity: Arc<Mutex<Option<(IdentityMode, IdentitySource)>>>,
+    /// What the continuous passes carry from one to the next.
+    pass_state: Arc<Mutex<PassState>>,
+    /// The last pass failed: further failures are logged at debug.
+    pass_failing: bool,
     /// The holder search, its iterator loaded at the first sweep with stale entries.
     holders: Arc<Mutex<HolderSource>>,
     events: Events,
@@ -193,11 +222,13 @@ impl Daemon {
             map = %settings.map.as_deref().map_or_else(|| "Cilium's default pins".to_string(), |p| p.display().to_string()),
             interval_min = %humantime::format_duration(settings.interval_min),
             interval_max = %humantime::format_duration(settings.interval_max),
+            pass_interval = %settings.pass_interval.map_or_else(|| "off".to_string(), |d| humantime::format_duration(d).to_string()),
             watchdog = watchdog.is_some(),
             "sockmap-gc daemon started"
         );
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let now = Instant::now();
+        let first_pass = settings.pass_interval.map(|i| now + i);
         let daemon = Daemon {
             config_path,
             overrides,
@@ -207,12 +238,16 @@ impl Daemon {
             stop: Arc::new(AtomicBool::new(false)),
             last_end: now,
             next: now,
-            running: false,
+            // After the first sweep, which loads the iterator.
+            next_pass: first_pass,
+            running: Running::Nothing,
             done_tx,
             done_rx,
             signals,
             watchdog,
             identity: Arc::new(Mutex::new(None)),
+            pass_state: Arc::new(Mutex::new(PassState::default())),
+            pass_failing: false,
             holders: Arc::new(Mutex::new(HolderSource::new("/proc"))),
             events,
         };
@@ -226,9 +261,17 @@ impl Daemon {
     async fn run(mut self) -> anyhow::Result<()> {
         loop {
             let due = tokio::time::sleep_until(self.next.into());
+            let pass_due = self.next_pass.map(|at| tokio::time::sleep_until(at.into()));
+            let idle = self.running == Running::Nothing;
             tokio::select! {
-                () = due, if !self.running => self.start_sweep(),
-                Some(swept) = self.done_rx.recv() => self.finish(swept),
+                // A due sweep goes first: it is the rarer cadence.
+                biased;
+                () = due, if idle => self.start_sweep(),
+                () = maybe(pass_due), if idle => self.start_pass(),
+                Some(done) = self.done_rx.recv() => match done {
+                    Done::Sweep(swept) => self.finish(*swept),
+                    Done::Pass(passed) => self.finish_pass(*passed),
+                },
                 Some(event) = self.events.rx.recv() => self.on_event(event),
                 Some(reacted) = self.events.done_rx.recv() => self.finish_react(reacted),
                 signal = self.signals.next() => match signal {
@@ -257,13 +300,13 @@ impl Daemon {
                 let started = Instant::now();
                 let outcome = sweep_once(&settings, &stop, &identity, &holders);
                 // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(Swept {
+                let _ = done.send(Done::Sweep(Box::new(Swept {
                     outcome,
                     took: started.elapsed(),
-                });
+                })));
             });
         match spawned {
-            Ok(_) => self.running = true,
+            Ok(_) => self.running = Running::Sweep,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a sweep thread; trying again after the interval");
                 self.metrics.record_error(Duration::ZERO);
@@ -272,8 +315,80 @@ impl Daemon {
         }
     }
 
+    fn start_pass(&mut self) {
+        let settings = Arc::clone(&self.settings);
+        let identity = Arc::clone(&self.identity);
+        let state = Arc::clone(&self.pass_state);
+        let done = self.done_tx.clone();
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("pass".into())
+            .spawn(move || {
+                let outcome = pass_once(&settings, &identity, &state, started);
+                // The receiver is gone only when the daemon is exiting.
+                let _ = done.send(Done::Pass(Box::new(Passed { outcome, started })));
+            });
+        match spawned {
+            Ok(_) => self.running = Running::Pass,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a pass thread; trying again after the interval");
+                self.metrics.record_pass_error();
+                self.schedule_pass(started, false, Duration::ZERO);
+            }
+        }
+    }
+
+    fn finish_pass(&mut self, Passed { outcome, started }: Passed) {
+        self.running = Running::Nothing;
+        match outcome {
+            Ok((report, path)) => {
+                if std::mem::take(&mut self.pass_failing) {
+                    tracing::info!("passes work again");
+                }
+                self.metrics.record_pass(&report);
+                self.events.watch_map(report.map_id);
+                let line = pass_line(&report, &path);
+                if report.is_quiet() {
+                    tracing::debug!("{line}");
+                } else {
+                    tracing::info!("{line}");
+                    notify(&[NotifyState::Status(&line)]);
+                }
+                let awaiting = report.decision.unconfirmed > 0;
+                self.schedule_pass(started, awaiting, report.cpu);
+            }
+            Err(e @ (PassError::NoIdentity | PassError::NoCompareAndDelete)) => {
+                self.metrics.record_pass_error();
+                tracing::warn!("continuous pass off until the next reload: {e}");
+                self.next_pass = None;
+            }
+            Err(e) => {
+                self.metrics.record_pass_error();
+                // A missing map fails every pass, once a second: said once, then at debug
+                // (the sweeps say it on their own cadence, and the metric counts each).
+                if std::mem::replace(&mut self.pass_failing, true) {
+                    tracing::debug!("pass failed: {e}");
+                } else {
+                    tracing::error!("pass failed: {e}; said once until a pass works again");
+                }
+                self.schedule_pass(started, false, Duration::ZERO);
+            }
+        }
+    }
+
+    /// The next pass: `pass_interval` after this one's start (`confirm_after` when entries
+    /// await confirmation and that is sooner), stretched to the CPU budget.
+    fn schedule_pass(&mut self, started: Instant, awaiting: bool, cpu: Duration) {
+        let s = &self.settings;
+        self.next_pass = s.pass_interval.map(|interval| {
+            let awaiting = awaiting.then_some(s.confirm_after);
+            let wait = pass::next_pass_wait(interval, awaiting, cpu, s.pass_cpu_budget);
+            started.checked_add(wait).unwrap_or_else(far_future)
+        });
+    }
+
     fn finish(&mut self, swept: Swept) {
-        self.running = false;
+        self.running = Running::Nothing;
         let line = match swept.outcome {
             Ok((report, path)) => {
                 self.metrics.record_sweep(&report, SystemTime::now());
@@ -396,7 +511,7 @@ impl Daemon {
     }
 
     fn sweep_now(&mut self) {
-        if self.running {
+        if self.running == Running::Sweep {
             tracing::info!("SIGUSR1: a sweep is running already");
         } else {
             tracing::info!("SIGUSR1: sweeping now");
@@ -426,9 +541,11 @@ impl Daemon {
                     new.log_format = old.log_format;
                 }
                 self.wait = self.wait.clamp(new.interval_min, new.interval_max);
-                if !self.running {
+                if self.running != Running::Sweep {
                     self.next = self.last_end + self.wait;
                 }
+                // Passes start again (also after one was turned off) on the new cadence.
+                self.next_pass = new.pass_interval.map(|i| Instant::now() + i);
                 self.metrics.set_dry_run(new.dry_run);
                 self.metrics.set_interval(self.wait);
                 if new.events != old.events || new.identity != old.identity {
@@ -465,13 +582,17 @@ impl Daemon {
         };
         notify(&[NotifyState::Stopping]);
         self.stop.store(true, Ordering::Relaxed);
-        if !self.running {
+        if self.running == Running::Nothing {
             tracing::info!("{name}: stopping");
             return;
         }
-        tracing::info!("{name}: stopping the running sweep between two deletes");
+        match self.running {
+            Running::Pass => tracing::info!("{name}: stopping after the running pass"),
+            _ => tracing::info!("{name}: stopping the running sweep between two deletes"),
+        }
         match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
-            Ok(Some(swept)) => self.finish(swept),
+            Ok(Some(Done::Sweep(swept))) => self.finish(*swept),
+            Ok(Some(Done::Pass(passed))) => self.finish_pass(*passed),
             _ => tracing::warn!(
                 "{name}: the sweep is still observing; leaving without it (no delete is half-done)"
             ),
@@ -486,6 +607,19 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!("serving metrics on http://{bound}/metrics");
     Ok(listener)
+}
+
+/// Resolves when `sleep` does; never when there is none.
+async fn maybe(sleep: Option<tokio::time::Sleep>) {
+    match sleep {
+        Some(s) => s.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A time no pass will reach (a stretched wait past the clock's range).
+fn far_future() -> Instant {
+    Instant::now() + sockmap_gc::guard::MAX_DURATION
 }
 
 /// Resolves when the watchdog is due; never when there is none.
@@ -685,18 +819,9 @@ fn sweep_once(
         observe::gateways(&settings.gateways),
         PathBuf::from("/"),
     );
-    // One sweep runs at a time, so the lock is never contended.
+    // One sweep or pass runs at a time, so the lock is never contended.
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
-    if held
-        .as_ref()
-        .is_none_or(|(mode, _)| *mode != settings.identity)
-    {
-        let source = IdentitySource::new(settings.identity)?;
-        *held = Some((settings.identity, source));
-    }
-    let Some((_, source)) = held.as_mut() else {
-        return Err(SweepFailed::IdentityLost);
-    };
+    let source = identity_source(settings, &mut held)?;
     let mut report = sweep::sweep(
         &map,
         &sweep_settings,
@@ -710,6 +835,96 @@ fn sweep_once(
     let mut holders = holders.lock().unwrap_or_else(|e| e.into_inner());
     holder::diagnose(&mut report.second, &mut holders);
     Ok((report, map.path().to_path_buf()))
+}
+
+/// The identity iterator kept across sweeps and passes, loaded on first use and again when the
+/// `identity` key changed.
+fn identity_source<'a>(
+    settings: &Settings,
+    held: &'a mut Option<(IdentityMode, IdentitySource)>,
+) -> Result<&'a mut IdentitySource, IdentityError> {
+    let kept = match held.take() {
+        Some((mode, source)) if mode == settings.identity => (mode, source),
+        _ => (settings.identity, IdentitySource::new(settings.identity)?),
+    };
+    Ok(&mut held.insert(kept).1)
+}
+
+/// One continuous pass, on the calling (dedicated) thread: opens the map afresh, since an
+/// agent may have re-created it since the last pass.
+fn pass_once(
+    settings: &Settings,
+    identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+    state: &Mutex<PassState>,
+    started: Instant,
+) -> Result<(PassReport, PathBuf), PassError> {
+    let access = if settings.dry_run {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let map = SockMap::open_default(settings.map.as_deref(), access)?;
+    let mut trail = match (&settings.trail, settings.dry_run) {
+        (Some(path), false) => Some(Trail::open(path)?),
+        _ => None,
+    };
+    let guards = settings.guards()?;
+    // One sweep or pass runs at a time, so the locks are never contended.
+    let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
+    let source = identity_source(settings, &mut held)?;
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let report = pass::pass(
+        &map,
+        source,
+        &mut state,
+        &guards,
+        &observe::gateways(&settings.gateways),
+        trail.as_mut(),
+        started,
+    )?;
+    Ok((report, map.path().to_path_buf()))
+}
+
+/// A pass's journal line (info when it did something, debug otherwise).
+fn pass_line(r: &PassReport, map: &Path) -> String {
+    let d = &r.decision;
+    let mut line = format!(
+        "pass {}: {} (id {}): {} entries, {} stale; ",
+        if r.hold.is_some() { "held" } else { "ok" },
+        map.display(),
+        r.map_id,
+        r.entries,
+        d.stale
+    );
+    if r.dry_run {
+        line += &format!("dry run, {} would be deleted", d.delete.len());
+    } else {
+        line += &format!(
+            "deleted {}, already gone {}, spared {}, failed {}",
+            r.deleted.len(),
+            r.already_gone,
+            r.spared,
+            r.failed
+        );
+    }
+    if d.unconfirmed > 0 {
+        line += &format!("; {} await confirmation", d.unconfirmed);
+    }
+    if d.over_cap + d.rate_limited > 0 {
+        line += &format!(
+            "; {} over max_deletes, {} held back by rate_limit",
+            d.over_cap, d.rate_limited
+        );
+    }
+    if let Some(hold) = &r.hold {
+        line += &format!("; held by {}: {hold}", hold.guard());
+    }
+    line += &format!(
+        "; took {} ms ({} ms CPU)",
+        r.took.as_millis(),
+        r.cpu.as_millis()
+    );
+    line
 }
 
 /// One log line per sweep with stale entries naming who keeps them: the counts per holder

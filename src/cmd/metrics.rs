@@ -21,6 +21,7 @@ use sockmap_gc::deletion::Outcome;
 use sockmap_gc::events::EventsState;
 use sockmap_gc::guard::Guard;
 use sockmap_gc::holder::HolderClass;
+use sockmap_gc::pass::PassReport;
 use sockmap_gc::react::Reaction;
 use sockmap_gc::report::Summary;
 use sockmap_gc::sweep::{Interrupted, SweepReport};
@@ -123,6 +124,9 @@ const TRIPS: [Guard; 5] = [
     Guard::MaxDeletes,
 ];
 
+/// How a continuous pass ends: never interrupted (a pass is one read and one batch).
+const PASS_RESULTS: [SweepResult; 3] = [SweepResult::Ok, SweepResult::Held, SweepResult::Error];
+
 /// How a sweep ended: the `result` label, and the summary line's word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SweepResult {
@@ -172,6 +176,8 @@ pub struct Metrics {
     deletions: Family<OutcomeLabel, Counter>,
     sweeps: Family<ResultLabel, Counter>,
     sweep_duration: Histogram,
+    passes: Family<ResultLabel, Counter>,
+    stale_age: Histogram,
     last_success: Gauge<f64, AtomicU64>,
     guard_trips: Family<GuardLabel, Counter>,
     map_id: Gauge,
@@ -196,6 +202,10 @@ impl Metrics {
             sweeps: Family::default(),
             // 0.25 s .. 512 s: a sweep takes at least confirm_after (1 s by default).
             sweep_duration: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
+            passes: Family::default(),
+            // 0.25 s .. 1024 s: a pass deletes after confirm_after (1 s by default), a sweep
+            // after its interval.
+            stale_age: Histogram::new(exponential_buckets(0.25, 2.0, 13)),
             last_success: Gauge::default(),
             guard_trips: Family::default(),
             map_id: Gauge::default(),
@@ -221,6 +231,10 @@ impl Metrics {
                 m.sweeps;
             "sweep_duration_seconds", "How long each sweep took, both observations and the deletes",
                 m.sweep_duration;
+            "passes", "Continuous passes run (one iterator read each), by result",
+                m.passes;
+            "stale_age_seconds", "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete)",
+                m.stale_age;
             "last_success_timestamp_seconds", "Unix time at which the last sweep that was neither held nor failed ended",
                 m.last_success;
             "guard_trips", "Sweeps in which a guard withheld deletions, by guard",
@@ -253,6 +267,7 @@ impl Metrics {
             Outcome::ALL.iter().map(|o| OutcomeLabel::of(*o)),
         );
         create_every(&m.sweeps, SweepResult::ALL.map(ResultLabel::of));
+        create_every(&m.passes, PASS_RESULTS.map(ResultLabel::of));
         create_every(&m.guard_trips, TRIPS.map(GuardLabel::of));
         create_every(
             &m.events,
@@ -358,6 +373,43 @@ impl Metrics {
                 .as_secs_f64();
             self.last_success.set(secs);
         }
+    }
+
+    /// Records a continuous pass that ran to its report.
+    pub fn record_pass(&self, r: &PassReport) {
+        let deletions = [
+            (Outcome::Deleted, r.deleted.len()),
+            (Outcome::AlreadyGone, r.already_gone),
+            (Outcome::Spared, r.spared),
+            (Outcome::Failed, r.failed),
+        ];
+        for (outcome, n) in deletions {
+            let counter = self.deletions.get_or_create(&OutcomeLabel::of(outcome));
+            counter.inc_by(n as u64);
+        }
+        for (_, age) in &r.deleted {
+            self.stale_age.observe(age.as_secs_f64());
+        }
+        if let Some(hold) = &r.hold {
+            self.trip(hold.guard());
+        }
+        if r.decision.over_cap > 0 {
+            self.trip(Guard::MaxDeletes);
+        }
+        let result = if r.hold.is_some() {
+            SweepResult::Held
+        } else {
+            SweepResult::Ok
+        };
+        self.passes.get_or_create(&ResultLabel::of(result)).inc();
+        self.map_id.set(i64::from(r.map_id));
+    }
+
+    /// Records a continuous pass that failed before its report.
+    pub fn record_pass_error(&self) {
+        self.passes
+            .get_or_create(&ResultLabel::of(SweepResult::Error))
+            .inc();
     }
 
     /// Records a sweep that failed before its report (no map, say).
@@ -497,6 +549,8 @@ mod tests {
             "sockmap_gc_sweeps_total{result=\"ok\"} 0",
             "sockmap_gc_guard_trips_total{guard=\"map-replaced\"} 0",
             "sockmap_gc_sweep_duration_seconds_count 1",
+            "sockmap_gc_passes_total{result=\"ok\"} 0",
+            "sockmap_gc_stale_age_seconds_count 0",
             "sockmap_gc_last_success_timestamp_seconds 0",
             "sockmap_gc_map_id 0",
             "sockmap_gc_dry_run 1",

@@ -8,8 +8,8 @@ use std::mem;
 
 use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
 
-use super::records::{parse_records, read_iter, record_bytes, CadRecord, CadTarget};
-use super::{CadOutcome, IdentityError, IdentityReader, OBJECT};
+use super::records::{parse_records, read_iter, record_bytes, CadRecord, TargetRecord};
+use super::{CadOutcome, IdentityError, IdentityReader, Target, OBJECT};
 use crate::key::{RawKey, KEY_LEN};
 use crate::map::SockMap;
 
@@ -21,10 +21,14 @@ const TARGETS_MAP: &str = "targets";
 const CAD_PENDING: i32 = 0;
 const CAD_DELETED: i32 = 1;
 const CAD_COOKIE_CHANGED: i32 = 2;
+const CAD_NOT_STALE: i32 = 3;
+/// `struct cad_target` flag: compare only the local end (an L7-proxy entry).
+const CAD_LOCAL_ONLY: u32 = 1;
 
 impl IdentityReader {
     /// Deletes each target's entry from inside the kernel only if it still holds the socket
-    /// with the given cookie. One outcome per target, in order. A key given twice is handled
+    /// with the given cookie and that socket is still stale (closed, or with ends other than
+    /// the key's: a socket that reconnected to the key's tuple is kept). One outcome per target, in order. A key given twice is handled
     /// in a later pass the second time (it is then `Gone` if the first pass deleted it).
     ///
     /// Fails with [`IdentityError::CompareAndDeleteRefused`] when the kernel refuses the
@@ -32,7 +36,7 @@ impl IdentityReader {
     pub fn compare_and_delete(
         &mut self,
         map: &SockMap,
-        targets: &[(RawKey, u64)],
+        targets: &[Target],
     ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
         if targets.is_empty() {
             return Ok(Vec::new());
@@ -123,11 +127,11 @@ fn find_program<'obj>(
 }
 
 /// Splits targets into passes of at most `batch` distinct keys, in order.
-fn chunks(targets: &[(RawKey, u64)], batch: usize) -> Vec<&[(RawKey, u64)]> {
+fn chunks(targets: &[Target], batch: usize) -> Vec<&[Target]> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut keys = std::collections::HashSet::new();
-    for (i, (key, _)) in targets.iter().enumerate() {
+    for (i, Target { key, .. }) in targets.iter().enumerate() {
         if keys.len() == batch || !keys.insert(*key) {
             out.push(&targets[start..i]);
             start = i;
@@ -144,7 +148,7 @@ fn cad_pass(
     program: &libbpf_rs::ProgramMut<'_>,
     table: &libbpf_rs::Map<'_>,
     map: &SockMap,
-    chunk: &[(RawKey, u64)],
+    chunk: &[Target],
 ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
     let id = map.id();
     let fill_error = |e: libbpf_rs::Error| IdentityError::Targets {
@@ -162,13 +166,13 @@ fn cad_pass(
         error: format!("{} targets in one pass", chunk.len()),
     })?;
     let mut keys = Vec::with_capacity(chunk.len() * KEY_LEN);
-    let mut values = Vec::with_capacity(chunk.len() * mem::size_of::<CadTarget>());
-    for (key, cookie) in chunk {
-        keys.extend_from_slice(&key.0);
-        let value = CadTarget {
-            cookie: *cookie,
+    let mut values = Vec::with_capacity(chunk.len() * mem::size_of::<TargetRecord>());
+    for target in chunk {
+        keys.extend_from_slice(&target.key.0);
+        let value = TargetRecord {
+            cookie: target.cookie,
             outcome: CAD_PENDING,
-            pad: 0,
+            flags: if target.local_only { CAD_LOCAL_ONLY } else { 0 },
         };
         values.extend_from_slice(record_bytes(&value));
     }
@@ -189,7 +193,7 @@ fn cad_pass(
     let mut met: HashMap<RawKey, i32> =
         records.iter().map(|r| (RawKey(r.key), r.outcome)).collect();
     let mut results = Vec::with_capacity(chunk.len());
-    for (key, _) in chunk {
+    for Target { key, .. } in chunk {
         // A record lost to a read boundary still left its outcome in the target.
         let code = match met.remove(key) {
             Some(code) => code,
@@ -215,7 +219,7 @@ fn stored_outcome(
             error: format!("{e:#}"),
         })?;
     match value {
-        Some(bytes) => Ok(parse_records::<CadTarget>(map_id, &bytes)?
+        Some(bytes) => Ok(parse_records::<TargetRecord>(map_id, &bytes)?
             .first()
             .map_or(CAD_PENDING, |t| t.outcome)),
         None => Ok(CAD_PENDING),
@@ -227,6 +231,7 @@ fn outcome(map_id: u32, key: &RawKey, code: i32) -> Result<CadOutcome, IdentityE
         CAD_PENDING => Ok(CadOutcome::Gone),
         CAD_DELETED => Ok(CadOutcome::Deleted),
         CAD_COOKIE_CHANGED => Ok(CadOutcome::CookieChanged),
+        CAD_NOT_STALE => Ok(CadOutcome::NotStale),
         // Removed between the lookup and the delete: gone by itself.
         n if n == -libc::ENOENT => Ok(CadOutcome::Gone),
         n if n < 0 => Ok(CadOutcome::Failed(-n)),
@@ -265,6 +270,7 @@ mod tests {
         assert_eq!(outcome(1, &k, 0).unwrap(), CadOutcome::Gone);
         assert_eq!(outcome(1, &k, 1).unwrap(), CadOutcome::Deleted);
         assert_eq!(outcome(1, &k, 2).unwrap(), CadOutcome::CookieChanged);
+        assert_eq!(outcome(1, &k, 3).unwrap(), CadOutcome::NotStale);
         assert_eq!(outcome(1, &k, -libc::ENOENT).unwrap(), CadOutcome::Gone);
         assert_eq!(
             outcome(1, &k, -libc::EBUSY).unwrap(),
@@ -281,10 +287,16 @@ mod tests {
             RawKey(k)
         };
         const BATCH: usize = 8192;
-        let many: Vec<(RawKey, u64)> = (0..(BATCH as u32 * 2 + 5)).map(|i| (key(i), 1)).collect();
+        let many: Vec<Target> = (0..(BATCH as u32 * 2 + 5))
+            .map(|i| Target::new(key(i), 1))
+            .collect();
         let sizes: Vec<usize> = chunks(&many, BATCH).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![BATCH, BATCH, 5]);
-        let repeated = [(key(1), 1), (key(2), 2), (key(1), 3)];
+        let repeated = [
+            Target::new(key(1), 1),
+            Target::new(key(2), 2),
+            Target::new(key(1), 3),
+        ];
         let sizes: Vec<usize> = chunks(&repeated, BATCH).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![2, 1]);
     }

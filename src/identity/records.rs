@@ -52,18 +52,19 @@ const _: () = assert!(mem::size_of::<CadRecord>() == 56);
 /// `struct cad_target`: the value of the program's `targets` map.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
-pub(super) struct CadTarget {
+pub(super) struct TargetRecord {
     pub(super) cookie: u64,
     pub(super) outcome: i32,
-    pub(super) pad: u32,
+    /// CAD_LOCAL_ONLY for an L7-proxy entry.
+    pub(super) flags: u32,
 }
-const _: () = assert!(mem::size_of::<CadTarget>() == 16);
+const _: () = assert!(mem::size_of::<TargetRecord>() == 16);
 
 /// Plain integers only, so every byte pattern is a valid value.
 pub(super) trait Record: Copy {}
 impl Record for IdentityRecord {}
 impl Record for CadRecord {}
-impl Record for CadTarget {}
+impl Record for TargetRecord {}
 
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;

@@ -4,12 +4,18 @@
 //! `sockmap-gc sweep --execute` without a rate limit, the product's peak RSS, the manual
 //! remedy (`bpftool map dump`, `ss -tn` in every namespace, `bpftool map delete` per stale
 //! key), and the kernel's own cost (one sockmap iterator read plus one sock_diag dump per
-//! namespace). docs/BENCHMARKS.md has the figures and how to run it.
+//! namespace). With `--hung`, the hung-request benchmark instead ([`hung`]): requests hung
+//! and stale-entry lifetimes under the incident's load, without a collector, with full sweeps
+//! only and with the shipped config. docs/BENCHMARKS.md has the figures and how to run it.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[path = "bench/daemon.rs"]
+mod daemon;
 #[path = "bench/events.rs"]
 mod events;
+#[path = "bench/hung.rs"]
+mod hung;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -29,6 +35,8 @@ use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns;
 use sockmap_gc::socket::unmap;
 use sockmap_gc_lab::peer::bulk::BulkClient;
+use sockmap_gc_lab::peer::child::churn::parse_port_range;
+use sockmap_gc_lab::peer::child::{churn::parse_share, parse_duration};
 use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
 /// Cilium's map size (`SOCKOPS_MAP_SIZE`) and the incident's stale entries.
@@ -89,6 +97,32 @@ struct Args {
     /// Lab id (names its namespaces smgc-ID-*, cgroup and pin directory)
     #[arg(long, default_value = "bench")]
     id: String,
+    /// The hung-request benchmark instead: the same load with no collector, the daemon's
+    /// full sweeps only, and the shipped config (with --smoke: 5 s each)
+    #[arg(long)]
+    hung: bool,
+    /// --hung: how long each collector's run lasts
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    hung_duration: Duration,
+    /// --hung: requests started per second
+    #[arg(long, default_value_t = 50)]
+    hung_rate: u32,
+    /// --hung: node-side client ports, cycled (within the lab's reserved 40000-49999)
+    #[arg(long, default_value = "41000-41199", value_parser = parse_port_range)]
+    hung_ports: (u16, u16),
+    /// --hung: share of requests that reset after their reply instead of closing
+    #[arg(long, default_value = "0.1", value_parser = parse_share)]
+    reset_share: f64,
+    /// --hung: how long a request waits for its reply before it counts as hung
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    hung_timeout: Duration,
+    /// After each size's runs, run `sockmap-gc daemon` (the shipped config, a dry run) on its
+    /// map this long and measure its CPU and memory between sweeps (0 skips it; --smoke: 5 s)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pass_duration: Duration,
+    /// --hung: how often the map is read to time the stale entries' lifetimes
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    hung_poll: Duration,
     /// What kernel events cost instead: the same churn with the daemon at events = off, then
     /// on (see docs/BENCHMARKS.md)
     #[arg(long)]
@@ -103,7 +137,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
-    if args.smoke {
+    if args.smoke && args.hung {
+        args.hung_duration = Duration::from_secs(5);
+    } else if args.smoke {
+        args.pass_duration = Duration::from_secs(5);
         args.entries = vec![1000];
         args.pods = 5;
         args.runs = 1;
@@ -155,6 +192,9 @@ fn run(args: &Args) -> Result<()> {
     }
     println!("machine    {}", machine());
     println!("product    {}", product.display());
+    if args.hung {
+        return run_hung(args, &product, &peer_bin);
+    }
     if args.events_cost {
         let runs = events::bench(
             &args.id,
@@ -175,6 +215,31 @@ fn run(args: &Args) -> Result<()> {
     println!("\n{}", markdown(&results));
     if let Some(path) = &args.json {
         std::fs::write(path, json(&results))
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_hung(args: &Args, product: &Path, peer_bin: &Path) -> Result<()> {
+    let load = hung::Load {
+        duration: args.hung_duration,
+        rate: args.hung_rate,
+        ports: args.hung_ports,
+        reset_share: args.reset_share,
+        timeout: args.hung_timeout,
+        poll: args.hung_poll,
+    };
+    if !(40_000..=49_999).contains(&load.ports.0) || !(40_000..=49_999).contains(&load.ports.1) {
+        bail!(
+            "--hung-ports must lie within the lab's reserved {}",
+            sockmap_gc_lab::FIXED_PORTS
+        );
+    }
+    let runs = hung::bench(&args.id, &load, product, peer_bin)?;
+    println!("\n{}", hung::markdown(&load, &runs));
+    if let Some(path) = &args.json {
+        std::fs::write(path, hung::json(&machine(), &load, &runs))
             .with_context(|| format!("writing {}", path.display()))?;
         println!("figures written to {}", path.display());
     }
@@ -260,6 +325,10 @@ struct RunFigures {
     audit_off_rss_kib: u64,
     audit_on: f64,
     audit_on_rss_kib: u64,
+    /// The identity audit selecting no entry (a filter nothing matches): no rows to write.
+    audit_quiet: f64,
+    /// `sockmap-gc --version`: a process start and exit.
+    start: f64,
     sweep: f64,
     sweep_delete_phase: f64,
     sweep_rss_kib: u64,
@@ -281,6 +350,73 @@ struct SizeResult {
     sockets: usize,
     namespaces: usize,
     runs: Vec<RunFigures>,
+    daemon: Option<DaemonFigures>,
+}
+
+/// The daemon between sweeps on one size's map: the continuous passes' cost.
+#[derive(Debug, Clone, Copy)]
+struct DaemonFigures {
+    window: Duration,
+    passes: usize,
+    cpu: Duration,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+}
+
+impl DaemonFigures {
+    fn cpu_share(&self) -> f64 {
+        self.cpu.as_secs_f64() / self.window.as_secs_f64().max(1e-9)
+    }
+}
+
+/// `sockmap-gc daemon` with the shipped config (a dry run) on `map` for `window` after its
+/// first sweep: its CPU (utime+stime), passes (their debug lines) and memory.
+fn measure_daemon(product: &Path, map: &Path, window: Duration) -> Result<DaemonFigures> {
+    let scratch = std::env::temp_dir().join(format!("smgc-bench-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let config = daemon::with_keys(
+        daemon::SHIPPED,
+        &[
+            ("map", format!("\"{}\"", map.display())),
+            ("trail", "\"\"".to_string()),
+            ("metrics_listen", "\"\"".to_string()),
+        ],
+    );
+    let d = daemon::DaemonProc::start(
+        product,
+        &config,
+        &scratch,
+        "passes",
+        &[("RUST_LOG", "info,sockmap_gc::cmd::daemon=debug")],
+    )?;
+    if !d.wait_log(Duration::from_secs(120), "sweep ok:") {
+        bail!(
+            "the daemon's first sweep did not end well:\n{}",
+            d.log_text()
+        );
+    }
+    let passes = |d: &daemon::DaemonProc| d.log_text().matches("pass ok:").count();
+    let (cpu0, n0) = (d.cpu()?, passes(&d));
+    let until = Instant::now() + window;
+    while Instant::now() < until {
+        interrupt::check()?;
+        thread::sleep(Duration::from_millis(100));
+    }
+    let (cpu1, n1) = (d.cpu()?, passes(&d));
+    let rss_kib = d.status_kib("VmRSS")?;
+    let peak_rss_kib = d.status_kib("VmHWM")?;
+    let log = d.stop()?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    if log.matches("sweep ok:").count() > 1 || log.contains("failed") {
+        bail!("a sweep or a failure fell in the measured window:\n{log}");
+    }
+    Ok(DaemonFigures {
+        window,
+        passes: n1 - n0,
+        cpu: cpu1.saturating_sub(cpu0),
+        rss_kib,
+        peak_rss_kib,
+    })
 }
 
 fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Result<SizeResult> {
@@ -403,6 +539,14 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
             *secs = m.secs;
             *rss = m.max_rss_kib;
         }
+        // What the audit costs beyond the iterator's read: without its rows (a filter no entry
+        // matches; TEST-NET-1) and a process start alone.
+        f.audit_quiet = measure(
+            product,
+            &["audit", "--map", &map_arg, "--local", "192.0.2.1"],
+        )?
+        .secs;
+        f.start = measure(product, &["--version"])?.secs;
 
         let max_deletes = size.entries.to_string();
         let m = measure(
@@ -469,6 +613,22 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         );
         runs.push(f);
     }
+    let daemon = if args.pass_duration.is_zero() {
+        None
+    } else {
+        interrupt::check()?;
+        let d = measure_daemon(product, &map_path, args.pass_duration)?;
+        println!(
+            "   daemon (shipped config, dry run) over {:.0} s between sweeps: {} passes, {:.3} s CPU ({:.2}% of one core), VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+            d.window.as_secs_f64(),
+            d.passes,
+            d.cpu.as_secs_f64(),
+            d.cpu_share() * 100.0,
+            d.rss_kib as f64 / 1024.0,
+            d.peak_rss_kib as f64 / 1024.0
+        );
+        Some(d)
+    };
     drop(clients);
     drop(servers);
     drop(reader);
@@ -480,6 +640,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         sockets,
         namespaces,
         runs,
+        daemon,
     })
 }
 
@@ -747,6 +908,8 @@ struct Medians {
     holders: f64,
     audit_off: f64,
     audit_on: f64,
+    audit_quiet: f64,
+    start: f64,
     sweep: f64,
     sweep_delete_phase: f64,
     rss_mib: f64,
@@ -773,6 +936,8 @@ impl SizeResult {
             holders: m(&|r| Some(r.holders)),
             audit_off: m(&|r| Some(r.audit_off)),
             audit_on: m(&|r| Some(r.audit_on)),
+            audit_quiet: m(&|r| Some(r.audit_quiet)),
+            start: m(&|r| Some(r.start)),
             sweep: m(&|r| Some(r.sweep)),
             sweep_delete_phase: m(&|r| Some(r.sweep_delete_phase)),
             rss_mib: m(&|r| {
@@ -828,6 +993,45 @@ fn markdown(results: &[SizeResult]) -> String {
             m.manual_over_sweep,
         );
     }
+    let _ = writeln!(
+        out,
+        "\n| entries | iterator read | process start | audit on, no rows | audit on | (no rows - start) / read | manual find / audit on |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for r in results {
+        let m = r.medians();
+        let _ = writeln!(
+            out,
+            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2}× | {:.0}× |",
+            r.size.entries,
+            m.kernel_iter,
+            m.start,
+            m.audit_quiet,
+            m.audit_on,
+            (m.audit_quiet - m.start) / m.kernel_iter,
+            m.manual_over_audit,
+        );
+    }
+    if results.iter().any(|r| r.daemon.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n| entries | daemon window | passes | CPU | of one core | VmRSS | VmHWM |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for r in results {
+            if let Some(d) = &r.daemon {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} s | {} | {:.3} s | {:.2}% | {:.1} MiB | {:.1} MiB |",
+                    r.size.entries,
+                    d.window.as_secs_f64(),
+                    d.passes,
+                    d.cpu.as_secs_f64(),
+                    d.cpu_share() * 100.0,
+                    d.rss_kib as f64 / 1024.0,
+                    d.peak_rss_kib as f64 / 1024.0
+                );
+            }
+        }
+    }
     let _ = write!(
         out,
         "medians over {} run(s) per size (manual remedy: {} run(s))",
@@ -862,7 +1066,7 @@ fn json(results: &[SizeResult]) -> String {
         let m = r.medians();
         let _ = write!(
             out,
-            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"holders\": {}, \"audit_off\": {}, \"audit_on\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
+            "    {{\"entries\": {}, \"stale\": {}, \"pods\": {}, \"sockets\": {}, \"namespaces\": {}, \"build_seconds\": {},\n     \"median\": {{\"kernel\": {}, \"kernel_iter\": {}, \"kernel_diag\": {}, \"holders\": {}, \"audit_off\": {}, \"audit_on\": {}, \"audit_quiet\": {}, \"start\": {}, \"sweep\": {}, \"sweep_delete_phase\": {}, \"rss_mib\": {}, \"manual_audit\": {}, \"manual_delete\": {}, \"audit_on_over_kernel\": {}, \"audit_off_over_kernel\": {}, \"manual_over_audit\": {}, \"manual_over_sweep\": {}}},\n     \"runs\": [",
             r.size.entries,
             r.size.stale,
             r.size.pods,
@@ -875,6 +1079,8 @@ fn json(results: &[SizeResult]) -> String {
             num(m.holders),
             num(m.audit_off),
             num(m.audit_on),
+            num(m.audit_quiet),
+            num(m.start),
             num(m.sweep),
             num(m.sweep_delete_phase),
             num(m.rss_mib),
@@ -905,7 +1111,25 @@ fn json(results: &[SizeResult]) -> String {
                 opt(f.manual_delete),
             );
         }
-        let _ = writeln!(out, "]}}{}", if i + 1 == results.len() { "" } else { "," });
+        let daemon = r.daemon.map_or_else(
+            || "null".to_string(),
+            |d| {
+                format!(
+                    "{{\"window_seconds\": {}, \"passes\": {}, \"cpu_seconds\": {}, \"cpu_share\": {}, \"rss_kib\": {}, \"peak_rss_kib\": {}}}",
+                    num(d.window.as_secs_f64()),
+                    d.passes,
+                    num(d.cpu.as_secs_f64()),
+                    num(d.cpu_share()),
+                    d.rss_kib,
+                    d.peak_rss_kib
+                )
+            },
+        );
+        let _ = writeln!(
+            out,
+            "],\n     \"daemon\": {daemon}}}{}",
+            if i + 1 == results.len() { "" } else { "," }
+        );
     }
     out.push_str("  ]\n}\n");
     out

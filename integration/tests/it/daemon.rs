@@ -330,6 +330,95 @@ fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
 }
 
 #[test]
+fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say_nothing() {
+    let id = "dmn-pass";
+    let scratch = Scratch::new(id);
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let held = lab
+        .hold(
+            &ClientOpts::to(server.addr())
+                .from_port(45100)
+                .from_port(45101),
+        )
+        .expect("hold two connections");
+    let live = live_keys(&lab, &[&held]);
+    // Sweeps an hour apart: after the first, only the passes (the shipped 1 s) can delete. No
+    // CPU budget to stretch them (it is unit-tested): under emulation (the 6.1 guest) a pass
+    // that loads compare-and-delete takes ~0.4 s of CPU, which the shipped 1% makes 40 s.
+    let config = write_config(
+        &scratch,
+        &lab,
+        "dry_run = false\ninterval_min = \"1h\"\ninterval_max = \"1h\"\npass_cpu_budget = 1.0",
+    );
+    let daemon = Daemon::start(&config);
+    daemon.wait_sweeps(1.0, Duration::from_secs(15));
+
+    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45110))];
+    stale.extend(plant_for_ports(&lab, server.addr(), &[45120, 45121]));
+    let planted = Instant::now();
+    let gone = sys::wait_until(Duration::from_secs(30), || {
+        stale.iter().all(|k| !lab.contains(k))
+    });
+    let took = planted.elapsed();
+    assert!(gone, "stale keys left after 30 s:\n{}", daemon.log());
+    // Quiet passes go on.
+    let passes = |d: &Daemon| {
+        d.metric("sockmap_gc_passes_total{result=\"ok\"}")
+            .unwrap_or(0.0)
+    };
+    let before = passes(&daemon);
+    assert!(
+        sys::wait_until(Duration::from_secs(20), || passes(&daemon) >= before + 3.0),
+        "no quiet passes:\n{}",
+        daemon.log()
+    );
+    for k in &live {
+        assert!(lab.contains(k), "live key {k} deleted:\n{}", daemon.log());
+    }
+    let want: HashSet<String> = stale.iter().map(hex).collect();
+    assert_eq!(trail_keys(&scratch.path("trail.jsonl")), want);
+    let page = daemon.scrape();
+    assert_eq!(
+        sample(&page, "sockmap_gc_sweeps_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, "sockmap_gc_deletions_total{outcome=\"deleted\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&page, "sockmap_gc_stale_age_seconds_count"),
+        Some(3.0)
+    );
+    promtool_clean(&page);
+    let cured = lab
+        .request_from(server.addr(), 45120, HANG)
+        .expect("client runs");
+    assert!(cured.is_replied(), "{cured}");
+    let ran = passes(&daemon);
+    let log = daemon.stop_promptly();
+    let pass_lines: Vec<&str> = log.lines().filter(|l| l.contains("pass ok:")).collect();
+    assert!(
+        !pass_lines.is_empty() && pass_lines.len() < ran as usize,
+        "only passes that act log above debug ({} lines, {ran} passes):\n{log}",
+        pass_lines.len()
+    );
+    assert!(
+        pass_lines.iter().all(|l| !l.contains("deleted 0,")),
+        "a quiet pass logged:\n{log}"
+    );
+    evidence(&format!(
+        "continuous pass: {} stale entries gone {:.1} s after they appeared, sweeps an hour apart; \
+         {ran} passes, {} journal lines",
+        stale.len(),
+        took.as_secs_f64(),
+        pass_lines.len()
+    ));
+    held.release().expect("graceful close");
+}
+
+#[test]
 fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
     let id = "dmn-dry";
     let scratch = Scratch::new(id);
@@ -451,7 +540,7 @@ fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
     let config = write_config(
         &scratch,
         &lab,
-        "dry_run = false\nrate_limit = 1\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
+        "dry_run = false\nrate_limit = 1\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\npass_interval = \"0s\"",
     );
     let daemon = Daemon::start(&config);
     let deleting = sys::wait_until(Duration::from_secs(15), || {

@@ -110,7 +110,8 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
     let old_stale = plant(&lab, server.addr(), 41000..41003);
     let config = scratch.config(
         &lab.map_path(),
-        &format!("dry_run = false\n{SLOW}\nconfirm_after = \"5s\""),
+        // Full sweeps only: the continuous pass would delete the old map's keys itself.
+        &format!("dry_run = false\n{SLOW}\nconfirm_after = \"5s\"\npass_interval = \"0s\""),
     );
     // The first sweep starts at once; the next only on SIGUSR1.
     let daemon = Daemon::start(&config);
@@ -362,7 +363,8 @@ impl Hidden {
         let script = format!(
             "ip link set lo up; exec 3<&0; \
              setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer server --port 7000 --bind 127.0.0.1 --max-life 120s <&3 & \
-             sleep 0.3; exec setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer client --connect 127.0.0.1:7000 --hold --count 1 --max-life 120s"
+             i=0; until ss -Hltn 'sport = :7000' | grep -q . || [ $i -ge 300 ]; do sleep 0.1; i=$((i+1)); done; \
+             exec setpriv --reuid=65534 --regid=65534 --clear-groups {PEER} peer client --connect 127.0.0.1:7000 --hold --count 1 --max-life 120s"
         );
         let mut child = Command::new("unshare")
             .args(["--net", "--", "sh", "-c", &script])
@@ -557,4 +559,123 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
         live.len()
     ));
     held.release().expect("graceful close");
+}
+
+/// Disconnects `sock` (`connect` with `AF_UNSPEC`), so that it can connect again.
+fn disconnect(sock: &TcpStream) {
+    // SAFETY: a zeroed sockaddr with family AF_UNSPEC is a valid argument to connect(2),
+    // which reads only its first `size_of::<sockaddr>()` bytes; `sock` owns a live fd.
+    let rc = unsafe {
+        let mut unspec: libc::sockaddr = std::mem::zeroed();
+        unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(
+            sock.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "disconnect: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_socket_that_reconnects_to_the_keys_tuple_between_the_judgement_and_the_delete_is_kept() {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use sockmap_gc::identity::{CadOutcome, IdentityReader, Target};
+    use sockmap_gc::map::{Access, SockMap};
+
+    let dir = PinDir::new("flt-reconnect");
+    let path = dir.0.join("cilium_sock_ops");
+    let handle = create_sockhash(&path, 64);
+    let first = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let second = TcpListener::bind("127.0.0.1:0").expect("listen");
+    // The socket that will reconnect: bound to a port of its own (an explicit bind survives
+    // the disconnect), connected to `first`.
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    let probe = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = probe.local_addr().expect("addr").port();
+    drop(probe);
+    socket::bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(sa([127, 0, 0, 1], port)),
+    )
+    .expect("bind");
+    let sock = TcpStream::from(fd);
+    let connect = |to: &TcpListener| {
+        socket::connect(
+            sock.as_raw_fd(),
+            &SockaddrStorage::from(to.local_addr().expect("addr")),
+        )
+        .expect("connect");
+        to.accept().expect("accept").0
+    };
+    let _first_end = connect(&first);
+    // Filed under the key of its *future* tuple (to `second`): stale, held elsewhere.
+    let key = SockKey::for_socket(sa([127, 0, 0, 1], port), second.local_addr().expect("addr"))
+        .expect("v4");
+    file_under(&handle, &key, &sock).expect("file the socket");
+    // A control that stays stale: a socket of other ends under a key of its own.
+    let (other, _other_end) = loopback_pair();
+    let control = SockKey::for_socket(sa([127, 0, 0, 1], 1), sa([127, 0, 0, 1], 2)).expect("v4");
+    file_under(&handle, &control, &other).expect("file the control");
+
+    let map = SockMap::open(&path, Access::ReadWrite).expect("open");
+    let mut reader = IdentityReader::new().expect("identity iterator");
+    let judged: std::collections::HashMap<_, _> = reader
+        .read(&map)
+        .expect("identity read")
+        .entries
+        .into_iter()
+        .collect();
+    let held = judged[&key.encode()];
+    assert_ne!(
+        (held.local, held.remote),
+        (key.local, key.remote),
+        "judged stale: its own ends are not the key's"
+    );
+
+    // Between the judgement and the delete the socket reconnects to exactly the key's tuple.
+    disconnect(&sock);
+    let _second_end = connect(&second);
+    let now = reader.read(&map).expect("identity read").entries;
+    let (_, now) = now
+        .iter()
+        .find(|(k, _)| *k == key.encode())
+        .expect("still filed after the reconnect");
+    assert_eq!(now.cookie, held.cookie, "the same socket");
+    assert_eq!((now.local, now.remote), (key.local, key.remote));
+
+    let outcomes = reader
+        .compare_and_delete(
+            &map,
+            &[
+                Target::new(key.encode(), held.cookie),
+                Target::new(control.encode(), judged[&control.encode()].cookie),
+            ],
+        )
+        .expect("compare-and-delete");
+    assert_eq!(
+        outcomes,
+        vec![
+            (key.encode(), CadOutcome::NotStale),
+            (control.encode(), CadOutcome::Deleted),
+        ]
+    );
+    assert!(
+        has_key(&handle, &key),
+        "the reconnected socket's entry is kept"
+    );
+    assert!(!has_key(&handle, &control), "the control is deleted");
+    evidence(&format!(
+        "a socket judged stale under {key} (own ends {} -> {}) reconnected to the key's tuple \
+         before the delete: in-kernel compare-and-delete kept it (not stale now); the control \
+         entry was deleted",
+        held.local, held.remote
+    ));
 }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use sockmap_gc::diag::inventory;
-use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader};
+use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader, Target};
 use sockmap_gc::key::{RawKey, SockKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns::Netns;
@@ -193,9 +193,9 @@ fn compare_and_delete_deletes_only_the_judged_socket() {
     let right_cookie = by_key[&right.encode()].cookie;
     let wrong_cookie = by_key[&wrong.encode()].cookie ^ 1;
     let targets = [
-        (right.encode(), right_cookie),
-        (wrong.encode(), wrong_cookie),
-        (absent.encode(), 1),
+        Target::new(right.encode(), right_cookie),
+        Target::new(wrong.encode(), wrong_cookie),
+        Target::new(absent.encode(), 1),
     ];
     let outcomes = reader
         .compare_and_delete(&map, &targets)
@@ -226,7 +226,7 @@ fn compare_and_delete_deletes_only_the_judged_socket() {
 
     // The same program again (loaded once per map): the deleted key is now gone.
     let again = reader
-        .compare_and_delete(&map, &[(right.encode(), right_cookie)])
+        .compare_and_delete(&map, &[Target::new(right.encode(), right_cookie)])
         .expect("second pass");
     assert_eq!(again, vec![(right.encode(), CadOutcome::Gone)]);
     // A reread still works after the deletes.
@@ -234,7 +234,7 @@ fn compare_and_delete_deletes_only_the_judged_socket() {
 
     let read_only = SockMap::open(&lab.map_path(), Access::ReadOnly).expect("open read-only");
     assert!(matches!(
-        reader.compare_and_delete(&read_only, &[(wrong.encode(), wrong_cookie)]),
+        reader.compare_and_delete(&read_only, &[Target::new(wrong.encode(), wrong_cookie)]),
         Err(IdentityError::ReadOnlyMap { .. })
     ));
     assert!(
@@ -277,15 +277,15 @@ fn identity_read_against_a_key_walk_at_scale() {
     assert_eq!(ids, usize::from(PLANTED));
 
     let by_key = identities(&mut reader, &map);
-    let targets: Vec<(RawKey, u64)> = planted
+    let targets: Vec<Target> = planted
         .iter()
-        .map(|k| (k.encode(), by_key[&k.encode()].cookie))
+        .map(|k| Target::new(k.encode(), by_key[&k.encode()].cookie))
         .collect();
     // The first call loads the program for this map; time it apart from the deletes.
     let absent = SockKey::for_socket(server.addr(), sa(node, 19999)).expect("v4");
     let t = Instant::now();
     let first = reader
-        .compare_and_delete(&map, &[(absent.encode(), 1)])
+        .compare_and_delete(&map, &[Target::new(absent.encode(), 1)])
         .expect("cad load");
     let cad_load = t.elapsed().as_secs_f64();
     assert_eq!(first, vec![(absent.encode(), CadOutcome::Gone)]);

@@ -1,7 +1,8 @@
 //! Churn soak: clients open, use and close connections to two pods at ≥ 2,000 per second
 //! (`SMGC_SOAK_RATE` sets another rate)
-//! while `sockmap-gc daemon` (deleting, 1 s interval) sweeps, and stale keys appear all the
-//! time, planted and natural (a reset client, a busy server keeping the fd).
+//! while `sockmap-gc daemon` (deleting; the continuous pass every second, full sweeps every
+//! 5 s) works, and stale keys appear all the time, planted and natural (a reset client, a busy
+//! server keeping the fd).
 //!
 //! Ground truth is the lab's: every planted and every natural stale key is recorded when it
 //! is made; every other key in the map belongs to a connection (churned or held). The
@@ -113,7 +114,7 @@ fn soak(id: &str, duration: Duration) {
     let live: HashSet<SockKey> = live_keys(&lab, &held.iter().collect::<Vec<_>>());
     let config = scratch.config(
         &lab.map_path(),
-        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"200ms\"",
+        "dry_run = false\ninterval_min = \"5s\"\ninterval_max = \"5s\"\nconfirm_after = \"200ms\"\npass_interval = \"1s\"",
     );
     let daemon = Daemon::start(&config);
     daemon.wait_more_sweeps(1, Duration::from_secs(20));
@@ -207,9 +208,10 @@ fn soak(id: &str, duration: Duration) {
             .map(|c| c.wait().expect("churn report"))
             .collect();
         making.store(false, Ordering::Relaxed);
-        // Three more intervals after the last stale key was made (the watcher goes on).
-        // Counted in sweeps, not seconds: on a loaded machine one sweep takes many seconds.
-        daemon.wait_more_sweeps(3, Duration::from_secs(300));
+        // Two more sweeps after the last stale key was made (the watcher goes on), and the
+        // passes between them. Counted in sweeps, not seconds: on a loaded machine one sweep
+        // takes many seconds.
+        daemon.wait_more_sweeps(2, Duration::from_secs(300));
         watching.store(false, Ordering::Relaxed);
         reports
     });
@@ -246,6 +248,19 @@ fn soak(id: &str, duration: Duration) {
     let rate = churn_ok as f64 / churn_elapsed.as_secs_f64().max(1e-9);
     let outcomes = |o: &str| trail.iter().filter(|t| t.outcome == o).count();
     let natural = made.iter().filter(|m| m.natural).count();
+    // Passes that delete log one line each, with their count.
+    let by_passes: usize = log
+        .lines()
+        .filter(|l| l.contains("pass ok:"))
+        .filter_map(|l| {
+            l.split("deleted ")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
     let took: Vec<f64> = log
         .lines()
         .filter(|l| crate::rig::is_summary(l))
@@ -256,6 +271,7 @@ fn soak(id: &str, duration: Duration) {
     evidence(&format!(
         "soak {id}: {:.0} s of churn ({:.0} s wall): {churn_ok} connections ({rate:.0}/s of {target_rate}/s asked; p99 {} µs, max {} µs), {churn_failed} failed; \
          {} stale keys made ({} planted, {natural} natural), {} sweeps ({} ok, {} held, {} error; each took mean {took_mean:.1} s, max {took_max:.1} s), \
+         {} passes that deleted ({} by passes, {} by sweeps), \
          trail: {} deleted, {} already gone, {} spared, {} failed; false deletions {}; \
          stale keys left {}; live held keys {}/{} present (missing at some poll: {}); \
          stale key gone after mean {:.2} s, max {:.2} s ({} map polls)",
@@ -269,9 +285,12 @@ fn soak(id: &str, duration: Duration) {
         log.matches("sweep ok:").count(),
         log.matches("sweep held:").count(),
         log.matches("sweep failed:").count(),
+        log.matches("pass ok:").count(),
+        by_passes,
+        deleted.len() - by_passes,
         deleted.len(),
         outcomes("already-gone"),
-        outcomes("spared-holds-another-socket"),
+        outcomes("spared-holds-another-socket") + outcomes("spared-not-stale-now"),
         outcomes("failed"),
         false_deletions.len(),
         left.len(),
@@ -303,7 +322,7 @@ fn soak(id: &str, duration: Duration) {
     assert_eq!(live_left, live.len(), "held connections' keys deleted");
     assert!(
         left.is_empty(),
-        "stale keys left after three more sweeps: {left:?}\n{log}"
+        "stale keys left after two more sweeps: {left:?}\n{log}"
     );
     assert!(
         !made.is_empty() && natural > 0,

@@ -1,6 +1,9 @@
 //! Connection churn: a peer that opens, uses (one ping/pong) and closes many short
 //! connections at a paced rate (`peer churn`), and the library side that starts it in a lab
-//! and reads back its counts ([`Lab::churn`]).
+//! and reads back its counts ([`Lab::churn`]). A share of the connections can end in a reset
+//! instead (`--reset-share`): against a server that keeps reset sockets' fds, each leaves a
+//! stale entry, and the next request from that port hangs while it lives (the hung-request
+//! benchmark).
 //!
 //! Each connection binds a local port from a fixed range, cycled, so a test can keep the
 //! tuples it plants stale keys for apart from every churned one: a churned request from a
@@ -14,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{format_duration, goodbye, open_and_ping, parse_duration, say, watchdog, Failure};
+use super::{
+    format_duration, goodbye, open_and_ping, parse_duration, reset, say, watchdog, Failure,
+};
 use crate::peer::{PeerProc, Place};
 use crate::Lab;
 
@@ -39,9 +44,28 @@ pub struct ChurnArgs {
     /// Bound for the handshake and for the reply.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Share of the connections (0 to 1, spread evenly over the ports) that end in a reset
+    /// after their reply instead of the graceful close.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub reset_share: f64,
     /// Exit after this long whatever happens.
     #[arg(long, default_value = "600s", value_parser = parse_duration)]
     pub max_life: Duration,
+}
+
+/// Parses a share from 0 to 1.
+pub fn parse_share(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{text}' is not a share from 0 to 1")),
+    }
+}
+
+/// Whether connection `i` ends in a reset: a hash of `i` against the share, so that the resets
+/// fall on every port of a cycled range, not on a fixed few.
+fn resets(i: u64, share: f64) -> bool {
+    let h = i.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    (h as f64) < share * (1u64 << 24) as f64
 }
 
 /// Parses `LO-HI` (inclusive, 0 < LO <= HI).
@@ -60,10 +84,19 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 const FAILURES_SHOWN: usize = 50;
 
 /// One churned connection: a request and its reply, then the graceful close (the server
-/// closes first, so no client port sits in TIME_WAIT).
-fn churn_one(port: u16, remote: SocketAddr, timeout: Duration) -> Result<(), Failure> {
+/// closes first, so no client port sits in TIME_WAIT) or, with `reset`, a reset.
+fn churn_one(
+    port: u16,
+    remote: SocketAddr,
+    timeout: Duration,
+    reset_it: bool,
+) -> Result<(), Failure> {
     let (stream, _) = open_and_ping(Some(port), remote, timeout)?;
-    goodbye(stream);
+    if reset_it {
+        reset(stream);
+    } else {
+        goodbye(stream);
+    }
     Ok(())
 }
 
@@ -84,6 +117,8 @@ pub fn run_churn(args: &ChurnArgs) -> i32 {
     let next = AtomicU64::new(0);
     let ok = AtomicU64::new(0);
     let failed = AtomicU64::new(0);
+    let hung = AtomicU64::new(0);
+    let reset_count = AtomicU64::new(0);
     let shown = AtomicUsize::new(0);
     let start = Instant::now();
     let latencies: Vec<Vec<u32>> = thread::scope(|s| {
@@ -103,14 +138,21 @@ pub fn run_churn(args: &ChurnArgs) -> i32 {
                         }
                         let port = args.ports.0 + (i % span) as u16;
                         let began = Instant::now();
-                        match churn_one(port, args.connect, args.timeout) {
+                        let reset_it = resets(i, args.reset_share);
+                        match churn_one(port, args.connect, args.timeout, reset_it) {
                             Ok(()) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
+                                if reset_it {
+                                    reset_count.fetch_add(1, Ordering::Relaxed);
+                                }
                                 let us = began.elapsed().as_micros();
                                 lat.push(u32::try_from(us).unwrap_or(u32::MAX));
                             }
                             Err(f) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
+                                if matches!(f, Failure::NoReply { .. }) {
+                                    hung.fetch_add(1, Ordering::Relaxed);
+                                }
                                 if shown.fetch_add(1, Ordering::Relaxed) < FAILURES_SHOWN {
                                     say(&format!(
                                         "fail i={i} local_port={port} why={}",
@@ -137,8 +179,10 @@ pub fn run_churn(args: &ChurnArgs) -> i32 {
     };
     let failed = failed.load(Ordering::Relaxed);
     say(&format!(
-        "churn attempted={total} ok={} failed={failed} elapsed_us={} p50_us={} p99_us={} max_us={}",
+        "churn attempted={total} ok={} failed={failed} hung={} resets={} elapsed_us={} p50_us={} p99_us={} max_us={}",
         ok.load(Ordering::Relaxed),
+        hung.load(Ordering::Relaxed),
+        reset_count.load(Ordering::Relaxed),
         elapsed.as_micros(),
         pct(0.5),
         pct(0.99),
@@ -160,6 +204,8 @@ pub struct ChurnOpts {
     pub ports: (u16, u16),
     pub workers: usize,
     pub timeout: Duration,
+    /// Share of connections reset after their reply (see [`ChurnArgs::reset_share`]).
+    pub reset_share: f64,
     pub place: Place,
 }
 
@@ -172,6 +218,7 @@ impl ChurnOpts {
             ports,
             workers: 16,
             timeout: Duration::from_secs(2),
+            reset_share: 0.0,
             place: Place::Node,
         }
     }
@@ -192,6 +239,8 @@ impl ChurnOpts {
             self.workers.to_string(),
             "--timeout".into(),
             format_duration(self.timeout),
+            "--reset-share".into(),
+            self.reset_share.to_string(),
         ]
     }
 }
@@ -209,6 +258,10 @@ pub struct ChurnReport {
     pub attempted: u64,
     pub ok: u64,
     pub failed: u64,
+    /// Failures that were hangs: connected, no reply within the timeout.
+    pub hung: u64,
+    /// Connections that ended in a reset after their reply.
+    pub resets: u64,
     pub elapsed: Duration,
     pub p50: Duration,
     pub p99: Duration,
@@ -240,6 +293,8 @@ impl ChurnReport {
             attempted: field("attempted")?,
             ok: field("ok")?,
             failed: field("failed")?,
+            hung: field("hung")?,
+            resets: field("resets")?,
             elapsed: Duration::from_micros(field("elapsed_us")?),
             p50: Duration::from_micros(field("p50_us")?),
             p99: Duration::from_micros(field("p99_us")?),
@@ -293,16 +348,34 @@ mod tests {
     }
 
     #[test]
+    fn resets_take_their_share_spread_over_the_ports() {
+        let n = 100_000u64;
+        let count = (0..n).filter(|&i| resets(i, 0.1)).count() as f64;
+        assert!((count / n as f64 - 0.1).abs() < 0.005, "{count}");
+        assert_eq!((0..n).filter(|&i| resets(i, 0.0)).count(), 0);
+        assert_eq!((0..n).filter(|&i| resets(i, 1.0)).count() as u64, n);
+        // Over a cycled range of 200 ports, resets land on most ports, not a fixed few.
+        let ports: std::collections::HashSet<u64> = (0..20_000u64)
+            .filter(|&i| resets(i, 0.1))
+            .map(|i| i % 200)
+            .collect();
+        assert!(ports.len() > 190, "{}", ports.len());
+        assert!(parse_share("0.05").is_ok());
+        assert!(parse_share("1.5").is_err());
+    }
+
+    #[test]
     fn reports_parse() {
         let lines: Vec<String> = [
             "fail i=7 local_port=20007 why=no-reply-after-2000000us",
-            "churn attempted=10 ok=9 failed=1 elapsed_us=1000000 p50_us=300 p99_us=900 max_us=2000000",
+            "churn attempted=10 ok=9 failed=1 hung=1 resets=2 elapsed_us=1000000 p50_us=300 p99_us=900 max_us=2000000",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         let r = ChurnReport::parse(&lines).expect("parses");
         assert_eq!((r.attempted, r.ok, r.failed), (10, 9, 1));
+        assert_eq!((r.hung, r.resets), (1, 2));
         assert_eq!(r.failures.len(), 1);
         assert!((r.rate() - 9.0).abs() < 1e-9);
         assert!(ChurnReport::parse(&lines[..1]).is_err());
