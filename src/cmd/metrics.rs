@@ -233,7 +233,7 @@ impl Metrics {
                 m.sweep_duration;
             "passes", "Continuous passes run (one iterator read each), by result",
                 m.passes;
-            "stale_age_seconds", "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete)",
+            "stale_age_seconds", "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete), or a kernel event's entry had been stale (the event to the delete)",
                 m.stale_age;
             "last_success_timestamp_seconds", "Unix time at which the last sweep that was neither held nor failed ended",
                 m.last_success;
@@ -286,6 +286,12 @@ impl Metrics {
                 self.deletions
                     .get_or_create(&OutcomeLabel::of(*outcome))
                     .inc_by(n as u64);
+            }
+        }
+        // Stale since the kernel's event: its age at the delete.
+        for (_, settled, since_event) in &r.settled {
+            if settled.outcome() == Outcome::Deleted {
+                self.stale_age.observe(since_event.as_secs_f64());
             }
         }
         if let Some(hold) = &r.hold {

@@ -354,7 +354,11 @@ fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say
     let daemon = Daemon::start(&config);
     daemon.wait_sweeps(1.0, Duration::from_secs(15));
 
-    let mut stale = vec![natural_stale(&lab, server.addr(), node_end(&lab, 45110))];
+    let mut stale = vec![natural_stale_under_daemon(
+        &lab,
+        server.addr(),
+        node_end(&lab, 45110),
+    )];
     stale.extend(plant_for_ports(&lab, server.addr(), &[45120, 45121]));
     let planted = Instant::now();
     let gone = sys::wait_until(Duration::from_secs(30), || {
