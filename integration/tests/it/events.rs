@@ -302,9 +302,13 @@ fn daemon_deletes_a_reset_socket_entry_at_once() {
         })
         .unwrap_or_else(|| panic!("no delete line:\n{}", daemon.log()));
     let us = since_event_us(&line);
-    assert_eq!(
-        daemon.metric("sockmap_gc_deletions_total{outcome=\"deleted\"}"),
-        Some(1.0)
+    // Counted by the daemon's loop once the reaction hands its report back.
+    assert!(
+        sys::wait_until(Duration::from_secs(5), || {
+            daemon.metric("sockmap_gc_deletions_total{outcome=\"deleted\"}") == Some(1.0)
+        }),
+        "one deletion counted:\n{}",
+        daemon.log()
     );
     evidence(&format!(
         "kernel fact: events: a reset socket's entry deleted {:.1} ms after its close event (gone {} ms after the client returned)",
