@@ -1,8 +1,9 @@
-//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c) and the socket-holder
-//! iterator (bpf/sockmap_holders.bpf.c) and generates their libbpf-rs skeletons into OUT_DIR,
-//! where src/identity.rs and src/holder/scan.rs include them.
+//! Compiles the socket-identity iterator (bpf/sockmap_identity.bpf.c), the socket-holder
+//! iterator (bpf/sockmap_holders.bpf.c) and the event programs (bpf/sockmap_events.bpf.c),
+//! generating their libbpf-rs skeletons into OUT_DIR, where src/identity.rs,
+//! src/holder/scan.rs and src/events.rs include them.
 //!
-//! The program is CO-RE against the few kernel types declared in bpf/vmlinux_min.h, so the
+//! The programs are CO-RE against the few kernel types declared in bpf/vmlinux_min.h, so the
 //! build needs clang and the Linux UAPI headers but no /sys/kernel/btf/vmlinux: field offsets
 //! are relocated at load time against the running kernel's BTF.
 
@@ -22,6 +23,11 @@ fn main() {
     skeleton::build(
         &manifest.join("bpf/sockmap_holders.bpf.c"),
         "sockmap_holders",
+        &["-Werror"],
+    );
+    skeleton::build(
+        &manifest.join("bpf/sockmap_events.bpf.c"),
+        "sockmap_events",
         &["-Werror"],
     );
     println!(

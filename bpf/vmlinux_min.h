@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The few kernel types bpf/sockmap_identity.bpf.c and bpf/sockmap_holders.bpf.c read, declared for CO-RE instead of a
+ * The few kernel types bpf/sockmap_identity.bpf.c, bpf/sockmap_holders.bpf.c and
+ * bpf/sockmap_events.bpf.c read, declared for CO-RE instead of a
  * generated vmlinux.h, so the product builds on a machine without /sys/kernel/btf/vmlinux
  * (a Debian build host). Only the fields read are declared; every struct carries
  * preserve_access_index, so libbpf relocates each field offset at load time against the
@@ -15,7 +16,11 @@
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
 
 struct seq_file;
-struct bpf_map;
+
+struct bpf_map {
+	__u32 key_size;
+	__u32 id;
+};
 
 struct bpf_iter_meta {
 	struct seq_file *seq;
@@ -84,6 +89,8 @@ struct sock {
 	/* NULL when no struct socket (and so no file) refers to the sock. */
 	struct socket *sk_socket;
 	int sk_err;
+	/* A psock (the socket is in a sockmap or sockhash) sets the SK_USER_DATA_NOCOPY bit. */
+	void *sk_user_data;
 };
 
 /* Kernels whose flags (SOCK_DEAD ...) still live in struct sock; the ___ suffix names a
@@ -103,6 +110,22 @@ struct bpf_iter__task_file {
 	struct task_struct *task;
 	__u32 fd;
 	struct file *file;
+};
+
+/* inet_sport keeps the local port after the kernel zeroes skc_num on unhash (TCP_CLOSE).
+ * A program reaches it through bpf_skc_to_tcp_sock: the verifier allows no read past
+ * struct sock through a plain cast. */
+struct inet_sock {
+	struct sock sk;
+	__be16 inet_sport;
+};
+
+struct inet_connection_sock {
+	struct inet_sock icsk_inet;
+};
+
+struct tcp_sock {
+	struct inet_connection_sock inet_conn;
 };
 
 #pragma clang attribute pop

@@ -167,7 +167,7 @@ impl IdentityError {
 }
 
 /// How libbpf-rs classifies the failure (its error text carries the errno itself).
-fn kind_text(kind: Option<ErrorKind>) -> String {
+pub(crate) fn kind_text(kind: Option<ErrorKind>) -> String {
     kind.map_or_else(String::new, |k| format!(" ({k:?})"))
 }
 
@@ -319,6 +319,22 @@ impl IdentitySource {
         }
     }
 
+    /// Loads in-kernel compare-and-delete for `map` ahead of its first use, so that the first
+    /// delete does not wait for it; a refusal is kept as at first use.
+    pub fn prepare_compare_and_delete(&mut self, map: &SockMap) -> Result<(), IdentityError> {
+        let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
+            return Ok(());
+        };
+        match reader.prepare_compare_and_delete(map) {
+            Err(e) if e.is_refusal() => {
+                tracing::warn!(error = %e, "in-kernel compare-and-delete refused; deleting by key after the re-check");
+                self.cad_refused = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// In-kernel compare-and-delete, or `None` when it is not available: the caller then
     /// deletes by key.
     pub fn compare_and_delete(
@@ -343,7 +359,7 @@ impl IdentitySource {
 
 /// libbpf prints its own diagnostics to stderr; an operator sees our one-line error
 /// instead, and the details with `RUST_LOG=libbpf=debug`.
-fn route_libbpf_messages() {
+pub(crate) fn route_libbpf_messages() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, |_, msg| {

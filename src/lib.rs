@@ -18,6 +18,7 @@ mod label;
 
 pub mod deletion;
 pub mod diag;
+pub mod events;
 pub mod guard;
 pub mod holder;
 pub mod identity;
@@ -30,6 +31,7 @@ pub mod observation;
 pub mod observe;
 pub mod pass;
 pub mod procnet;
+pub mod react;
 pub mod report;
 pub mod socket;
 pub mod sweep;

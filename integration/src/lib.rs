@@ -17,6 +17,7 @@ pub mod map;
 pub mod netns;
 pub mod peer;
 mod plant;
+pub mod progstats;
 pub mod sys;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};

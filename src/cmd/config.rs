@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use sockmap_gc::events::EventsMode;
 use sockmap_gc::guard::{GuardSettings, SettingsError, MAX_DURATION};
 use sockmap_gc::identity::IdentityMode;
 
@@ -69,6 +70,9 @@ pub struct Settings {
     /// The share of one core the continuous passes may take on average (0 to 1): a pass's
     /// interval stretches to keep within it.
     pub pass_cpu_budget: f64,
+    /// Whether to watch the kernel for sockets in the map closing and inserts refused by a
+    /// stale entry, and act on them at once.
+    pub events: EventsMode,
 }
 
 impl Settings {
@@ -103,6 +107,7 @@ impl Default for Settings {
             identity: IdentityMode::Auto,
             pass_interval: Some(Duration::from_secs(1)),
             pass_cpu_budget: 0.01,
+            events: EventsMode::Auto,
         }
     }
 }
@@ -171,6 +176,7 @@ struct FileConfig {
     identity: Option<String>,
     pass_interval: Option<String>,
     pass_cpu_budget: Option<f64>,
+    events: Option<String>,
 }
 
 /// Reads, validates and overrides the config at `path`.
@@ -351,6 +357,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         }
         s.pass_cpu_budget = budget;
     }
+    s.events = match file.events.as_deref() {
+        None => defaults.events,
+        Some("auto") => EventsMode::Auto,
+        Some("on") => EventsMode::On,
+        Some("off") => EventsMode::Off,
+        Some(v) => return Err(invalid("events", v, "use \"auto\", \"on\" or \"off\"")),
+    };
     Ok(s)
 }
 
@@ -395,7 +408,7 @@ fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 
 /// Every key the config file takes, for the tests of the shipped file and of the parser.
 #[cfg(test)]
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 15] = [
     "map",
     "interval_min",
     "interval_max",
@@ -410,6 +423,7 @@ const KEYS: [&str; 14] = [
     "identity",
     "pass_interval",
     "pass_cpu_budget",
+    "events",
 ];
 
 #[cfg(test)]

@@ -18,9 +18,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sockmap_gc::deletion::Outcome;
+use sockmap_gc::events::EventsState;
 use sockmap_gc::guard::Guard;
 use sockmap_gc::holder::HolderClass;
 use sockmap_gc::pass::PassReport;
+use sockmap_gc::react::Reaction;
 use sockmap_gc::report::Summary;
 use sockmap_gc::sweep::{Interrupted, SweepReport};
 use sockmap_gc::verdict::VerdictKind;
@@ -54,6 +56,11 @@ struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabel {
+    mode: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,6 +183,9 @@ pub struct Metrics {
     map_id: Gauge,
     dry_run: Gauge,
     interval: Gauge<f64, AtomicU64>,
+    collisions: Counter,
+    events: Family<ModeLabel, Gauge>,
+    events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -201,6 +211,9 @@ impl Metrics {
             map_id: Gauge::default(),
             dry_run: Gauge::default(),
             interval: Gauge::default(),
+            collisions: Counter::default(),
+            events: Family::default(),
+            events_dropped: Counter::default(),
             registry: Registry::with_prefix("sockmap_gc"),
         };
         // Name, help and metric of each; the registry owns a handle of each.
@@ -220,7 +233,7 @@ impl Metrics {
                 m.sweep_duration;
             "passes", "Continuous passes run (one iterator read each), by result",
                 m.passes;
-            "stale_age_seconds", "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete)",
+            "stale_age_seconds", "How long each entry the continuous pass deleted had been judged stale (first pass that judged it so to the delete), or a kernel event's entry had been stale (the event to the delete)",
                 m.stale_age;
             "last_success_timestamp_seconds", "Unix time at which the last sweep that was neither held nor failed ended",
                 m.last_success;
@@ -232,6 +245,12 @@ impl Metrics {
                 m.dry_run;
             "interval_seconds", "The wait before the next sweep (it adapts within interval_min and interval_max)",
                 m.interval;
+            "collisions", "Inserts into the map refused because an entry held their key: new connections hijacked by a stale entry (kernel events)",
+                m.collisions;
+            "events", "1 for what the daemon hears from the kernel (mode: off, unavailable, closes, collisions, closes-and-collisions), 0 for the rest",
+                m.events;
+            "events_dropped", "Kernel events lost (ring buffer or queue full); the continuous pass still finds their entries",
+                m.events_dropped;
         }
         // Every series from the start: a rate() over a series that appears late misses its start.
         let verdicts = VerdictKind::ALL
@@ -250,7 +269,56 @@ impl Metrics {
         create_every(&m.sweeps, SweepResult::ALL.map(ResultLabel::of));
         create_every(&m.passes, PASS_RESULTS.map(ResultLabel::of));
         create_every(&m.guard_trips, TRIPS.map(GuardLabel::of));
+        create_every(
+            &m.events,
+            EventsState::ALL
+                .iter()
+                .map(|s| ModeLabel { mode: s.as_str() }),
+        );
         m
+    }
+
+    /// What a reaction to kernel events deleted: its outcomes count among the deletions.
+    pub fn record_reaction(&self, r: &Reaction) {
+        for outcome in Outcome::ALL {
+            let n = r.count(*outcome);
+            if n > 0 {
+                self.deletions
+                    .get_or_create(&OutcomeLabel::of(*outcome))
+                    .inc_by(n as u64);
+            }
+        }
+        // Stale since the kernel's event: its age at the delete.
+        for (_, settled, since_event) in &r.settled {
+            if settled.outcome() == Outcome::Deleted {
+                self.stale_age.observe(since_event.as_secs_f64());
+            }
+        }
+        if let Some(hold) = &r.hold {
+            self.trip(hold.guard());
+        }
+        if r.over_cap > 0 {
+            self.trip(Guard::MaxDeletes);
+        }
+    }
+
+    /// A new connection refused by the entry filed under its key.
+    pub fn record_collision(&self) {
+        self.collisions.inc();
+    }
+
+    /// What the daemon hears from the kernel now, and the events lost so far (a running
+    /// total: the counter catches up to it).
+    pub fn set_events(&self, state: EventsState, dropped: u64) {
+        for s in EventsState::ALL {
+            self.events
+                .get_or_create(&ModeLabel { mode: s.as_str() })
+                .set(i64::from(*s == state));
+        }
+        let counted = self.events_dropped.get();
+        if dropped > counted {
+            self.events_dropped.inc_by(dropped - counted);
+        }
     }
 
     /// Records a sweep that ran to its report.

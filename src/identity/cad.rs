@@ -60,6 +60,12 @@ impl IdentityReader {
         Ok(results)
     }
 
+    /// Loads the compare-and-delete program for `map` now rather than at its first use.
+    pub fn prepare_compare_and_delete(&mut self, map: &SockMap) -> Result<(), IdentityError> {
+        require_writable(map)?;
+        self.cad_for(map).map(|_| ())
+    }
+
     fn cad_for(&mut self, map: &SockMap) -> Result<&Object, IdentityError> {
         if !matches!(&self.cad, Some((id, _)) if *id == map.id()) {
             // Drop the program of a replaced map before loading the next one.

@@ -12,6 +12,8 @@
 
 #[path = "bench/daemon.rs"]
 mod daemon;
+#[path = "bench/events.rs"]
+mod events;
 #[path = "bench/hung.rs"]
 mod hung;
 
@@ -121,6 +123,16 @@ struct Args {
     /// --hung: how often the map is read to time the stale entries' lifetimes
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     hung_poll: Duration,
+    /// What kernel events cost instead: the same churn with the daemon at events = off, then
+    /// on (see docs/BENCHMARKS.md)
+    #[arg(long)]
+    events_cost: bool,
+    /// --events-cost: connections per second over both pods
+    #[arg(long, default_value_t = 2200)]
+    events_rate: u32,
+    /// --events-cost: seconds each run's load lasts
+    #[arg(long, default_value_t = 30)]
+    events_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -182,6 +194,17 @@ fn run(args: &Args) -> Result<()> {
     println!("product    {}", product.display());
     if args.hung {
         return run_hung(args, &product, &peer_bin);
+    }
+    if args.events_cost {
+        let runs = events::bench(
+            &args.id,
+            args.events_rate,
+            Duration::from_secs(args.events_seconds),
+            &product,
+            &peer_bin,
+        )?;
+        println!("\n{}", events::markdown(&runs));
+        return Ok(());
     }
     let mut results = Vec::new();
     for &entries in &args.entries {

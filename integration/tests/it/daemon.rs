@@ -17,7 +17,9 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
 
 use crate::rig::{self, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, HANG};
+use crate::support::{
+    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, HANG,
+};
 
 /// The unit file the tests read the capability set and the hardening from.
 fn unit_file() -> PathBuf {
@@ -87,7 +89,11 @@ impl Daemon {
         self.inner.log()
     }
 
-    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    pub(crate) fn wait_line(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
         self.inner.wait_line(timeout, pred)
     }
 
@@ -102,7 +108,7 @@ impl Daemon {
     }
 
     /// The value of the sample `series` (name with labels, as exposed), if present.
-    fn metric(&self, series: &str) -> Option<f64> {
+    pub(crate) fn metric(&self, series: &str) -> Option<f64> {
         sample(&self.scrape(), series)
     }
 
@@ -794,7 +800,7 @@ fn running(id: &str, port: u16, settings: &str) -> Running {
 /// Three stale keys for `server`: one natural (a reset client from `port`), two planted for
 /// `port + 10` and the next.
 fn make_stale(lab: &Lab, server: SocketAddr, port: u16) -> Vec<SockKey> {
-    let mut stale = vec![natural_stale(lab, server, node_end(lab, port))];
+    let mut stale = vec![natural_stale_under_daemon(lab, server, node_end(lab, port))];
     stale.extend(plant_for_ports(lab, server, &[port + 10, port + 11]));
     stale
 }

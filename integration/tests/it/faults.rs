@@ -23,7 +23,10 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
 
 use crate::rig::{read_trail, Daemon, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale, product, run_command, PEER};
+use crate::support::{
+    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, run_command,
+    PEER,
+};
 
 fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -512,12 +515,12 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
             n
         });
         for i in 0..5u16 {
-            stale.extend(make_stale(
+            stale.push(natural_stale_under_daemon(
                 &lab,
                 server.addr(),
-                45510 + i,
-                45520 + 2 * i..45522 + 2 * i,
+                sa(lab.node_ip(0), 45510 + i),
             ));
+            stale.extend(plant(&lab, server.addr(), 45520 + 2 * i..45522 + 2 * i));
             daemon.wait_more_sweeps(1, Duration::from_secs(30));
         }
         sys::wait_until(Duration::from_secs(30), || {

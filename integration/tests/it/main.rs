@@ -6,6 +6,7 @@ mod alerts;
 mod audit;
 mod bench_smoke;
 mod daemon;
+mod events;
 mod faults;
 mod holders;
 mod identity;

@@ -187,6 +187,30 @@ pub fn natural_stale(lab: &Lab, server: SocketAddr, node: SocketAddr) -> SockKey
     })
 }
 
+/// As [`natural_stale`], while a deleting daemon runs: with kernel events it deletes the entry
+/// within milliseconds of the reset, so the entry is made (Linux 5.16+) but not required to
+/// stay. Before 5.16 a stale entry is planted in its place, as by [`natural_stale`].
+pub fn natural_stale_under_daemon(lab: &Lab, server: SocketAddr, node: SocketAddr) -> SockKey {
+    if !keeps_reset_sockets().expect("kernel release") {
+        return natural_stale(lab, server, node);
+    }
+    let outcome = lab
+        .request(
+            &ClientOpts::to(server)
+                .from_port(node.port())
+                .timeout(HANG)
+                .reset(true),
+        )
+        .expect("client runs");
+    assert!(outcome.is_replied(), "first request works: {outcome}");
+    let stale = SockKey::for_socket(server, node).expect("one family");
+    assert!(
+        lab.wait_key(&stale.peer(), false, Duration::from_secs(2)),
+        "client end's key leaves with the client's fd"
+    );
+    stale
+}
+
 /// As [`natural_stale`], but `None` (a kernel fact said) where the kernel removes the reset
 /// socket's entry: the tests of the natural case itself check that instead.
 pub fn natural_stale_entry(lab: &Lab, server: SocketAddr, node: SocketAddr) -> Option<SockKey> {
