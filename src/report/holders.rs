@@ -1,0 +1,59 @@
+//! "Stale by holder": the selected stale entries counted by holder class, process and pod.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use crate::holder::{summarize, Classified, HolderClass, HolderSummary, UnknownHolder};
+use crate::observation::{Judged, Observation};
+
+/// How many processes and pods "stale by holder" names.
+pub const TOP_HOLDERS: usize = 5;
+
+/// The selected entries' "stale by holder", once the holder pass ran.
+pub fn stale_by_holder(o: &Observation, entries: &[&Judged]) -> Option<HolderSummary> {
+    let holders = o.holders.as_ref()?;
+    let diagnoses = entries.iter().filter_map(|e| holders.of(&e.raw));
+    Some(summarize(diagnoses, TOP_HOLDERS))
+}
+
+/// "Stale by holder": counts per class, the top processes and pods.
+pub fn holder_lines(s: &HolderSummary) -> String {
+    let mut out = String::from("stale by holder:\n");
+    for (class, n) in &s.by_class {
+        let _ = writeln!(out, "  {:<40} {n}", class.as_str());
+    }
+    if !s.top_processes.is_empty() {
+        out.push_str("  top processes:\n");
+        for (p, n) in &s.top_processes {
+            let _ = writeln!(out, "    {:<78} {n}", p.to_string());
+        }
+    }
+    if !s.top_pods.is_empty() {
+        out.push_str("  top pods:\n");
+        for (uid, n) in &s.top_pods {
+            let _ = writeln!(out, "    pod {uid:<74} {n}");
+        }
+    }
+    out
+}
+
+/// The holder classes of the selected stale entries, each once: their facts and fixes.
+pub fn holder_reasons(o: &Observation, entries: &[&Judged]) -> Vec<Classified> {
+    let Some(holders) = o.holders.as_ref() else {
+        return Vec::new();
+    };
+    let present: HashSet<Classified> = entries
+        .iter()
+        .filter_map(|e| holders.of(&e.raw))
+        .map(|d| d.classified)
+        .collect();
+    let mut out: Vec<Classified> = present.into_iter().collect();
+    out.sort_by_key(|c| {
+        (
+            HolderClass::ALL.iter().position(|k| *k == c.class),
+            c.unknown
+                .and_then(|u| UnknownHolder::ALL.iter().position(|k| *k == u)),
+        )
+    });
+    out
+}

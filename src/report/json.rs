@@ -1,0 +1,340 @@
+//! The audit as JSON for scripts: each entry with its socket and holder, the inventory,
+//! the summary and "stale by holder".
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{selected, stale_by_holder, MapSource, Summary};
+use crate::holder::{
+    Diagnosis, Holder, HolderClass, HolderProcess, HolderSummary, ScanInfo, ScanMethod,
+    StaleHolders, UnknownHolder,
+};
+use crate::observation::{Filter, Judged, Observation};
+use crate::socket::TcpState;
+
+#[derive(Debug, Serialize)]
+pub struct JsonEntry {
+    /// The raw 44 bytes as 88 lowercase hex characters.
+    pub key: String,
+    pub family: Option<String>,
+    pub local: Option<String>,
+    pub remote: Option<String>,
+    pub verdict: &'static str,
+    pub reason: String,
+    pub reason_code: &'static str,
+    /// The socket the entry holds, when identity is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<JsonSocket>,
+    /// Who keeps the socket of a stale entry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<JsonHolder>,
+}
+
+/// A stale entry's holder class, why, and the processes holding its socket.
+#[derive(Debug, Serialize)]
+pub struct JsonHolder {
+    pub class: HolderClass,
+    /// Why the holder is not known, for `holder-unknown`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<UnknownHolder>,
+    /// The fact and the fix.
+    pub reason: String,
+    pub holders: Vec<Holder>,
+}
+
+impl JsonHolder {
+    pub fn of(d: &Diagnosis) -> JsonHolder {
+        JsonHolder {
+            class: d.class(),
+            unknown: d.classified.unknown,
+            reason: d.classified.reason(),
+            holders: d.holders.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonSocket {
+    pub cookie: u64,
+    /// The held socket's own ends.
+    pub local: String,
+    pub remote: String,
+    pub state: TcpState,
+    pub netns_inode: u64,
+    /// The inode of the file that refers to the socket (`ls -l /proc/PID/fd` shows
+    /// `socket:[INODE]`); 0 when none does.
+    pub inode: u64,
+    /// `SOCK_DEAD`: its application closed it.
+    pub orphaned: bool,
+    /// Its pending error (`sk_err`), e.g. `ECONNRESET`, unless none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl JsonEntry {
+    /// `e` with its holder diagnosis, when it has one (stale entries, after the holder pass).
+    pub fn of(e: &Judged, holder: Option<&Diagnosis>) -> JsonEntry {
+        let key = e.key().ok();
+        JsonEntry {
+            key: e.raw.to_hex(),
+            family: key.map(|k| k.family.to_string()),
+            local: key.map(|k| k.local.to_string()),
+            remote: key.map(|k| k.remote.to_string()),
+            verdict: e.verdict.label(),
+            reason: e.verdict.to_string(),
+            reason_code: e.verdict.reason_code(),
+            socket: e.held.map(|h| JsonSocket {
+                cookie: h.cookie,
+                local: h.local.to_string(),
+                remote: h.remote.to_string(),
+                state: h.state,
+                netns_inode: h.netns_inode,
+                inode: h.inode,
+                orphaned: h.orphaned,
+                error: (h.error != 0).then(|| errno_name(h.error)),
+            }),
+            holder: holder.map(JsonHolder::of),
+        }
+    }
+}
+
+/// `ECONNRESET` for 104: the kernel's name of an errno.
+fn errno_name(errno: i32) -> String {
+    format!("{:?}", nix::errno::Errno::from_raw(errno))
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonInventory {
+    /// Whether the socket behind each entry was read (the sockmap iterator).
+    pub identity: bool,
+    pub namespaces_read: usize,
+    pub namespaces_vanished: usize,
+    pub procfs_tables: usize,
+    pub sockets: usize,
+    /// With identity: the tuples looked up exactly instead of dumping every namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looked_up: Option<usize>,
+    pub complete: bool,
+    pub unreadable: Vec<JsonUnreadable>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonUnreadable {
+    pub namespace: String,
+    pub error: String,
+}
+
+impl JsonInventory {
+    pub fn of(o: &Observation) -> JsonInventory {
+        JsonInventory {
+            identity: o.identity,
+            namespaces_read: o.namespaces_read,
+            namespaces_vanished: o.namespaces_vanished,
+            procfs_tables: o.procfs_tables,
+            sockets: o.sockets,
+            looked_up: o.lookups.map(|l| l.asked),
+            complete: o.is_complete(),
+            unreadable: o
+                .unreadable
+                .iter()
+                .map(|u| JsonUnreadable {
+                    namespace: u.what.clone(),
+                    error: u.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct AuditJson<'a> {
+    pub map: MapSource,
+    pub inventory: JsonInventory,
+    pub entries: JsonEntries<'a>,
+    pub summary: Summary,
+    /// The selected stale entries counted by holder, once the holder pass ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_by_holder: Option<JsonStaleByHolder>,
+}
+
+/// "Stale by holder" for scripts.
+#[derive(Debug, Serialize)]
+pub struct JsonStaleByHolder {
+    /// Stale entries per holder class.
+    pub by_class: BTreeMap<&'static str, usize>,
+    pub top_processes: Vec<JsonHolderCount>,
+    pub top_pods: Vec<JsonPodCount>,
+    /// How the holders were searched; absent when no stale socket had a file to look for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<JsonHolderSearch>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonHolderCount {
+    #[serde(flatten)]
+    pub process: HolderProcess,
+    pub entries: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonPodCount {
+    pub pod_uid: String,
+    pub entries: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonHolderSearch {
+    pub method: ScanMethod,
+    /// Whether every process was looked at.
+    pub complete: bool,
+    pub notes: Vec<String>,
+    pub ms: u128,
+}
+
+impl JsonStaleByHolder {
+    pub fn of(s: HolderSummary, search: Option<&ScanInfo>) -> JsonStaleByHolder {
+        JsonStaleByHolder {
+            by_class: s.by_class.iter().map(|(c, n)| (c.as_str(), *n)).collect(),
+            top_processes: s
+                .top_processes
+                .into_iter()
+                .map(|(process, entries)| JsonHolderCount { process, entries })
+                .collect(),
+            top_pods: s
+                .top_pods
+                .into_iter()
+                .map(|(pod_uid, entries)| JsonPodCount { pod_uid, entries })
+                .collect(),
+            search: search.map(|i| JsonHolderSearch {
+                method: i.method,
+                complete: i.complete,
+                notes: i.notes.clone(),
+                ms: i.took.as_millis(),
+            }),
+        }
+    }
+}
+
+/// The selected entries, each turned into a [`JsonEntry`] only as it is written: a full
+/// map's entries as JSON values would take several times the memory of the entries.
+#[derive(Debug)]
+pub struct JsonEntries<'a>(Vec<&'a Judged>, Option<&'a StaleHolders>);
+
+impl JsonEntries<'_> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for JsonEntries<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .map(|e| JsonEntry::of(e, self.1.and_then(|h| h.of(&e.raw)))),
+        )
+    }
+}
+
+pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -> AuditJson<'a> {
+    let entries = selected(o, filter);
+    let search = o.holders.as_ref().and_then(|h| h.scan.as_ref());
+    AuditJson {
+        map: source.clone(),
+        inventory: JsonInventory::of(o),
+        summary: Summary::of(entries.iter().copied()),
+        stale_by_holder: stale_by_holder(o, &entries).map(|s| JsonStaleByHolder::of(s, search)),
+        entries: JsonEntries(entries, o.holders.as_ref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::fixtures::{diagnosed, observation, source};
+
+    #[test]
+    fn json_follows_the_contract() {
+        let o = observation();
+        let v = serde_json::to_value(audit_json(&source(), &o, &Filter::default()))
+            .expect("serialises");
+        let entries = v["entries"].as_array().expect("entries");
+        assert_eq!(entries.len(), 5);
+        for e in entries {
+            let key = e["key"].as_str().expect("key");
+            assert_eq!(key.len(), 88);
+            assert!(key
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+            assert!(["live", "stale", "unknown"].contains(&e["verdict"].as_str().expect("v")));
+            assert!(e["reason"].is_string());
+        }
+        assert_eq!(entries[0]["verdict"], "stale");
+        let v6 = entries
+            .iter()
+            .find(|e| e["family"] == "ipv6")
+            .expect("ipv6 entry");
+        assert_eq!(v6["local"], "[fd00::2]:80");
+        assert_eq!(v["summary"]["stale"], 3);
+        assert_eq!(v["summary"]["entries"], 5);
+        assert_eq!(v["inventory"]["complete"], true);
+        let bad = entries
+            .iter()
+            .find(|e| e["verdict"] == "unknown")
+            .expect("bad");
+        assert!(bad["local"].is_null());
+    }
+
+    #[test]
+    fn filter_narrows_entries_and_summary() {
+        let o = observation();
+        let filter = Filter {
+            local: Some("10.0.2.2".parse().expect("ip")),
+            remote: None,
+        };
+        let j = audit_json(&source(), &o, &filter);
+        assert_eq!(j.entries.len(), 1);
+        assert_eq!(j.summary.stale, 1);
+    }
+
+    #[test]
+    fn json_has_a_holder_on_each_stale_entry_and_the_summary() {
+        let o = diagnosed();
+        let v = serde_json::to_value(audit_json(&source(), &o, &Filter::default()))
+            .expect("serialises");
+        for e in v["entries"].as_array().expect("entries") {
+            assert_eq!(e["holder"].is_object(), e["verdict"] == "stale", "{e}");
+        }
+        let kept = v["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .find(|e| e["holder"]["class"] == "app-keeps-fd")
+            .expect("an app-keeps-fd entry");
+        let h = &kept["holder"]["holders"][0];
+        assert_eq!(
+            (h["pid"].as_u64(), h["comm"].as_str()),
+            (Some(4242), Some("nginx"))
+        );
+        assert_eq!(h["pod"]["pod_uid"], "7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6");
+        assert!(kept["holder"]["reason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("app-keeps-fd: "));
+        let by = &v["stale_by_holder"];
+        assert_eq!(by["by_class"]["app-keeps-fd"], 2);
+        assert_eq!(by["by_class"]["accept-queue"], 1);
+        assert_eq!(by["top_processes"][0]["pid"], 4242);
+        assert_eq!(by["top_processes"][0]["entries"], 2);
+        assert_eq!(by["top_pods"][0]["entries"], 2);
+        assert_eq!(by["search"]["method"], "iterator");
+        let plain = serde_json::to_value(audit_json(&source(), &observation(), &Filter::default()))
+            .expect("serialises");
+        assert!(plain.get("stale_by_holder").is_none());
+    }
+}

@@ -1,0 +1,235 @@
+//! Renders an observation for people (a table that pastes into a ticket) and for scripts (JSON).
+//!
+//! [`table`] writes the text table, [`json`] the JSON, [`holders`] the "stale by holder"
+//! summary both share, and [`sweep`] a sweep's report; this module holds what they all use:
+//! the map's name, the summary counts and the selected entries' order.
+
+pub mod holders;
+pub mod json;
+pub mod sweep;
+pub mod table;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::observation::{Filter, Judged, Observation};
+use crate::verdict::Verdict;
+
+pub use holders::{holder_lines, holder_reasons, stale_by_holder, TOP_HOLDERS};
+pub use json::{
+    audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount, JsonHolderSearch,
+    JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
+};
+pub use sweep::{
+    guard_outcomes, sweep_json, sweep_summary, sweep_text, GuardOutcome, SweepJson, SweepSummary,
+};
+pub use table::{header, summary_lines, write_audit_table};
+
+/// Where the map came from, as the report names it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapSource {
+    pub path: String,
+    pub id: u32,
+    #[serde(rename = "type")]
+    pub map_type: String,
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub entries: usize,
+    pub live: usize,
+    pub stale: usize,
+    pub unknown: usize,
+    /// Stale entries by the held socket's remote IP (the key's A address), as the incident
+    /// report grepped the map by node IP.
+    pub stale_by_remote_ip: BTreeMap<String, usize>,
+}
+
+impl Summary {
+    pub fn of<'a>(entries: impl IntoIterator<Item = &'a Judged>) -> Summary {
+        let mut s = Summary::default();
+        for e in entries {
+            s.entries += 1;
+            match &e.verdict {
+                Verdict::Live(_) => s.live += 1,
+                Verdict::Unknown(_) => s.unknown += 1,
+                Verdict::Stale(_) => {
+                    s.stale += 1;
+                    let ip = e
+                        .key()
+                        .as_ref()
+                        .map(|k| k.remote.ip().to_string())
+                        .unwrap_or_else(|_| "?".to_string());
+                    *s.stale_by_remote_ip.entry(ip).or_default() += 1;
+                }
+            }
+        }
+        s
+    }
+}
+
+/// The entries an operator asked about, in a stable order: stale first, then by key.
+pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
+    let mut v: Vec<&Judged> = o.entries.iter().filter(|e| filter.selects(e)).collect();
+    // Keys are unique, so an unstable sort gives the same order, without copying keys.
+    v.sort_unstable_by(|a, b| {
+        verdict_rank(&a.verdict)
+            .cmp(&verdict_rank(&b.verdict))
+            .then_with(|| a.raw.cmp(&b.raw))
+    });
+    v
+}
+
+fn verdict_rank(v: &Verdict) -> u8 {
+    match v {
+        Verdict::Stale(_) => 0,
+        Verdict::Unknown(_) => 1,
+        Verdict::Live(_) => 2,
+    }
+}
+
+/// The observations, map and entries the submodules' tests share.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+    use crate::holder::{Classified, Diagnosis, Holder, HolderClass, ScanInfo, ScanMethod};
+    use crate::key::{KeyError, RawKey, SockKey};
+    use crate::verdict::{LiveReason, StaleReason, UnknownReason};
+    use std::time::Duration;
+
+    fn judged(local: &str, remote: &str, verdict: Verdict) -> Judged {
+        let key = SockKey::for_socket(local.parse().expect("a"), remote.parse().expect("a"))
+            .expect("family");
+        Judged {
+            raw: key.encode(),
+            held: None,
+            verdict,
+        }
+    }
+
+    pub(super) fn observation() -> Observation {
+        Observation {
+            map_id: 7,
+            identity: false,
+            entries: vec![
+                judged(
+                    "10.0.1.2:8080",
+                    "10.0.1.1:40000",
+                    Verdict::Stale(StaleReason::NoSocket { namespaces: 2 }),
+                ),
+                judged(
+                    "10.0.2.2:8080",
+                    "10.0.1.1:40001",
+                    Verdict::Stale(StaleReason::OnlyTimeWait),
+                ),
+                judged(
+                    "10.0.1.1:40002",
+                    "10.0.1.2:8080",
+                    Verdict::Live(LiveReason::TupleOwned),
+                ),
+                judged(
+                    "[fd00::2]:80",
+                    "[fd00::1]:5000",
+                    Verdict::Stale(StaleReason::NoSocket { namespaces: 2 }),
+                ),
+                Judged {
+                    raw: RawKey([0; 44]),
+                    held: None,
+                    verdict: Verdict::Unknown(UnknownReason::Undecodable(KeyError::Family(0))),
+                },
+            ],
+            namespaces_read: 2,
+            namespaces_vanished: 0,
+            procfs_tables: 0,
+            unreadable: vec![],
+            sockets: 10,
+            lookups: None,
+            per_netns: Default::default(),
+            took: Duration::from_millis(3),
+            holders: None,
+        }
+    }
+
+    pub(super) fn source() -> MapSource {
+        MapSource {
+            path: "/sys/fs/bpf/x".into(),
+            id: 7,
+            map_type: "sockhash".into(),
+            max_entries: 65535,
+        }
+    }
+
+    /// The observation with its three stale entries diagnosed: two kept by one process in
+    /// a pod, one in an accept queue.
+    pub(super) fn diagnosed() -> Observation {
+        use crate::holder::{kubepods, PodCgroup, StaleHolders};
+        let mut o = observation();
+        let nginx = Holder {
+            pid: 4242,
+            fd: 7,
+            comm: "nginx".into(),
+            cgroup: Some("/kubepods/pod7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6/c0ffee".into()),
+            pod: Some(PodCgroup {
+                pod_uid: "7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6".into(),
+                qos: kubepods::QosClass::Guaranteed,
+                container: None,
+            }),
+        };
+        let kept = |holders| Diagnosis {
+            classified: Classified {
+                class: HolderClass::AppKeepsFd,
+                unknown: None,
+            },
+            holders,
+        };
+        let stale: Vec<RawKey> = o
+            .entries
+            .iter()
+            .filter(|e| e.verdict.is_stale())
+            .map(|e| e.raw)
+            .collect();
+        let by_key = [
+            (stale[0], kept(vec![nginx.clone()])),
+            (stale[1], kept(vec![nginx])),
+            (
+                stale[2],
+                Diagnosis {
+                    classified: Classified {
+                        class: HolderClass::AcceptQueue,
+                        unknown: None,
+                    },
+                    holders: vec![],
+                },
+            ),
+        ]
+        .into_iter()
+        .collect();
+        o.holders = Some(StaleHolders {
+            by_key,
+            scan: Some(ScanInfo {
+                method: ScanMethod::Iterator,
+                complete: true,
+                notes: vec![],
+                took: Duration::from_millis(4),
+            }),
+        });
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::observation;
+    use super::*;
+
+    #[test]
+    fn summary_counts_and_groups_by_remote_ip() {
+        let o = observation();
+        let s = Summary::of(&o.entries);
+        assert_eq!((s.entries, s.live, s.stale, s.unknown), (5, 1, 3, 1));
+        assert_eq!(s.stale_by_remote_ip.get("10.0.1.1"), Some(&2));
+        assert_eq!(s.stale_by_remote_ip.get("fd00::1"), Some(&1));
+    }
+}
