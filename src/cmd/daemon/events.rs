@@ -16,9 +16,9 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc::map::{Access, MapError, SockMap};
 use sockmap_gc::observe;
 use sockmap_gc::react::{self, Budget, ReactError, Reaction};
-use sockmap_gc::sweep::{SweepError, Trail};
+use sockmap_gc::sweep::SweepError;
 
-use super::Daemon;
+use super::{open_map_and_trail, Daemon};
 use crate::cmd::config::Settings;
 
 /// Kernel events queued between the reader thread and the loop; beyond this they are counted
@@ -237,16 +237,7 @@ fn react_once(
     reactor: &Mutex<Reactor>,
     events: &[Event],
 ) -> Result<(Reaction, PathBuf), ReactFailed> {
-    let access = if settings.dry_run {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let map = SockMap::open_default(settings.map.as_deref(), access)?;
-    let mut trail = match (&settings.trail, settings.dry_run) {
-        (Some(path), false) => Some(Trail::open(path)?),
-        _ => None,
-    };
+    let (map, mut trail) = open_map_and_trail::<ReactFailed>(settings)?;
     // One reaction runs at a time, so the lock is never contended.
     let mut reactor = reactor.lock().unwrap_or_else(|e| e.into_inner());
     let Reactor { identity, budget } = &mut *reactor;

@@ -27,8 +27,9 @@ use tokio::sync::mpsc;
 
 use sockmap_gc::holder::HolderSource;
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
+use sockmap_gc::map::{Access, MapError, SockMap};
 use sockmap_gc::pass::PassState;
-use sockmap_gc::sweep::Trail;
+use sockmap_gc::sweep::{SweepError, Trail};
 
 use crate::cmd::config::{self, Overrides, Settings};
 use crate::cmd::metrics::{self, Metrics};
@@ -350,6 +351,24 @@ fn notify(state: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
+}
+
+/// The map opened afresh for one sweep, pass or reaction (read-write unless a dry run), and
+/// the trail when deleting.
+fn open_map_and_trail<E: From<MapError> + From<SweepError>>(
+    settings: &Settings,
+) -> Result<(SockMap, Option<Trail>), E> {
+    let access = if settings.dry_run {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let map = SockMap::open_default(settings.map.as_deref(), access)?;
+    let trail = match (&settings.trail, settings.dry_run) {
+        (Some(path), false) => Some(Trail::open(path)?),
+        _ => None,
+    };
+    Ok((map, trail))
 }
 
 /// The identity iterator kept across sweeps and passes, loaded on first use and again when the

@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
-use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::observe;
 use sockmap_gc::pass::{self, PassError, PassReport, PassState};
-use sockmap_gc::sweep::Trail;
 
-use super::{identity_source, notify, Daemon, Done, Running};
+use super::{identity_source, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 
 /// What a pass thread hands back, and when the pass started.
@@ -109,16 +107,7 @@ fn pass_once(
     state: &Mutex<PassState>,
     started: Instant,
 ) -> Result<(PassReport, PathBuf), PassError> {
-    let access = if settings.dry_run {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let map = SockMap::open_default(settings.map.as_deref(), access)?;
-    let mut trail = match (&settings.trail, settings.dry_run) {
-        (Some(path), false) => Some(Trail::open(path)?),
-        _ => None,
-    };
+    let (map, mut trail) = open_map_and_trail::<PassError>(settings)?;
     let guards = settings.guards()?;
     // One sweep or pass runs at a time, so the locks are never contended.
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());

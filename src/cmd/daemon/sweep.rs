@@ -11,13 +11,13 @@ use sd_notify::NotifyState;
 use sockmap_gc::guard::SettingsError;
 use sockmap_gc::holder::{self, HolderSource};
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
-use sockmap_gc::map::{Access, MapError, SockMap};
+use sockmap_gc::map::MapError;
 use sockmap_gc::observation::{Filter, Judged};
 use sockmap_gc::observe;
 use sockmap_gc::report::{self, Summary};
-use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings, Trail};
+use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings};
 
-use super::{identity_source, next_wait, notify, Daemon, Done, Running};
+use super::{identity_source, next_wait, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 use crate::cmd::metrics;
 
@@ -110,16 +110,7 @@ fn sweep_once(
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
     holders: &Mutex<HolderSource>,
 ) -> Result<(SweepReport, PathBuf), SweepFailed> {
-    let access = if settings.dry_run {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let map = SockMap::open_default(settings.map.as_deref(), access)?;
-    let mut trail = match (&settings.trail, settings.dry_run) {
-        (Some(path), false) => Some(Trail::open(path)?),
-        _ => None,
-    };
+    let (map, mut trail) = open_map_and_trail::<SweepFailed>(settings)?;
     let sweep_settings = SweepSettings::new(
         settings.guards()?,
         Filter::default(),
