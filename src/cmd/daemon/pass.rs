@@ -1,0 +1,168 @@
+//! The daemon's continuous pass: run on a thread of its own, the next one scheduled on
+//! `pass_interval` stretched to the CPU budget, and its journal line.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+use sockmap_gc::identity::{IdentityMode, IdentitySource};
+use sockmap_gc::observe;
+use sockmap_gc::pass::{self, PassError, PassReport, PassState};
+
+use super::{identity_source, notify, open_map_and_trail, Daemon, Done, Running};
+use crate::cmd::config::Settings;
+
+/// What a pass thread hands back, and when the pass started.
+pub(super) struct Passed {
+    outcome: Result<(PassReport, PathBuf), PassError>,
+    started: Instant,
+}
+
+impl Daemon {
+    pub(super) fn start_pass(&mut self) {
+        let settings = Arc::clone(&self.settings);
+        let identity = Arc::clone(&self.identity);
+        let state = Arc::clone(&self.pass_state);
+        let done = self.done_tx.clone();
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("pass".into())
+            .spawn(move || {
+                let outcome = pass_once(&settings, &identity, &state, started);
+                // The receiver is gone only when the daemon is exiting.
+                let _ = done.send(Done::Pass(Box::new(Passed { outcome, started })));
+            });
+        match spawned {
+            Ok(_) => self.running = Running::Pass,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a pass thread; trying again after the interval");
+                self.metrics.record_pass_error();
+                self.schedule_pass(started, false, Duration::ZERO);
+            }
+        }
+    }
+
+    pub(super) fn finish_pass(&mut self, Passed { outcome, started }: Passed) {
+        self.running = Running::Nothing;
+        match outcome {
+            Ok((report, path)) => {
+                if std::mem::take(&mut self.pass_failing) {
+                    tracing::info!("passes work again");
+                }
+                self.metrics.record_pass(&report);
+                self.events.watch_map(report.map_id);
+                let line = pass_line(&report, &path);
+                if report.is_quiet() {
+                    tracing::debug!("{line}");
+                } else {
+                    tracing::info!("{line}");
+                    notify(&[NotifyState::Status(&line)]);
+                }
+                let awaiting = report.decision.unconfirmed > 0;
+                self.schedule_pass(started, awaiting, report.cpu);
+            }
+            Err(e @ (PassError::NoIdentity | PassError::NoCompareAndDelete)) => {
+                self.metrics.record_pass_error();
+                tracing::warn!("continuous pass off until the next reload: {e}");
+                self.next_pass = None;
+            }
+            Err(e) => {
+                self.metrics.record_pass_error();
+                // A missing map fails every pass, once a second: said once, then at debug
+                // (the sweeps say it on their own cadence, and the metric counts each).
+                if std::mem::replace(&mut self.pass_failing, true) {
+                    tracing::debug!("pass failed: {e}");
+                } else {
+                    tracing::error!("pass failed: {e}; said once until a pass works again");
+                }
+                self.schedule_pass(started, false, Duration::ZERO);
+            }
+        }
+    }
+
+    /// The next pass: `pass_interval` after this one's start (`confirm_after` when entries
+    /// await confirmation and that is sooner), stretched to the CPU budget.
+    fn schedule_pass(&mut self, started: Instant, awaiting: bool, cpu: Duration) {
+        let s = &self.settings;
+        self.next_pass = s.pass_interval.map(|interval| {
+            let awaiting = awaiting.then_some(s.confirm_after);
+            let wait = pass::next_pass_wait(interval, awaiting, cpu, s.pass_cpu_budget);
+            started.checked_add(wait).unwrap_or_else(far_future)
+        });
+    }
+}
+
+/// A time no pass will reach (a stretched wait past the clock's range).
+fn far_future() -> Instant {
+    Instant::now() + sockmap_gc::guard::MAX_DURATION
+}
+
+/// One continuous pass, on the calling (dedicated) thread: opens the map afresh, since an
+/// agent may have re-created it since the last pass.
+fn pass_once(
+    settings: &Settings,
+    identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+    state: &Mutex<PassState>,
+    started: Instant,
+) -> Result<(PassReport, PathBuf), PassError> {
+    let (map, mut trail) = open_map_and_trail::<PassError>(settings)?;
+    let guards = settings.guards()?;
+    // One sweep or pass runs at a time, so the locks are never contended.
+    let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
+    let source = identity_source(settings, &mut held)?;
+    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+    let report = pass::pass(
+        &map,
+        source,
+        &mut state,
+        &guards,
+        &observe::gateways(&settings.gateways),
+        trail.as_mut(),
+        started,
+    )?;
+    Ok((report, map.path().to_path_buf()))
+}
+
+/// A pass's journal line (info when it did something, debug otherwise).
+fn pass_line(r: &PassReport, map: &Path) -> String {
+    let d = &r.decision;
+    let mut line = format!(
+        "pass {}: {} (id {}): {} entries, {} stale; ",
+        if r.hold.is_some() { "held" } else { "ok" },
+        map.display(),
+        r.map_id,
+        r.entries,
+        d.stale
+    );
+    if r.dry_run {
+        line += &format!("dry run, {} would be deleted", d.delete.len());
+    } else {
+        line += &format!(
+            "deleted {}, already gone {}, spared {}, failed {}",
+            r.deleted.len(),
+            r.already_gone,
+            r.spared,
+            r.failed
+        );
+    }
+    if d.unconfirmed > 0 {
+        line += &format!("; {} await confirmation", d.unconfirmed);
+    }
+    if d.over_cap + d.rate_limited > 0 {
+        line += &format!(
+            "; {} over max_deletes, {} held back by rate_limit",
+            d.over_cap, d.rate_limited
+        );
+    }
+    if let Some(hold) = &r.hold {
+        line += &format!("; held by {}: {hold}", hold.guard());
+    }
+    line += &format!(
+        "; took {} ms ({} ms CPU)",
+        r.took.as_millis(),
+        r.cpu.as_millis()
+    );
+    line
+}

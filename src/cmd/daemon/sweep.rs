@@ -1,0 +1,205 @@
+//! The daemon's full sweep: run on a thread of its own, its outcome acted on (the adaptive
+//! interval, metrics, `STATUS=`), and its journal lines.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sd_notify::NotifyState;
+
+use sockmap_gc::guard::SettingsError;
+use sockmap_gc::holder::{self, HolderSource};
+use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
+use sockmap_gc::map::MapError;
+use sockmap_gc::observation::{Filter, Judged};
+use sockmap_gc::observe;
+use sockmap_gc::report::{self, Summary};
+use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings};
+
+use super::{identity_source, next_wait, notify, open_map_and_trail, Daemon, Done, Running};
+use crate::cmd::config::Settings;
+use crate::cmd::metrics;
+
+/// Why one sweep of the daemon failed before its report; the next sweep tries again.
+#[derive(Debug, thiserror::Error)]
+enum SweepFailed {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    #[error("config: {0}")]
+    Settings(#[from] SettingsError),
+}
+
+/// What a sweep thread hands back.
+pub(super) struct Swept {
+    outcome: Result<(SweepReport, PathBuf), SweepFailed>,
+    took: Duration,
+}
+
+impl Daemon {
+    pub(super) fn start_sweep(&mut self) {
+        let settings = Arc::clone(&self.settings);
+        let stop = Arc::clone(&self.stop);
+        let identity = Arc::clone(&self.identity);
+        let holders = Arc::clone(&self.holders);
+        let done = self.done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sweep".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let outcome = sweep_once(&settings, &stop, &identity, &holders);
+                // The receiver is gone only when the daemon is exiting.
+                let _ = done.send(Done::Sweep(Box::new(Swept {
+                    outcome,
+                    took: started.elapsed(),
+                })));
+            });
+        match spawned {
+            Ok(_) => self.running = Running::Sweep,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a sweep thread; trying again after the interval");
+                self.metrics.record_error(Duration::ZERO);
+                self.schedule();
+            }
+        }
+    }
+
+    pub(super) fn finish(&mut self, swept: Swept) {
+        self.running = Running::Nothing;
+        let line = match swept.outcome {
+            Ok((report, path)) => {
+                self.metrics.record_sweep(&report, SystemTime::now());
+                self.events.watch_map(report.map_id);
+                self.wait = next_wait(
+                    self.wait,
+                    report.plan.stale > 0,
+                    self.settings.interval_min,
+                    self.settings.interval_max,
+                );
+                let line = summary_line(&report, &path, self.wait);
+                tracing::info!("{line}");
+                if let Some(holders) = holders_line(&report) {
+                    tracing::info!("{holders}");
+                }
+                line
+            }
+            Err(e) => {
+                self.metrics.record_error(swept.took);
+                let line = format!(
+                    "sweep failed: {e}; next in {}",
+                    humantime::format_duration(self.wait)
+                );
+                tracing::error!("{line}");
+                line
+            }
+        };
+        notify(&[NotifyState::Status(&line)]);
+        self.schedule();
+    }
+}
+
+/// One sweep, on the calling (dedicated) thread: opens the map afresh, since an agent may
+/// have re-created it since the last sweep.
+fn sweep_once(
+    settings: &Settings,
+    stop: &AtomicBool,
+    identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
+    holders: &Mutex<HolderSource>,
+) -> Result<(SweepReport, PathBuf), SweepFailed> {
+    let (map, mut trail) = open_map_and_trail::<SweepFailed>(settings)?;
+    let sweep_settings = SweepSettings::new(
+        settings.guards()?,
+        Filter::default(),
+        observe::gateways(&settings.gateways),
+        PathBuf::from("/"),
+    );
+    // One sweep or pass runs at a time, so the lock is never contended.
+    let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
+    let source = identity_source(settings, &mut held)?;
+    let mut report = sweep::sweep(
+        &map,
+        &sweep_settings,
+        source,
+        stop,
+        trail.as_mut(),
+        &mut |_| {},
+    )?;
+    // After the deletes, so the search never delays one; a deleted entry's holder still
+    // keeps its socket.
+    let mut holders = holders.lock().unwrap_or_else(|e| e.into_inner());
+    holder::diagnose(&mut report.second, &mut holders);
+    Ok((report, map.path().to_path_buf()))
+}
+
+/// One log line per sweep with stale entries naming who keeps them: the counts per holder
+/// class and the top processes and pods.
+fn holders_line(r: &SweepReport) -> Option<String> {
+    let stale: Vec<&Judged> = r
+        .second
+        .entries
+        .iter()
+        .filter(|e| e.verdict.is_stale())
+        .collect();
+    let s = report::stale_by_holder(&r.second, &stale)?;
+    let classes: Vec<String> = s.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    let mut line = format!("stale by holder: {}", classes.join(", "));
+    if !s.top_processes.is_empty() {
+        let top: Vec<String> = s
+            .top_processes
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        line += &format!("; top processes: {}", top.join(", "));
+    }
+    if !s.top_pods.is_empty() {
+        let top: Vec<String> = s.top_pods.iter().map(|(p, n)| format!("{p} {n}")).collect();
+        line += &format!("; top pods: {}", top.join(", "));
+    }
+    Some(line)
+}
+
+/// The sweep's one-line summary: the log line and systemd's `STATUS=`.
+fn summary_line(r: &SweepReport, map: &Path, next: Duration) -> String {
+    let s = Summary::of(&r.second.entries);
+    let mut line = format!(
+        "sweep {}: {} (id {}): {} entries, {} live, {} stale, {} unknown; ",
+        metrics::sweep_result(r),
+        map.display(),
+        r.map_id,
+        s.entries,
+        s.live,
+        s.stale,
+        s.unknown
+    );
+    if r.dry_run {
+        line += &format!(
+            "dry run, {} would be deleted",
+            r.plan.delete.len() + r.plan.over_cap
+        );
+    } else {
+        line += &format!(
+            "deleted {}, already gone {}, spared {}, failed {}",
+            r.deleted.len(),
+            r.already_gone.len(),
+            r.spared.len(),
+            r.failed.len()
+        );
+    }
+    line += &format!("; {} left behind", r.left_behind());
+    if r.plan.unconfirmed > 0 {
+        line += &format!(" ({} await confirmation)", r.plan.unconfirmed);
+    }
+    if let Some(hold) = &r.plan.hold {
+        line += &format!("; held by {}: {hold}", hold.guard());
+    }
+    line += &format!(
+        "; took {:.1}s; next in {}",
+        r.took.as_secs_f64(),
+        humantime::format_duration(next)
+    );
+    line
+}
