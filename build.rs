@@ -36,6 +36,10 @@ fn main() {
     );
     println!(
         "cargo:rerun-if-changed={}",
+        manifest.join("bpf/sock_ends.h").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
         manifest.join("bpf/skeleton.rs").display()
     );
 }

@@ -21,6 +21,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
 #include "vmlinux_min.h"
+#include "sock_ends.h"
 
 #define AF_INET6 10
 #define EEXIST 17
@@ -76,17 +77,7 @@ static __always_inline void fill_socket(struct event_rec *rec, const struct sock
 	rec->family = family;
 	rec->cookie = bpf_get_socket_cookie((void *)sk);
 	if (family == AF_INET6) {
-		__u32 *local = (__u32 *)rec->local_addr;
-		__u32 *remote = (__u32 *)rec->remote_addr;
-
-		local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
-		local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
-		local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
-		local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
-		remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
-		remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
-		remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
-		remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
+		v6_ends(sk, (__u32 *)rec->local_addr, (__u32 *)rec->remote_addr);
 	} else {
 		*(__u32 *)rec->local_addr = sk->__sk_common.skc_rcv_saddr;
 		*(__u32 *)rec->remote_addr = sk->__sk_common.skc_daddr;

@@ -25,6 +25,7 @@
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_core_read.h>
 #include "vmlinux_min.h"
+#include "sock_ends.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -131,19 +132,6 @@ static __always_inline __u64 file_inode(struct sock *sk)
 		return 0;
 	inode = file->f_inode;
 	return inode ? inode->i_ino : 0;
-}
-
-/* An IPv6 socket's local and remote addresses, as four words each. */
-static __always_inline void v6_ends(struct sock *sk, __u32 *local, __u32 *remote)
-{
-	local[0] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[0];
-	local[1] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[1];
-	local[2] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[2];
-	local[3] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[3];
-	remote[0] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[0];
-	remote[1] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[1];
-	remote[2] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[2];
-	remote[3] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[3];
 }
 
 SEC("iter/sockmap")
