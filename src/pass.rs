@@ -127,7 +127,7 @@ impl PassState {
             .map(|(e, age)| {
                 let target = Target {
                     key: e.raw,
-                    cookie: e.cookie,
+                    cookie: Some(e.cookie),
                     local_only: e.proxy,
                 };
                 (target, e.verdict.clone(), age)

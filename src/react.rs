@@ -269,7 +269,7 @@ pub fn react(
                     .iter()
                     .map(|n| Target {
                         key: n.key,
-                        cookie: n.cookie,
+                        cookie: Some(n.cookie),
                         local_only: SockKey::decode(&n.key)
                             .is_ok_and(|k| is_proxy_key(&k, gateways)),
                     })

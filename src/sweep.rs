@@ -499,7 +499,7 @@ fn delete_phase(
                     SockKey::decode(&raw).is_ok_and(|key| is_proxy_key(&key, &settings.gateways));
                 let target = Target {
                     key: raw,
-                    cookie,
+                    cookie: Some(cookie),
                     local_only,
                 };
                 deleter.queue(report, target, verdict.clone())?;
