@@ -13,14 +13,12 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::deletion::{self, Settled};
-use crate::events::EventSocket;
-use crate::events::{monotonic_now, Event, Heard};
+use crate::events::{monotonic_now, Event, EventSocket, Heard};
 use crate::guard::{GuardSettings, Hold};
 use crate::identity::{HeldSocket, IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
@@ -325,7 +323,7 @@ pub fn react(
     budget: &mut Budget,
     guards: &GuardSettings,
     gateways: &[IpAddr],
-    trail: Option<&Path>,
+    mut trail: Option<&mut Trail>,
     batch: &Batch<'_>,
 ) -> Result<Reaction, ReactError> {
     let events = batch.events;
@@ -396,9 +394,6 @@ pub fn react(
                     .compare_and_delete_met(map, &targets)?
                     .ok_or(ReactError::NoCompareAndDelete)?;
                 let now = monotonic_now();
-                // Opened after the deletes, at the first line: a trail rotated since the last
-                // reaction is followed, and its opening waits for no delete.
-                let mut opened: Option<Trail> = None;
                 for (n, result) in named.iter().zip(results) {
                     let settled = deletion::after_compare_and_delete(result.outcome);
                     if matches!(settled, Settled::AlreadyGone) {
@@ -417,11 +412,7 @@ pub fn react(
                         deleted: now,
                     };
                     log(&n.key, &verdict, &settled, &stages);
-                    if let (Some(path), Some(label)) = (trail, settled.trail_label()) {
-                        let t = match &mut opened {
-                            Some(t) => t,
-                            None => opened.insert(Trail::open(path)?),
-                        };
+                    if let (Some(t), Some(label)) = (trail.as_deref_mut(), settled.trail_label()) {
                         t.record(map, &n.key, &verdict.to_string(), &label)?;
                     }
                     reaction

@@ -23,7 +23,7 @@ use sockmap_gc::map::{Access, MapError, SockMap};
 use sockmap_gc::observe;
 use sockmap_gc::react::{self, Batch, Budget, ReactError, Reaction};
 use sockmap_gc::socket::TcpState;
-use sockmap_gc::sweep::SweepError;
+use sockmap_gc::sweep::{SweepError, Trail};
 
 use super::{identity_source, Daemon};
 use crate::cmd::config::Settings;
@@ -94,6 +94,7 @@ impl Events {
             identity: None,
             budget: Budget::default(),
             map: None,
+            trail: None,
             gateways: None,
         };
         if mode != EventsMode::Off {
@@ -268,11 +269,12 @@ impl Reactions {
 
 /// What reactions keep from one to the next: the identity iterator (with its
 /// compare-and-delete), the rate budget (a reaction runs beside a sweep, so it shares
-/// neither), the map, opened as configured, and the gateways found, with when.
+/// neither), the map, opened as configured, the trail, and the gateways found, with when.
 struct Reactor {
     identity: Option<(IdentityMode, IdentitySource)>,
     budget: Budget,
     map: Option<(Option<PathBuf>, Access, SockMap)>,
+    trail: Option<Trail>,
     gateways: Option<(Instant, Vec<IpAddr>)>,
 }
 
@@ -352,7 +354,7 @@ impl Reactor {
     ) -> Reacted {
         let map = kept_map(&mut self.map, settings)?;
         let source = identity_source(settings, &mut self.identity)?;
-        let trail = settings.trail.as_deref().filter(|_| !settings.dry_run);
+        let trail = kept_trail(&mut self.trail, settings)?;
         let batch = Batch {
             events,
             taken,
@@ -369,6 +371,24 @@ impl Reactor {
         )?;
         Ok((reaction, map.path().to_path_buf()))
     }
+}
+
+/// The trail at the configured path (none in a dry run), kept open while that path is the
+/// file it appends to: opened again once rotated or removed, and before any delete, so that
+/// a trail that cannot be written stops the deletes, as it stops a sweep's.
+fn kept_trail<'a>(
+    kept: &'a mut Option<Trail>,
+    settings: &Settings,
+) -> Result<Option<&'a mut Trail>, SweepError> {
+    let Some(path) = settings.trail.as_deref().filter(|_| !settings.dry_run) else {
+        *kept = None;
+        return Ok(None);
+    };
+    if !kept.as_ref().is_some_and(|t| t.appends_to(path)) {
+        *kept = None;
+        *kept = Some(Trail::open(path)?);
+    }
+    Ok(kept.as_mut())
 }
 
 /// The map at the configured path, kept open while the config names the same one with the
