@@ -187,8 +187,9 @@ impl Daemon {
     }
 }
 
-/// The reactions, run by the reader thread: each wake-up's collisions counted and logged,
-/// its events acted on, the reaction handed to the loop.
+/// The reactions, run by the reader thread: each wake-up's events acted on, then its
+/// collisions counted and logged, and the reaction handed to the loop; between events, the
+/// housekeeping.
 struct Reactions {
     reactor: Reactor,
     settings: Arc<Mutex<Arc<Settings>>>,
