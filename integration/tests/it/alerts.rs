@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::daemon::{write_config, Daemon};
 use crate::rig::Scratch;
-use crate::support::{evidence, lab};
+use crate::support::{evidence, lab, said};
 
 const RULES: &str = "deploy/prometheus/standalone/sockmap-gc.rules.yaml";
 const PROMETHEUS_RULE: &str = "deploy/prometheus/rules.yaml";
@@ -38,11 +38,7 @@ fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{cmd:?} does not run ({e}): scripts/setup.sh installs it"));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     (out, said)
 }
 

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
+use sockmap_gc_lab::{sys, Held, Lab, Server};
 
 use crate::rig::{self, Scratch};
 use crate::support::{
-    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, HANG,
+    assert_clean, evidence, hex, lab, natural_stale, natural_stale_under_daemon, product,
+    serve_and_hold, HANG,
 };
 
 /// The unit file the tests read the capability set and the hardening from.
@@ -67,17 +68,15 @@ impl Daemon {
     }
 
     fn with_metrics(inner: rig::Daemon) -> Daemon {
-        let line = inner
-            .wait_line(Duration::from_secs(10), |l| {
-                l.contains("serving metrics on")
-            })
-            .unwrap_or_else(|| panic!("the daemon never served metrics:\n{}", inner.log()));
-        let metrics = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let address = inner.wait_value(
+            Duration::from_secs(10),
+            "serving metrics on",
+            "http://",
+            |c| c == '/',
+        );
+        let metrics = address
+            .parse()
+            .unwrap_or_else(|e| panic!("not an address ({e}): {address:?}"));
         Daemon { inner, metrics }
     }
 
@@ -122,17 +121,8 @@ impl Daemon {
     }
 
     pub(crate) fn wait_sweeps(&self, at_least: f64, timeout: Duration) -> f64 {
-        let mut n = 0.0;
-        sys::wait_until(timeout, || {
-            n = self.sweeps();
-            n >= at_least
-        });
-        assert!(
-            n >= at_least,
-            "only {n} sweeps, wanted {at_least}, within {timeout:?}:\n{}",
-            self.log()
-        );
-        n
+        self.inner
+            .wait_sweeps_counted(at_least, timeout, || self.sweeps())
     }
 
     fn signal(&self, signal: Signal) {
@@ -208,15 +198,7 @@ fn promtool_clean(page: &str) {
         .write_all(page.as_bytes())
         .expect("feed promtool");
     let out = child.wait_with_output().expect("promtool finishes");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics: {said}\non:\n{page}"
-    );
+    assert_clean(&out, &format!("promtool check metrics on:\n{page}\n"));
 }
 
 fn trail_keys(path: &Path) -> HashSet<String> {
@@ -405,11 +387,7 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
     let id = "dmn-dry";
     let scratch = Scratch::new(id);
     let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(46000))
-        .expect("hold a connection");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, false, |c| c.from_port(46000));
     let stale = plant_for_ports(&lab, server.addr(), &[46010, 46011, 46012]);
     // dry_run left at its default; JSON logs.
     let config = write_config(
@@ -570,11 +548,7 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     let id = "dmn-caps";
     let scratch = Scratch::new(id);
     let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(48000))
-        .expect("hold a connection");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(48000));
     let stale = natural_stale(&lab, server.addr(), node_end(&lab, 48010));
     let planted = plant_for_ports(&lab, server.addr(), &[48020]);
     let config = write_config(
@@ -776,15 +750,8 @@ struct Running {
 fn running(id: &str, port: u16, settings: &str) -> Running {
     let scratch = Scratch::new(id);
     let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(
-            &ClientOpts::to(server.addr())
-                .from_port(port)
-                .from_port(port + 1),
-        )
-        .expect("hold two connections");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) =
+        serve_and_hold(&lab, true, |c| c.from_port(port).from_port(port + 1));
     let daemon = Daemon::start(&write_config(&scratch, &lab, settings));
     daemon.wait_sweeps(1.0, Duration::from_secs(15));
     Running {

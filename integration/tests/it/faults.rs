@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
+use sockmap_gc_lab::{sys, Held, Lab, Server};
 
 use crate::rig::{read_trail, Daemon, Scratch};
 use crate::support::{
-    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, run_command,
-    PEER,
+    evidence, hex, lab, natural_stale, natural_stale_under_daemon, product, run_command,
+    serve_and_hold, PEER,
 };
 
 fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
@@ -73,11 +73,7 @@ fn running(
 ) -> (Scratch, Lab, Server, Held, HashSet<SockKey>, Daemon) {
     let scratch = Scratch::new(id);
     let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(port))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(port));
     let config = scratch.config(
         &lab.map_path(),
         &format!(
