@@ -16,9 +16,9 @@ use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, Held, Lab, Server};
 
-use crate::rig::{self, Scratch};
+use crate::rig::{self, lab_and_scratch, Scratch};
 use crate::support::{
-    assert_clean, evidence, hex, lab, natural_stale, natural_stale_under_daemon, product,
+    assert_clean, evidence, hex, natural_stale, natural_stale_under_daemon, product,
     serve_and_hold, HANG,
 };
 
@@ -384,9 +384,7 @@ fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say
 
 #[test]
 fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
-    let id = "dmn-dry";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-dry");
     let (server, held, live) = serve_and_hold(&lab, false, |c| c.from_port(46000));
     let stale = plant_for_ports(&lab, server.addr(), &[46010, 46011, 46012]);
     // dry_run left at its default; JSON logs.
@@ -442,9 +440,7 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
 
 #[test]
 fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_sweeps_now() {
-    let id = "dmn-hup";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-hup");
     let slow = "interval_min = \"1h\"\ninterval_max = \"1h\"\nconfirm_after = \"0s\"";
     let config = write_config(&scratch, &lab, slow);
     let daemon = Daemon::start(&config);
@@ -490,9 +486,7 @@ fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_swee
 
 #[test]
 fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
-    let id = "dmn-term";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-term");
     let server = lab.start_server(0, 8080, false).expect("server");
     let ports: Vec<u16> = (47000..47012).collect();
     let stale = plant_for_ports(&lab, server.addr(), &ports);
@@ -545,9 +539,7 @@ pub fn unit_capabilities() -> String {
 
 #[test]
 fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
-    let id = "dmn-caps";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-caps");
     let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(48000));
     let stale = natural_stale(&lab, server.addr(), node_end(&lab, 48010));
     let planted = plant_for_ports(&lab, server.addr(), &[48020]);
@@ -623,9 +615,7 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
 
 #[test]
 fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
-    let id = "dmn-notify";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-notify");
     let socket_path = scratch.path("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
     socket
@@ -748,8 +738,7 @@ struct Running {
 }
 
 fn running(id: &str, port: u16, settings: &str) -> Running {
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch(id);
     let (server, held, live) =
         serve_and_hold(&lab, true, |c| c.from_port(port).from_port(port + 1));
     let daemon = Daemon::start(&write_config(&scratch, &lab, settings));

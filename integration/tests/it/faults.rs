@@ -22,7 +22,7 @@ use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{sys, Held, Lab, Server};
 
-use crate::rig::{read_trail, Daemon, Scratch};
+use crate::rig::{lab_and_scratch, read_trail, Daemon, Scratch};
 use crate::support::{
     evidence, hex, lab, natural_stale, natural_stale_under_daemon, product, run_command,
     serve_and_hold, PEER,
@@ -71,8 +71,7 @@ fn running(
     port: u16,
     confirm_after: &str,
 ) -> (Scratch, Lab, Server, Held, HashSet<SockKey>, Daemon) {
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch(id);
     let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(port));
     let config = scratch.config(
         &lab.map_path(),
@@ -146,8 +145,7 @@ const SLOW: &str = "interval_min = \"1h\"\ninterval_max = \"1h\"";
 #[test]
 fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_uses_the_new_map() {
     let id = "flt-restart";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch(id);
     let server = lab.start_server(0, 8080, false).expect("server");
     let old_stale = plant(&lab, server.addr(), 41000..41003);
     let config = scratch.config(

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use sockmap_gc_lab::sys;
 
 use crate::daemon::{try_scrape, write_config, Daemon};
-use crate::rig::Scratch;
-use crate::support::{evidence, lab};
+use crate::rig::lab_and_scratch;
+use crate::support::evidence;
 
 /// Connections of the flood, opened by this many threads.
 const FLOOD: usize = 3000;
@@ -60,9 +60,7 @@ fn flood(addr: SocketAddr, n: usize, opened: &AtomicUsize, done: &AtomicBool) ->
 
 #[test]
 fn a_connection_flood_costs_the_daemon_little_memory_and_metrics_answer_after_it() {
-    let id = "lst-flood";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("lst-flood");
     let config = write_config(
         &scratch,
         &lab,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use sockmap_gc_lab::sys;
+use sockmap_gc_lab::{sys, Lab};
 
-use crate::support::{evidence, product};
+use crate::support::{evidence, lab, product};
 
 /// A directory for one test's config and trail, removed afterwards.
 pub struct Scratch(PathBuf);
@@ -53,6 +53,13 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A one-pod lab and a scratch directory, both named from the test's `id`; in this order, so
+/// that the lab goes first.
+pub fn lab_and_scratch(id: &str) -> (Scratch, Lab) {
+    let scratch = Scratch::new(id);
+    (scratch, lab(id, 1))
 }
 
 /// One line of the trail.
