@@ -192,12 +192,7 @@ pub fn plan(
     filter: &Filter,
     settings: &GuardSettings,
 ) -> Plan {
-    let stale_first: HashSet<RawKey> = first
-        .entries
-        .iter()
-        .filter(|e| e.verdict.is_stale())
-        .map(|e| e.raw)
-        .collect();
+    let stale_first: HashSet<RawKey> = first.stale().map(|e| e.raw).collect();
     let mut confirmed: Vec<RawKey> = Vec::new();
     let mut plan = Plan::default();
     for e in &second.entries {
