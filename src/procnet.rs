@@ -76,6 +76,7 @@ fn parse_endpoint(s: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socket::sa;
 
     // Rows as this machine's kernel prints them (x86_64, little-endian).
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -87,10 +88,6 @@ mod tests {
    0: 00000000000000000000000001000000:0050 00000000000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 20 4 30 10 -1
    1: 0000000000000000FFFF00000201000A:1F90 0000000000000000FFFF00000101000A:9C42 01 00000000:00000000 00:00000000 00000000     0        0 98 1 0000000000000000 20 4 30 10 -1
 ";
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
 
     /// `table` parses into exactly the rows `want`: (local, remote, state).
     fn assert_rows(table: &str, want: &[(&str, &str, TcpState)]) {

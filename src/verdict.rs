@@ -422,10 +422,7 @@ fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("test address")
-    }
+    use crate::socket::sa;
 
     fn sock(local: &str, remote: &str, kind: SocketKind) -> SeenSocket {
         cookied(local, remote, kind, 0)
