@@ -24,23 +24,12 @@ use sockmap_gc_lab::{sys, Held, Lab, Server};
 
 use crate::rig::{lab_and_scratch, read_trail, Daemon, Scratch};
 use crate::support::{
-    evidence, hex, lab, natural_stale, natural_stale_under_daemon, product, run_command,
-    serve_and_hold, PEER,
+    evidence, hex, lab, natural_stale, natural_stale_under_daemon, plant_stale, product,
+    run_command, serve_and_hold, PEER,
 };
 
 fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
-}
-
-/// Plants the server-end keys of future connections from `ports` to `server`.
-fn plant(lab: &Lab, server: SocketAddr, ports: std::ops::Range<u16>) -> Vec<SockKey> {
-    ports
-        .map(|p| {
-            let key = SockKey::for_socket(server, sa(lab.node_ip(0), p)).expect("v4");
-            lab.plant(key).expect("plant");
-            key
-        })
-        .collect()
 }
 
 /// Stale keys for `server`: a natural one (a reset client from `natural`) and planted ones.
@@ -51,7 +40,7 @@ fn make_stale(
     planted: std::ops::Range<u16>,
 ) -> Vec<SockKey> {
     let mut stale = vec![natural_stale(lab, server, sa(lab.node_ip(0), natural))];
-    stale.extend(plant(lab, server, planted));
+    stale.extend(plant_stale(lab, server, planted));
     stale
 }
 
@@ -147,7 +136,7 @@ fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_
     let id = "flt-restart";
     let (scratch, lab) = lab_and_scratch(id);
     let server = lab.start_server(0, 8080, false).expect("server");
-    let old_stale = plant(&lab, server.addr(), 41000..41003);
+    let old_stale = plant_stale(&lab, server.addr(), 41000..41003);
     let config = scratch.config(
         &lab.map_path(),
         // Full sweeps only: the continuous pass would delete the old map's keys itself.
@@ -447,7 +436,7 @@ fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_ke
     let owned = SockKey::for_socket(hidden.conn.0, hidden.conn.1).expect("v4");
     lab.plant(owned).expect("plant");
     let server = lab.start_server(0, 8080, false).expect("server");
-    let stale = plant(&lab, server.addr(), 44000..44001);
+    let stale = plant_stale(&lab, server.addr(), 44000..44001);
     // As the unit runs it. Tuple evidence only, so the hidden namespace's table is what decides.
     let out = run_command(
         as_the_unit("sweep", &lab)
@@ -514,7 +503,11 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
                 server.addr(),
                 sa(lab.node_ip(0), 45510 + i),
             ));
-            stale.extend(plant(&lab, server.addr(), 45520 + 2 * i..45522 + 2 * i));
+            stale.extend(plant_stale(
+                &lab,
+                server.addr(),
+                45520 + 2 * i..45522 + 2 * i,
+            ));
             daemon.wait_more_sweeps(1, Duration::from_secs(30));
         }
         sys::wait_until(Duration::from_secs(30), || {

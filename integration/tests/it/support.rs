@@ -246,10 +246,26 @@ pub fn wait_keys<'a>(lab: &Lab, keys: impl IntoIterator<Item = &'a SockKey>, wha
 pub fn lab_with_stale(id: &str, port: u16) -> (Lab, Server, SockKey) {
     let lab = lab(id, 1);
     let server = lab.start_server(0, 8080, false).expect("server");
-    let node = SocketAddr::new(lab.node_ip(0).into(), port);
-    let stale = SockKey::for_socket(server.addr(), node).expect("one family");
-    lab.plant(stale).expect("plant");
+    let stale = plant_stale(&lab, server.addr(), [port])[0];
     (lab, server, stale)
+}
+
+/// Stale entries as the incident leaves them, planted: the server end's keys of future
+/// connections to `server` from node 0's `ports`.
+pub fn plant_stale(
+    lab: &Lab,
+    server: SocketAddr,
+    ports: impl IntoIterator<Item = u16>,
+) -> Vec<SockKey> {
+    ports
+        .into_iter()
+        .map(|port| {
+            let node = SocketAddr::new(lab.node_ip(0).into(), port);
+            let key = SockKey::for_socket(server, node).expect("one family");
+            lab.plant(key).expect("plant");
+            key
+        })
+        .collect()
 }
 
 /// A server on pod 0, port 8080 (`busy`: it keeps the fd of a connection its client resets,
