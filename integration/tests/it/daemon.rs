@@ -29,6 +29,10 @@ fn unit_file() -> PathBuf {
         .join("systemd/sockmap-gc.service")
 }
 
+/// Config lines: a sweep every second, and a stale entry confirmed by the next observation.
+pub(crate) const EACH_SECOND: &str =
+    "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"";
+
 /// A config for the lab's map: metrics on an ephemeral loopback port, the trail in `scratch`,
 /// and `extra` lines last (a later duplicate key would be an error, so callers add only new
 /// keys).
@@ -340,7 +344,7 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
     let config = write_config(
         &scratch,
         &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
+        &format!("{EACH_SECOND}\nlog_format = \"json\""),
     );
     let daemon = Daemon::start(&config);
     // Stale entries by holder class: the planted sockets are this test process's fds.
@@ -402,11 +406,7 @@ fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_swee
     daemon.signal(Signal::SIGUSR1);
     daemon.wait_sweeps(2.0, Duration::from_secs(10));
 
-    write_config(
-        &scratch,
-        &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    write_config(&scratch, &lab, EACH_SECOND);
     daemon.signal(Signal::SIGHUP);
     let reloaded = Instant::now();
     daemon.wait_sweeps(5.0, Duration::from_secs(15));
@@ -444,7 +444,7 @@ fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
     let config = write_config(
         &scratch,
         &lab,
-        "dry_run = false\nrate_limit = 1\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\npass_interval = \"0s\"",
+        &format!("dry_run = false\nrate_limit = 1\n{EACH_SECOND}\npass_interval = \"0s\""),
     );
     let daemon = Daemon::start(&config);
     let deleting = sys::wait_until(Duration::from_secs(15), || {
@@ -493,11 +493,7 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(48000));
     let stale = natural_stale(&lab, server.addr(), node_end(&lab, 48010));
     let planted = plant_stale(&lab, server.addr(), [48020]);
-    let config = write_config(
-        &scratch,
-        &lab,
-        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    let config = write_config(&scratch, &lab, &format!("dry_run = false\n{EACH_SECOND}"));
     let caps = unit_capabilities();
     let mut setpriv = Command::new("setpriv");
     setpriv

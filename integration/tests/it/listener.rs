@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sockmap_gc_lab::sys;
 
-use crate::daemon::{try_scrape, write_config, Daemon};
+use crate::daemon::{try_scrape, write_config, Daemon, EACH_SECOND};
 use crate::rig::lab_and_scratch;
 use crate::support::evidence;
 
@@ -61,11 +61,7 @@ fn flood(addr: SocketAddr, n: usize, opened: &AtomicUsize, done: &AtomicBool) ->
 #[test]
 fn a_connection_flood_costs_the_daemon_little_memory_and_metrics_answer_after_it() {
     let (scratch, lab) = lab_and_scratch("lst-flood");
-    let config = write_config(
-        &scratch,
-        &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    let config = write_config(&scratch, &lab, EACH_SECOND);
     let daemon = Daemon::start(&config);
     let addr = daemon.metrics_addr();
     assert!(addr.ip().is_loopback(), "{addr}");

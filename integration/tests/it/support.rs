@@ -1,5 +1,6 @@
 //! Shared by the product's end-to-end tests: building labs, running the `sockmap-gc` binary,
-//! and the lab recipes the tests repeat (held connections, natural stale entries).
+//! the repository's scripts and checkers, and the lab recipes the tests repeat (a server with
+//! held connections, planted and natural stale entries).
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
