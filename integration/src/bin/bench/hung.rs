@@ -362,14 +362,9 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
         .iter()
         .find(|r| r.collector == Collector::None)
         .map(|r| r.churn.hung);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| collector | requests | hung | hung vs (a) | stale entries | lifetime median | p99 | max | left at end | daemon CPU | of one core | peak RSS |"
-    );
-    let _ = writeln!(
-        out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    let mut out = table_head(
+        "collector | requests | hung | hung vs (a) | stale entries | lifetime median | p99 | max | left at end | daemon CPU | of one core | peak RSS",
+        1,
     );
     for r in runs {
         let l = &r.lifetimes;
@@ -410,6 +405,17 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
         load.poll.as_millis()
     );
     out
+}
+
+/// A Markdown table's head: the header row of `columns` (the row as it reads between its outer
+/// bars), then the alignment row: the first `text` columns left-aligned, the figures after them
+/// right-aligned.
+pub(crate) fn table_head(columns: &str, text: usize) -> String {
+    let n = columns.split(" | ").count();
+    let align: Vec<&str> = (0..n)
+        .map(|i| if i < text { "---" } else { "---:" })
+        .collect();
+    format!("| {columns} |\n| {} |\n", align.join(" | "))
 }
 
 fn quantile_json(q: Option<Quantile>) -> String {
@@ -481,6 +487,18 @@ mod tests {
     use super::*;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn table_head_writes_the_header_and_the_alignment_row() {
+        assert_eq!(
+            table_head("collector | requests | hung", 1),
+            "| collector | requests | hung |\n| --- | ---: | ---: |\n"
+        );
+        assert_eq!(
+            table_head("entries | stale", 0),
+            "| entries | stale |\n| ---: | ---: |\n"
+        );
+    }
 
     #[test]
     fn the_daemon_config_is_the_shipped_one_deleting_on_the_labs_map() {
