@@ -6,6 +6,19 @@ use std::path::{Path, PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
+/// Builds each `(source, name)` of `programs` as [`build`] does, and has cargo rerun the build
+/// script when one of `watched` changes (the headers the sources include, this file). Paths are
+/// relative to the crate's directory.
+pub fn build_all(programs: &[(&str, &str)], extra: &[&str], watched: &[&str]) {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    for (src, name) in programs {
+        build(&manifest.join(src), name, extra);
+    }
+    for path in watched {
+        println!("cargo:rerun-if-changed={}", manifest.join(path).display());
+    }
+}
+
 /// Builds `src` into `OUT_DIR/{name}.bpf.o` and `OUT_DIR/{name}.skel.rs`, with `-Wall` and
 /// the `extra` clang flags.
 pub fn build(src: &Path, name: &str, extra: &[&str]) {

@@ -192,12 +192,7 @@ pub fn plan(
     filter: &Filter,
     settings: &GuardSettings,
 ) -> Plan {
-    let stale_first: HashSet<RawKey> = first
-        .entries
-        .iter()
-        .filter(|e| e.verdict.is_stale())
-        .map(|e| e.raw)
-        .collect();
+    let stale_first: HashSet<RawKey> = first.stale().map(|e| e.raw).collect();
     let mut confirmed: Vec<RawKey> = Vec::new();
     let mut plan = Plan::default();
     for e in &second.entries {
@@ -401,35 +396,25 @@ mod tests {
     #[test]
     fn sharp_shrink_holds_but_small_churn_does_not() {
         let e = || vec![entry(1, true)];
-        let p = plan(
-            &obs(1, 1000, e()),
-            &obs(1, 400, e()),
-            &Filter::default(),
-            &settings(),
-        );
-        assert_eq!(
-            p.hold,
-            Some(Hold::InventoryShrank {
-                first: 1000,
-                second: 400
-            })
-        );
-        let p = plan(
-            &obs(1, 1000, e()),
-            &obs(1, 600, e()),
-            &Filter::default(),
-            &settings(),
-        );
-        assert_eq!(p.hold, None);
-        // Tiny inventories churn by large fractions in ordinary operation.
-        let p = plan(
-            &obs(1, 20, e()),
-            &obs(1, 2, e()),
-            &Filter::default(),
-            &settings(),
-        );
-        assert_eq!(p.hold, None);
-        assert_eq!(p.delete.len(), 1);
+        let shrank = Hold::InventoryShrank {
+            first: 1000,
+            second: 400,
+        };
+        // (sockets in the first observation, in the second, the hold). Tiny inventories churn
+        // by large fractions in ordinary operation.
+        for (first, second, hold) in [(1000, 400, Some(shrank)), (1000, 600, None), (20, 2, None)] {
+            let p = plan(
+                &obs(1, first, e()),
+                &obs(1, second, e()),
+                &Filter::default(),
+                &settings(),
+            );
+            let held = hold.is_some();
+            assert_eq!(p.hold, hold, "{first} then {second} sockets");
+            if !held {
+                assert_eq!(p.delete.len(), 1, "{first} then {second} sockets");
+            }
+        }
     }
 
     #[test]

@@ -393,10 +393,7 @@ fn socket_addr(ip: IpAddr, port: u16) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("test address")
-    }
+    use crate::socket::sa;
 
     #[test]
     fn cookie_halves() {

@@ -479,6 +479,20 @@ mod tests {
             fs::hard_link(existing, &p).unwrap();
             p
         }
+
+        /// `proc/PID/ns/net` as a symlink to `to`: a symlink loop when `to` is "net", standing in
+        /// for a namespace that cannot be stat'ed (EACCES).
+        fn ns_symlink(&self, pid: &str, to: impl AsRef<Path>) {
+            let dir = self.0.join(format!("proc/{pid}/ns"));
+            fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::symlink(to, dir.join("net")).unwrap();
+        }
+    }
+
+    /// The only namespace `d` could not read is `rel`'s, below `root`.
+    fn assert_unreadable(d: &Discovery, root: &FakeRoot, rel: &str) {
+        let paths: Vec<&Path> = d.unreadable.iter().map(|e| e.path()).collect();
+        assert_eq!(paths, vec![root.0.join(rel)]);
     }
 
     impl Drop for FakeRoot {
@@ -571,15 +585,12 @@ mod tests {
     #[test]
     fn dangling_symlink_is_gone_but_loop_is_unreadable() {
         let root = FakeRoot::new("links");
-        fs::create_dir_all(root.0.join("proc/5/ns")).unwrap();
-        std::os::unix::fs::symlink(root.0.join("nowhere"), root.0.join("proc/5/ns/net")).unwrap();
-        fs::create_dir_all(root.0.join("proc/6/ns")).unwrap();
-        std::os::unix::fs::symlink("net", root.0.join("proc/6/ns/net")).unwrap();
+        root.ns_symlink("5", root.0.join("nowhere"));
+        root.ns_symlink("6", "net");
         root.file("proc/6/net/dev", ""); // alive, in a namespace seen nowhere else
         let d = fake_discover(&root);
         assert!(d.namespaces.is_empty());
-        assert_eq!(d.unreadable.len(), 1);
-        assert_eq!(d.unreadable[0].path(), root.0.join("proc/6/ns/net"));
+        assert_unreadable(&d, &root, "proc/6/ns/net");
     }
 
     #[test]
@@ -590,8 +601,7 @@ mod tests {
         // pid 2 cannot be stat'ed (a symlink loop stands in for EACCES) but shares pid 1's
         // /proc/PID/net; pid 3 cannot be stat'ed and is elsewhere.
         for pid in ["2", "3"] {
-            fs::create_dir_all(root.0.join(format!("proc/{pid}/ns"))).unwrap();
-            std::os::unix::fs::symlink("net", root.0.join(format!("proc/{pid}/ns/net"))).unwrap();
+            root.ns_symlink(pid, "net");
         }
         root.link(&net_dev, "proc/2/net/dev");
         root.file("proc/3/net/dev", "");
@@ -601,8 +611,7 @@ mod tests {
             d.recognised,
             vec![(root.0.join("proc/2/ns/net"), d.namespaces[0].id)]
         );
-        assert_eq!(d.unreadable.len(), 1);
-        assert_eq!(d.unreadable[0].path(), root.0.join("proc/3/ns/net"));
+        assert_unreadable(&d, &root, "proc/3/ns/net");
     }
 
     #[test]

@@ -85,6 +85,11 @@ impl Observation {
     pub fn is_complete(&self) -> bool {
         self.unreadable.is_empty()
     }
+
+    /// The entries judged stale.
+    pub fn stale(&self) -> impl Iterator<Item = &Judged> {
+        self.entries.iter().filter(|e| e.verdict.is_stale())
+    }
 }
 
 /// Which entries an operator asked about: the held socket's local and remote IP.

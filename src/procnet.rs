@@ -76,6 +76,7 @@ fn parse_endpoint(s: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::socket::sa;
 
     // Rows as this machine's kernel prints them (x86_64, little-endian).
     const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -88,32 +89,43 @@ mod tests {
    1: 0000000000000000FFFF00000201000A:1F90 0000000000000000FFFF00000101000A:9C42 01 00000000:00000000 00:00000000 00000000     0        0 98 1 0000000000000000 20 4 30 10 -1
 ";
 
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
+    /// `table` parses into exactly the rows `want`: (local, remote, state).
+    fn assert_rows(table: &str, want: &[(&str, &str, TcpState)]) {
+        let got: Vec<_> = parse(table)
+            .iter()
+            .map(|r| (r.local, r.remote, r.state))
+            .collect();
+        let want: Vec<_> = want.iter().map(|&(l, r, s)| (sa(l), sa(r), s)).collect();
+        assert_eq!(got, want);
     }
 
     #[test]
     #[cfg(target_endian = "little")]
     fn parses_ipv4_rows() {
-        let rows = parse(TCP);
-        assert_eq!(rows.len(), 3);
-        assert_eq!(rows[0].local, sa("127.0.0.1:8080"));
-        assert_eq!(rows[0].state, TcpState::Listen);
-        assert_eq!(rows[1].local, sa("10.0.1.2:8080"));
-        assert_eq!(rows[1].remote, sa("10.0.1.1:40000"));
-        assert_eq!(rows[1].state, TcpState::Established);
-        assert_eq!(rows[2].state, TcpState::TimeWait);
+        assert_rows(
+            TCP,
+            &[
+                ("127.0.0.1:8080", "0.0.0.0:0", TcpState::Listen),
+                ("10.0.1.2:8080", "10.0.1.1:40000", TcpState::Established),
+                ("10.0.1.2:8080", "10.0.1.1:40001", TcpState::TimeWait),
+            ],
+        );
     }
 
     #[test]
     #[cfg(target_endian = "little")]
     fn parses_ipv6_rows_including_mapped() {
-        let rows = parse(TCP6);
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].local, sa("[::1]:80"));
-        assert_eq!(rows[0].remote, sa("[::1]:50000"));
-        assert_eq!(rows[1].local, sa("[::ffff:10.0.1.2]:8080"));
-        assert_eq!(rows[1].remote, sa("[::ffff:10.0.1.1]:40002"));
+        assert_rows(
+            TCP6,
+            &[
+                ("[::1]:80", "[::1]:50000", TcpState::Established),
+                (
+                    "[::ffff:10.0.1.2]:8080",
+                    "[::ffff:10.0.1.1]:40002",
+                    TcpState::Established,
+                ),
+            ],
+        );
     }
 
     #[test]

@@ -170,6 +170,12 @@ pub fn unmap(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// A socket address written in a test.
+#[cfg(test)]
+pub(crate) fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
 fn is_mapped(addr: SocketAddr) -> bool {
     matches!(addr, SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some())
 }

@@ -422,13 +422,20 @@ fn by_identity(key: &SockKey, held: &HeldView, proxy: bool, evidence: &Evidence<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sa(s: &str) -> SocketAddr {
-        s.parse().expect("test address")
-    }
+    use crate::socket::sa;
 
     fn sock(local: &str, remote: &str, kind: SocketKind) -> SeenSocket {
         cookied(local, remote, kind, 0)
+    }
+
+    /// What the key's own tuple can hold: nothing, or one socket of each kind that matters.
+    fn tuple_holdings() -> [Vec<SeenSocket>; 4] {
+        [
+            vec![],
+            vec![sock(SERVER, CLIENT, SocketKind::Connection)],
+            vec![sock(SERVER, CLIENT, SocketKind::TimeWait)],
+            vec![sock(SERVER, CLIENT, SocketKind::SynRequest)],
+        ]
     }
 
     fn cookied(local: &str, remote: &str, kind: SocketKind, cookie: u64) -> SeenSocket {
@@ -570,16 +577,14 @@ mod tests {
     #[test]
     fn incomplete_inventory_never_judges_stale() {
         let k = key(SERVER, CLIENT);
-        for sockets in [
-            vec![],
-            vec![sock(SERVER, CLIENT, SocketKind::TimeWait)],
-            vec![sock(SERVER, CLIENT, SocketKind::SynRequest)],
-        ] {
-            let v = judge_with(&k, &sockets, 1, &[]);
-            assert_eq!(
-                v,
+        for sockets in tuple_holdings() {
+            let owned = sockets.iter().any(|s| s.kind == SocketKind::Connection);
+            let want = if owned {
+                Verdict::Live(LiveReason::TupleOwned)
+            } else {
                 Verdict::Unknown(UnknownReason::InventoryIncomplete { unreadable: 1 })
-            );
+            };
+            assert_eq!(judge_with(&k, &sockets, 1, &[]), want, "{sockets:?}");
         }
         // A found owner is still proof of life.
         let v = judge_with(&k, &[sock(SERVER, CLIENT, SocketKind::Connection)], 2, &[]);
@@ -788,11 +793,7 @@ mod tests {
     #[test]
     fn identity_off_equals_the_tuple_path() {
         let k = key(SERVER, CLIENT);
-        for sockets in [
-            vec![],
-            vec![sock(SERVER, CLIENT, SocketKind::Connection)],
-            vec![sock(SERVER, CLIENT, SocketKind::TimeWait)],
-        ] {
+        for sockets in tuple_holdings() {
             for unreadable in [0, 1] {
                 assert_eq!(
                     judge_held(&k, None, &sockets, unreadable, &[]),

@@ -2,11 +2,14 @@
 //! (the manual remedy the product replaces).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context, Result};
+use std::process::Command;
+
+use anyhow::{Context, Result};
 use libbpf_rs::{MapCore, MapHandle};
 use sockmap_gc::key::{RawKey, SockKey};
+
+use crate::sys;
 
 /// Opens a pinned map (what the product does with `--map PATH`).
 pub fn open_pinned(path: &Path) -> Result<MapHandle> {
@@ -51,26 +54,14 @@ pub fn bpftool_delete_command(path: &Path, key: &SockKey) -> String {
 
 /// Runs `bpftool map delete pinned PATH key hex ...`.
 pub fn bpftool_delete(path: &Path, key: &SockKey) -> Result<()> {
-    let mut args: Vec<String> = vec![
-        "map".into(),
-        "delete".into(),
-        "pinned".into(),
-        path.display().to_string(),
-        "key".into(),
-        "hex".into(),
-    ];
-    args.extend(bpftool_hex(key).split(' ').map(String::from));
-    let out = Command::new("bpftool")
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running bpftool (Debian package bpftool)")?;
-    if !out.status.success() {
-        bail!(
-            "bpftool map delete failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    let hex = bpftool_hex(key);
+    sys::output(
+        Command::new("bpftool")
+            .args(["map", "delete", "pinned"])
+            .arg(path)
+            .args(["key", "hex"])
+            .args(hex.split(' ')),
+    )
+    .context("bpftool map delete (Debian package bpftool)")?;
     Ok(())
 }

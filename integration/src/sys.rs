@@ -69,19 +69,24 @@ pub fn ensure_bpffs() -> Result<()> {
 
 /// Runs `ip ARGS`, failing with its stderr.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
+    output(Command::new("ip").args(args)).context("`ip` (Debian package iproute2)")?;
+    Ok(())
+}
+
+/// Runs `cmd` with no stdin; its stdout, or an error with its exit status and stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
-        .context("running `ip` (package iproute2)")?;
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
+            "{cmd:?} failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.

@@ -330,13 +330,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    s.identity = match file.identity.as_deref() {
-        None => defaults.identity,
-        Some("auto") => IdentityMode::Auto,
-        Some("on") => IdentityMode::On,
-        Some("off") => IdentityMode::Off,
-        Some(v) => return Err(invalid("identity", v, "use \"auto\", \"on\" or \"off\"")),
-    };
+    let modes = |key: &str, value: &str| invalid(key, value, "use \"auto\", \"on\" or \"off\"");
+    s.identity = auto_on_off(
+        file.identity.as_deref(),
+        defaults.identity,
+        [IdentityMode::Auto, IdentityMode::On, IdentityMode::Off],
+    )
+    .map_err(|v| modes("identity", v))?;
     s.pass_interval = match &file.pass_interval {
         None => defaults.pass_interval,
         // "0s": no continuous pass.
@@ -357,14 +357,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         }
         s.pass_cpu_budget = budget;
     }
-    s.events = match file.events.as_deref() {
-        None => defaults.events,
-        Some("auto") => EventsMode::Auto,
-        Some("on") => EventsMode::On,
-        Some("off") => EventsMode::Off,
-        Some(v) => return Err(invalid("events", v, "use \"auto\", \"on\" or \"off\"")),
-    };
+    s.events = auto_on_off(
+        file.events.as_deref(),
+        defaults.events,
+        [EventsMode::Auto, EventsMode::On, EventsMode::Off],
+    )
+    .map_err(|v| modes("events", v))?;
     Ok(s)
+}
+
+/// The value of an `"auto"`, `"on"` or `"off"` key: `modes` in that order, `default` when
+/// absent, and `Err` with the value given for any other.
+fn auto_on_off<T>(value: Option<&str>, default: T, [auto, on, off]: [T; 3]) -> Result<T, &str> {
+    match value {
+        None => Ok(default),
+        Some("auto") => Ok(auto),
+        Some("on") => Ok(on),
+        Some("off") => Ok(off),
+        Some(v) => Err(v),
+    }
 }
 
 /// `--metrics-listen` as given: `Listen(None)` turns the listener off.

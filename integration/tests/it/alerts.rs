@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::daemon::{write_config, Daemon};
-use crate::rig::Scratch;
-use crate::support::{evidence, lab};
+use crate::rig::{lab_and_scratch, Scratch};
+use crate::support::{evidence, said};
 
 const RULES: &str = "deploy/prometheus/standalone/sockmap-gc.rules.yaml";
 const PROMETHEUS_RULE: &str = "deploy/prometheus/rules.yaml";
@@ -38,11 +38,7 @@ fn run(cmd: &mut Command) -> (Output, String) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{cmd:?} does not run ({e}): scripts/setup.sh installs it"));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = said(&out);
     (out, said)
 }
 
@@ -587,9 +583,7 @@ fn the_dashboard_parses_and_every_query_passes_promtool() {
 /// after its first sweep shows every metric and label there is.
 #[test]
 fn alerts_and_panels_read_only_metrics_and_labels_a_running_daemon_exports() {
-    let id = "alerts-scrape";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("alerts-scrape");
     let config = write_config(&scratch, &lab, "confirm_after = \"0s\"");
     let daemon = Daemon::start(&config);
     daemon.wait_sweeps(1.0, Duration::from_secs(30));

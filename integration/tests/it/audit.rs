@@ -12,7 +12,10 @@ use libbpf_rs::{MapHandle, MapType};
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, LabConfig};
 
-use crate::support::{self, entry_of, hex, lab, live_keys, natural_stale, run, run_json, verdicts};
+use crate::support::{
+    self, entry_of, hex, lab, lab_with_stale, live_keys, natural_stale, run, run_json, run_on,
+    serve_and_hold, verdicts,
+};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -81,19 +84,13 @@ fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
         "every entry of the map is in the output, once"
     );
     assert_eq!(got.len(), in_map.len());
-    for k in &live {
+    let expected = live.iter().map(|k| (k, "live"));
+    for (k, verdict) in expected.chain(stale.iter().map(|k| (k, "stale"))) {
         let v = got
             .iter()
             .find(|(h, _, _)| *h == hex(k))
-            .expect("live key reported");
-        assert_eq!(v.1, "live", "{k}: {v:?}");
-    }
-    for k in &stale {
-        let v = got
-            .iter()
-            .find(|(h, _, _)| *h == hex(k))
-            .expect("stale key reported");
-        assert_eq!(v.1, "stale", "{k}: {v:?}");
+            .unwrap_or_else(|| panic!("{verdict} key {k} not reported"));
+        assert_eq!(v.1, verdict, "{k}: {v:?}");
     }
     assert_eq!(json["summary"]["stale"], 6);
     assert_eq!(json["summary"]["live"], 12);
@@ -105,7 +102,7 @@ fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
         .expect("an ipv6 entry");
     assert_eq!(v6["local"], "[fd00:5a5a::2]:8080");
 
-    let table = run(&["audit", "--map", path.to_str().expect("utf-8")]);
+    let table = run_on("audit", &path, &[]);
     assert_eq!(table.code, 1);
     support::evidence(&format!(
         "audit of lab aud-mix on the real kernel:\n{}",
@@ -126,15 +123,11 @@ fn audit_judges_live_natural_and_planted_entries_over_three_pods() {
         table.stdout
     );
 
-    let filtered = run(&[
+    let filtered = run_json(
         "audit",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--output",
-        "json",
-        "--local",
-        &servers[1].addr().ip().to_string(),
-    ]);
+        &path,
+        &["--local", &servers[1].addr().ip().to_string()],
+    );
     let f = filtered.json();
     assert_eq!(f["summary"]["stale"], 3, "only pod 1's planted entries");
     drop(held);
@@ -158,10 +151,7 @@ impl Drop for ChurnNamespaces {
 
 #[test]
 fn audit_is_not_failed_by_namespaces_coming_and_going() {
-    let lab = lab("aud-churn", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
-    lab.plant(stale).expect("plant");
+    let (lab, _server, stale) = lab_with_stale("aud-churn", 40000);
     let path = lab.map_path();
     let guard = ChurnNamespaces {
         prefix: "smgc-aud-churn-",
@@ -263,11 +253,7 @@ fn audit_refuses_what_is_not_ciliums_map_in_one_line() {
 #[test]
 fn audit_judges_l7_proxy_entries_live_or_unknown_never_stale_on_tuple_evidence() {
     let lab = lab("aud-proxy", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(43000))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (_server, _held, live) = serve_and_hold(&lab, false, |c| c.from_port(43000));
     let gateway: IpAddr = "169.254.42.1".parse().expect("ip");
     // Cilium files a proxied socket under A = gateway:proxy port, B = the socket's local end.
     let owned = SockKey::for_socket(sa(lab.node_ip(0), 43000), sa(gateway, 15001)).expect("v4");

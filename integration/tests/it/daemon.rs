@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
+use sockmap_gc_lab::{sys, Held, Lab, Server};
 
-use crate::rig::{self, Scratch};
+use crate::rig::{self, lab_and_scratch, Scratch};
 use crate::support::{
-    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, HANG,
+    assert_clean, evidence, hex, natural_stale, natural_stale_under_daemon, plant_stale, product,
+    serve_and_hold, HANG,
 };
 
 /// The unit file the tests read the capability set and the hardening from.
@@ -27,6 +28,10 @@ fn unit_file() -> PathBuf {
         .join("..")
         .join("systemd/sockmap-gc.service")
 }
+
+/// Config lines: a sweep every second, and a stale entry confirmed by the next observation.
+pub(crate) const EACH_SECOND: &str =
+    "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"";
 
 /// A config for the lab's map: metrics on an ephemeral loopback port, the trail in `scratch`,
 /// and `extra` lines last (a later duplicate key would be an error, so callers add only new
@@ -67,17 +72,15 @@ impl Daemon {
     }
 
     fn with_metrics(inner: rig::Daemon) -> Daemon {
-        let line = inner
-            .wait_line(Duration::from_secs(10), |l| {
-                l.contains("serving metrics on")
-            })
-            .unwrap_or_else(|| panic!("the daemon never served metrics:\n{}", inner.log()));
-        let metrics = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        let address = inner.wait_value(
+            Duration::from_secs(10),
+            "serving metrics on",
+            "http://",
+            |c| c == '/',
+        );
+        let metrics = address
+            .parse()
+            .unwrap_or_else(|e| panic!("not an address ({e}): {address:?}"));
         Daemon { inner, metrics }
     }
 
@@ -112,6 +115,11 @@ impl Daemon {
         sample(&self.scrape(), series)
     }
 
+    /// Waits until the sample `series` reads `value`; whether it did within `timeout`.
+    pub(crate) fn wait_metric(&self, series: &str, value: f64, timeout: Duration) -> bool {
+        sys::wait_until(timeout, || self.metric(series) == Some(value))
+    }
+
     /// Sweeps finished so far, by every result.
     fn sweeps(&self) -> f64 {
         let text = self.scrape();
@@ -122,17 +130,8 @@ impl Daemon {
     }
 
     pub(crate) fn wait_sweeps(&self, at_least: f64, timeout: Duration) -> f64 {
-        let mut n = 0.0;
-        sys::wait_until(timeout, || {
-            n = self.sweeps();
-            n >= at_least
-        });
-        assert!(
-            n >= at_least,
-            "only {n} sweeps, wanted {at_least}, within {timeout:?}:\n{}",
-            self.log()
-        );
-        n
+        self.inner
+            .wait_sweeps_counted(at_least, timeout, || self.sweeps())
     }
 
     fn signal(&self, signal: Signal) {
@@ -208,15 +207,7 @@ fn promtool_clean(page: &str) {
         .write_all(page.as_bytes())
         .expect("feed promtool");
     let out = child.wait_with_output().expect("promtool finishes");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics: {said}\non:\n{page}"
-    );
+    assert_clean(&out, &format!("promtool check metrics on:\n{page}\n"));
 }
 
 fn trail_keys(path: &Path) -> HashSet<String> {
@@ -227,48 +218,23 @@ fn node_end(lab: &Lab, port: u16) -> SocketAddr {
     SocketAddr::new(lab.node_ip(0).into(), port)
 }
 
-/// Stale keys as the incident makes them: filed for the server end of a future connection
-/// from `port`.
-fn plant_for_ports(lab: &Lab, server: SocketAddr, ports: &[u16]) -> Vec<SockKey> {
-    ports
-        .iter()
-        .map(|&p| {
-            let key = SockKey::for_socket(server, node_end(lab, p)).expect("one family");
-            lab.plant(key).expect("plant");
-            key
-        })
-        .collect()
-}
-
 #[test]
 fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
-    let id = "dmn-del";
-    let Running {
-        scratch,
-        lab,
-        server,
-        held,
-        live,
-        daemon,
-    } = running(
-        id,
+    let r = running(
+        "dmn-del",
         45000,
         "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"200ms\"",
     );
 
     // Planted while it runs: one natural (reset client, busy server), two planted.
-    let ok_before = daemon
-        .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
-        .unwrap_or(0.0);
-    let stale = make_stale(&lab, server.addr(), 45010);
-    let planted = Instant::now();
-    let gone = sys::wait_until(Duration::from_secs(30), || {
-        stale.iter().all(|k| !lab.contains(k))
-    });
-    let ok_after = daemon
-        .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
-        .unwrap_or(0.0);
-    assert!(gone, "stale keys left after 30 s:\n{}", daemon.log());
+    let ok = || {
+        r.daemon
+            .metric("sockmap_gc_sweeps_total{result=\"ok\"}")
+            .unwrap_or(0.0)
+    };
+    let ok_before = ok();
+    let (stale, took) = r.stale_deleted(45010);
+    let ok_after = ok();
     // The sweep running when they were planted may miss them, the next confirms and deletes.
     assert!(
         ok_after - ok_before <= 3.0,
@@ -278,23 +244,15 @@ fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
     evidence(&format!(
         "daemon deleted {} stale entries {:.1} s after they appeared ({} sweeps)",
         stale.len(),
-        planted.elapsed().as_secs_f64(),
+        took.as_secs_f64(),
         ok_after - ok_before
     ));
 
     // More sweeps pass; the live connections' keys stay, and only the stale keys were touched.
-    let n = daemon.sweeps();
-    daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
-    for k in &live {
-        assert!(
-            lab.contains(k),
-            "live key {k} was deleted:\n{}",
-            daemon.log()
-        );
-    }
-    let want: HashSet<String> = stale.iter().map(hex).collect();
-    assert_eq!(trail_keys(&scratch.path("trail.jsonl")), want);
-    let page = daemon.scrape();
+    let n = r.daemon.sweeps();
+    r.daemon.wait_sweeps(n + 2.0, Duration::from_secs(15));
+    r.assert_only_deleted(&stale);
+    let page = r.daemon.scrape();
     assert_eq!(
         sample(&page, "sockmap_gc_deletions_total{outcome=\"deleted\"}"),
         Some(3.0)
@@ -302,65 +260,45 @@ fn daemon_deletes_stale_entries_planted_while_it_runs_and_never_a_live_one() {
     assert_eq!(sample(&page, "sockmap_gc_dry_run"), Some(0.0));
     assert_eq!(
         sample(&page, "sockmap_gc_map_id").map(|v| v as u32),
-        lab.map_id()
+        r.lab.map_id()
     );
     assert!(sample(&page, "sockmap_gc_last_success_timestamp_seconds").is_some_and(|t| t > 0.0));
     promtool_clean(&page);
 
     // The cure: the request that hung on the planted key works.
-    let cured = lab
-        .request_from(server.addr(), 45020, HANG)
-        .expect("client runs");
-    assert!(cured.is_replied(), "{cured}");
-    let log = daemon.stop_promptly();
+    r.assert_cured(45020);
+    let log = r.daemon.stop_promptly();
     assert!(log.contains("deleted stale entry"), "{log}");
     assert!(log.contains("sweep ok:"), "{log}");
-    held.release().expect("graceful close");
+    r.held.release().expect("graceful close");
 }
 
 #[test]
 fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say_nothing() {
-    let id = "dmn-pass";
     // Sweeps an hour apart: after the first, only the passes (the shipped 1 s) can delete. No
     // CPU budget to stretch them (it is unit-tested): under emulation (the 6.1 guest) a pass
     // that loads compare-and-delete takes ~0.4 s of CPU, which the shipped 1% makes 40 s.
-    let Running {
-        scratch,
-        lab,
-        server,
-        held,
-        live,
-        daemon,
-    } = running(
-        id,
+    let r = running(
+        "dmn-pass",
         45100,
         "dry_run = false\ninterval_min = \"1h\"\ninterval_max = \"1h\"\npass_cpu_budget = 1.0",
     );
 
-    let stale = make_stale(&lab, server.addr(), 45110);
-    let planted = Instant::now();
-    let gone = sys::wait_until(Duration::from_secs(30), || {
-        stale.iter().all(|k| !lab.contains(k))
-    });
-    let took = planted.elapsed();
-    assert!(gone, "stale keys left after 30 s:\n{}", daemon.log());
+    let (stale, took) = r.stale_deleted(45110);
     // Quiet passes go on.
-    let passes = |d: &Daemon| {
-        d.metric("sockmap_gc_passes_total{result=\"ok\"}")
+    let passes = || {
+        r.daemon
+            .metric("sockmap_gc_passes_total{result=\"ok\"}")
             .unwrap_or(0.0)
     };
-    let before = passes(&daemon);
+    let before = passes();
     assert!(
-        sys::wait_until(Duration::from_secs(20), || passes(&daemon) >= before + 3.0),
+        sys::wait_until(Duration::from_secs(20), || passes() >= before + 3.0),
         "no quiet passes:\n{}",
-        daemon.log()
+        r.daemon.log()
     );
-    for k in &live {
-        assert!(lab.contains(k), "live key {k} deleted:\n{}", daemon.log());
-    }
-    let want: HashSet<String> = stale.iter().map(hex).collect();
-    assert_eq!(trail_keys(&scratch.path("trail.jsonl")), want);
-    let page = daemon.scrape();
+    r.assert_only_deleted(&stale);
+    let page = r.daemon.scrape();
     assert_eq!(
         sample(&page, "sockmap_gc_sweeps_total{result=\"ok\"}"),
         Some(1.0)
@@ -374,12 +312,9 @@ fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say
         Some(3.0)
     );
     promtool_clean(&page);
-    let cured = lab
-        .request_from(server.addr(), 45120, HANG)
-        .expect("client runs");
-    assert!(cured.is_replied(), "{cured}");
-    let ran = passes(&daemon);
-    let log = daemon.stop_promptly();
+    r.assert_cured(45120);
+    let ran = passes();
+    let log = r.daemon.stop_promptly();
     let pass_lines: Vec<&str> = log.lines().filter(|l| l.contains("pass ok:")).collect();
     assert!(
         !pass_lines.is_empty() && pass_lines.len() < ran as usize,
@@ -397,31 +332,27 @@ fn the_continuous_pass_deletes_stale_entries_between_sweeps_and_quiet_passes_say
         took.as_secs_f64(),
         pass_lines.len()
     ));
-    held.release().expect("graceful close");
+    r.held.release().expect("graceful close");
 }
 
 #[test]
 fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
-    let id = "dmn-dry";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(46000))
-        .expect("hold a connection");
-    let live = live_keys(&lab, &[&held]);
-    let stale = plant_for_ports(&lab, server.addr(), &[46010, 46011, 46012]);
+    let (scratch, lab) = lab_and_scratch("dmn-dry");
+    let (server, held, live) = serve_and_hold(&lab, false, |c| c.from_port(46000));
+    let stale = plant_stale(&lab, server.addr(), 46010..46013);
     // dry_run left at its default; JSON logs.
     let config = write_config(
         &scratch,
         &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\nlog_format = \"json\"",
+        &format!("{EACH_SECOND}\nlog_format = \"json\""),
     );
     let daemon = Daemon::start(&config);
     // Stale entries by holder class: the planted sockets are this test process's fds.
-    let counted = sys::wait_until(Duration::from_secs(15), || {
-        daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}") == Some(3.0)
-    });
+    let counted = daemon.wait_metric(
+        "sockmap_gc_entries{verdict=\"stale\",held_by=\"app-keeps-fd\"}",
+        3.0,
+        Duration::from_secs(15),
+    );
     assert!(counted, "stale count never reached 3:\n{}", daemon.log());
     assert_eq!(
         daemon.metric("sockmap_gc_entries{verdict=\"stale\",held_by=\"holder-unknown\"}"),
@@ -464,9 +395,7 @@ fn dry_run_deletes_nothing_and_its_metrics_count_the_stale_entries() {
 
 #[test]
 fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_sweeps_now() {
-    let id = "dmn-hup";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-hup");
     let slow = "interval_min = \"1h\"\ninterval_max = \"1h\"\nconfirm_after = \"0s\"";
     let config = write_config(&scratch, &lab, slow);
     let daemon = Daemon::start(&config);
@@ -477,11 +406,7 @@ fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_swee
     daemon.signal(Signal::SIGUSR1);
     daemon.wait_sweeps(2.0, Duration::from_secs(10));
 
-    write_config(
-        &scratch,
-        &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    write_config(&scratch, &lab, EACH_SECOND);
     daemon.signal(Signal::SIGHUP);
     let reloaded = Instant::now();
     daemon.wait_sweeps(5.0, Duration::from_secs(15));
@@ -512,17 +437,14 @@ fn sighup_reloads_the_interval_keeps_the_old_config_when_broken_and_sigusr1_swee
 
 #[test]
 fn sigterm_stops_between_two_deletes_and_exits_0_within_two_seconds() {
-    let id = "dmn-term";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-term");
     let server = lab.start_server(0, 8080, false).expect("server");
-    let ports: Vec<u16> = (47000..47012).collect();
-    let stale = plant_for_ports(&lab, server.addr(), &ports);
+    let stale = plant_stale(&lab, server.addr(), 47000..47012);
     // One delete a second: the delete phase takes 12 s.
     let config = write_config(
         &scratch,
         &lab,
-        "dry_run = false\nrate_limit = 1\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"\npass_interval = \"0s\"",
+        &format!("dry_run = false\nrate_limit = 1\n{EACH_SECOND}\npass_interval = \"0s\""),
     );
     let daemon = Daemon::start(&config);
     let deleting = sys::wait_until(Duration::from_secs(15), || {
@@ -567,21 +489,11 @@ pub fn unit_capabilities() -> String {
 
 #[test]
 fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
-    let id = "dmn-caps";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(48000))
-        .expect("hold a connection");
-    let live = live_keys(&lab, &[&held]);
+    let (scratch, lab) = lab_and_scratch("dmn-caps");
+    let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(48000));
     let stale = natural_stale(&lab, server.addr(), node_end(&lab, 48010));
-    let planted = plant_for_ports(&lab, server.addr(), &[48020]);
-    let config = write_config(
-        &scratch,
-        &lab,
-        "dry_run = false\ninterval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    let planted = plant_stale(&lab, server.addr(), [48020]);
+    let config = write_config(&scratch, &lab, &format!("dry_run = false\n{EACH_SECOND}"));
     let caps = unit_capabilities();
     let mut setpriv = Command::new("setpriv");
     setpriv
@@ -597,18 +509,15 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
     // The daemon really runs with only those: its effective set is the bounding set.
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("daemon status");
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_string();
-    let bnd = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_string();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (eff, bnd) = (field("CapEff:"), field("CapBnd:"));
     assert_eq!(eff, bnd, "effective capabilities beyond the bounding set");
     assert_ne!(eff, "000001ffffffffff", "still every capability");
     let gone = sys::wait_until(Duration::from_secs(20), || {
@@ -649,9 +558,7 @@ fn the_units_capabilities_are_enough_to_delete_a_stale_entry() {
 
 #[test]
 fn systemd_hears_ready_status_watchdog_reloading_and_stopping() {
-    let id = "dmn-notify";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch("dmn-notify");
     let socket_path = scratch.path("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("notify socket");
     socket
@@ -762,38 +669,67 @@ fn a_bad_config_at_start_exits_2_naming_the_key() {
 }
 
 /// A lab whose busy server holds two live connections (from `port` and the next), and a daemon
-/// run with `settings` that has finished its first sweep. Fields in the order the tests declared
-/// them as locals, so that they still drop daemon first, scratch dir last.
+/// run with `settings` that has finished its first sweep. Fields in drop order: daemon first,
+/// scratch dir last.
 struct Running {
-    scratch: Scratch,
-    lab: Lab,
-    server: Server,
-    held: Held,
-    live: HashSet<SockKey>,
     daemon: Daemon,
+    live: HashSet<SockKey>,
+    held: Held,
+    server: Server,
+    lab: Lab,
+    scratch: Scratch,
 }
 
 fn running(id: &str, port: u16, settings: &str) -> Running {
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(
-            &ClientOpts::to(server.addr())
-                .from_port(port)
-                .from_port(port + 1),
-        )
-        .expect("hold two connections");
-    let live = live_keys(&lab, &[&held]);
+    let (scratch, lab) = lab_and_scratch(id);
+    let (server, held, live) =
+        serve_and_hold(&lab, true, |c| c.from_port(port).from_port(port + 1));
     let daemon = Daemon::start(&write_config(&scratch, &lab, settings));
     daemon.wait_sweeps(1.0, Duration::from_secs(15));
     Running {
-        scratch,
-        lab,
-        server,
-        held,
-        live,
         daemon,
+        live,
+        held,
+        server,
+        lab,
+        scratch,
+    }
+}
+
+impl Running {
+    /// Makes three stale keys ([`make_stale`] from `port`) while the daemon runs, and waits at
+    /// most 30 s until it has deleted them; they, and how long that took.
+    fn stale_deleted(&self, port: u16) -> (Vec<SockKey>, Duration) {
+        let stale = make_stale(&self.lab, self.server.addr(), port);
+        let planted = Instant::now();
+        let gone = sys::wait_until(Duration::from_secs(30), || {
+            stale.iter().all(|k| !self.lab.contains(k))
+        });
+        let took = planted.elapsed();
+        assert!(gone, "stale keys left after 30 s:\n{}", self.daemon.log());
+        (stale, took)
+    }
+
+    /// Every live key is still in the map, and the trail names exactly the `stale` keys.
+    fn assert_only_deleted(&self, stale: &[SockKey]) {
+        for k in &self.live {
+            assert!(
+                self.lab.contains(k),
+                "live key {k} was deleted:\n{}",
+                self.daemon.log()
+            );
+        }
+        let want: HashSet<String> = stale.iter().map(hex).collect();
+        assert_eq!(trail_keys(&self.scratch.path("trail.jsonl")), want);
+    }
+
+    /// The request from `port`, which a stale entry hung, gets its reply now.
+    fn assert_cured(&self, port: u16) {
+        let cured = self
+            .lab
+            .request_from(self.server.addr(), port, HANG)
+            .expect("client runs");
+        assert!(cured.is_replied(), "{cured}");
     }
 }
 
@@ -801,6 +737,6 @@ fn running(id: &str, port: u16, settings: &str) -> Running {
 /// `port + 10` and the next.
 fn make_stale(lab: &Lab, server: SocketAddr, port: u16) -> Vec<SockKey> {
     let mut stale = vec![natural_stale_under_daemon(lab, server, node_end(lab, port))];
-    stale.extend(plant_for_ports(lab, server, &[port + 10, port + 11]));
+    stale.extend(plant_stale(lab, server, [port + 10, port + 11]));
     stale
 }

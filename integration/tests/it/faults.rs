@@ -20,27 +20,16 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 use nix::sys::signal::Signal;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Held, Lab, Server};
+use sockmap_gc_lab::{sys, Held, Lab, Server};
 
-use crate::rig::{read_trail, Daemon, Scratch};
+use crate::rig::{lab_and_scratch, read_trail, Daemon, Scratch};
 use crate::support::{
-    evidence, hex, lab, live_keys, natural_stale, natural_stale_under_daemon, product, run_command,
-    PEER,
+    evidence, hex, lab, natural_stale, natural_stale_under_daemon, plant_stale, product,
+    run_command, serve_and_hold, PEER,
 };
 
 fn sa(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
-}
-
-/// Plants the server-end keys of future connections from `ports` to `server`.
-fn plant(lab: &Lab, server: SocketAddr, ports: std::ops::Range<u16>) -> Vec<SockKey> {
-    ports
-        .map(|p| {
-            let key = SockKey::for_socket(server, sa(lab.node_ip(0), p)).expect("v4");
-            lab.plant(key).expect("plant");
-            key
-        })
-        .collect()
 }
 
 /// Stale keys for `server`: a natural one (a reset client from `natural`) and planted ones.
@@ -51,7 +40,7 @@ fn make_stale(
     planted: std::ops::Range<u16>,
 ) -> Vec<SockKey> {
     let mut stale = vec![natural_stale(lab, server, sa(lab.node_ip(0), natural))];
-    stale.extend(plant(lab, server, planted));
+    stale.extend(plant_stale(lab, server, planted));
     stale
 }
 
@@ -71,13 +60,8 @@ fn running(
     port: u16,
     confirm_after: &str,
 ) -> (Scratch, Lab, Server, Held, HashSet<SockKey>, Daemon) {
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).from_port(port))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (scratch, lab) = lab_and_scratch(id);
+    let (server, held, live) = serve_and_hold(&lab, true, |c| c.from_port(port));
     let config = scratch.config(
         &lab.map_path(),
         &format!(
@@ -150,10 +134,9 @@ const SLOW: &str = "interval_min = \"1h\"\ninterval_max = \"1h\"";
 #[test]
 fn an_agent_restart_between_the_observations_holds_the_sweep_and_the_next_sweep_uses_the_new_map() {
     let id = "flt-restart";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
+    let (scratch, lab) = lab_and_scratch(id);
     let server = lab.start_server(0, 8080, false).expect("server");
-    let old_stale = plant(&lab, server.addr(), 41000..41003);
+    let old_stale = plant_stale(&lab, server.addr(), 41000..41003);
     let config = scratch.config(
         &lab.map_path(),
         // Full sweeps only: the continuous pass would delete the old map's keys itself.
@@ -453,7 +436,7 @@ fn a_namespace_denied_to_the_daemon_is_read_through_procfs_and_its_connection_ke
     let owned = SockKey::for_socket(hidden.conn.0, hidden.conn.1).expect("v4");
     lab.plant(owned).expect("plant");
     let server = lab.start_server(0, 8080, false).expect("server");
-    let stale = plant(&lab, server.addr(), 44000..44001);
+    let stale = plant_stale(&lab, server.addr(), 44000..44001);
     // As the unit runs it. Tuple evidence only, so the hidden namespace's table is what decides.
     let out = run_command(
         as_the_unit("sweep", &lab)
@@ -520,7 +503,11 @@ fn namespaces_deleted_while_the_daemon_inventories_them_neither_fail_nor_hold_a_
                 server.addr(),
                 sa(lab.node_ip(0), 45510 + i),
             ));
-            stale.extend(plant(&lab, server.addr(), 45520 + 2 * i..45522 + 2 * i));
+            stale.extend(plant_stale(
+                &lab,
+                server.addr(),
+                45520 + 2 * i..45522 + 2 * i,
+            ));
             daemon.wait_more_sweeps(1, Duration::from_secs(30));
         }
         sys::wait_until(Duration::from_secs(30), || {

@@ -14,7 +14,9 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab, ServerOpts};
 
 use crate::daemon::unit_capabilities;
-use crate::support::{entry_of, evidence, lab, natural_stale, product, run, run_command, Run};
+use crate::support::{
+    entry_of, evidence, lab, natural_stale, product, run, run_command, run_on, Run,
+};
 
 /// A pod UID as Kubernetes writes it, and a containerd container id.
 pub const POD_UID: &str = "7c1e3f4a-1b2c-4d5e-8f90-a1b2c3d4e5f6";
@@ -249,7 +251,7 @@ fn audit_names_the_leaky_servers_pid_comm_pod_and_container_for_each_stale_entry
     assert_eq!(json["stale_by_holder"]["search"]["method"], "iterator");
 
     let map = lab.map_path().display().to_string();
-    let table = run(&["audit", "--map", &map, "--identity", "on"]);
+    let table = run_on("audit", &map, &["--identity", "on"]);
     assert_eq!(table.code, 1, "{}", table.stderr);
     let column = format!(
         "pid {} sockmap-gc-lab, pod 7c1e3f4a… ctr c0ffee012345…",

@@ -12,9 +12,11 @@ use sockmap_gc::key::{RawKey, SockKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns::Netns;
 use sockmap_gc::socket::{LiveSocket, TcpState};
-use sockmap_gc_lab::{ClientOpts, Lab, LabConfig};
+use sockmap_gc_lab::{Lab, LabConfig};
 
-use crate::support::{evidence, kernel_fact, lab, lab_with, live_keys, natural_stale_entry, PEER};
+use crate::support::{
+    evidence, kernel_fact, lab, lab_with, natural_stale_entry, serve_and_hold, PEER,
+};
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
@@ -55,11 +57,7 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
     let mut config = LabConfig::new("id-read", 1, PEER);
     config.ipv6 = true;
     let lab = lab_with(config);
-    let server = lab.start_server(0, 8080, true).expect("busy server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).count(3))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, true, |c| c.count(3));
     let natural = natural_stale_entry(&lab, server.addr(), sa(lab.node_ip(0), 42000));
     let planted4 = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
     let pod6 = lab.pod_ip6(0).expect("ipv6 lab");
@@ -175,11 +173,7 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
 #[test]
 fn compare_and_delete_deletes_only_the_judged_socket() {
     let lab = lab("id-cad", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).count(2))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, false, |c| c.count(2));
     let node = lab.node_ip(0);
     let right = SockKey::for_socket(server.addr(), sa(node, 40000)).expect("v4");
     let wrong = SockKey::for_socket(server.addr(), sa(node, 40001)).expect("v4");

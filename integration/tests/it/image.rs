@@ -20,11 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Lab};
+use sockmap_gc_lab::{sys, Lab};
 
 use crate::daemon::{sample, try_scrape};
 use crate::rig::{is_summary, read_trail, Scratch};
-use crate::support::{evidence, hex, lab, live_keys, natural_stale};
+use crate::support::{
+    evidence, hex, lab, natural_stale, output, repo, run_build_script, said, serve_and_hold,
+};
 
 /// Bounds the image build (coreutils `timeout`): a cold build makes the base with debootstrap
 /// and the release package.
@@ -33,17 +35,6 @@ const IMAGE_TIMEOUT_S: &str = "1800";
 const ULIMITS: [&str; 2] = ["nofile=4096:4096", "nproc=4096:4096"];
 /// CapEff of a process holding CAP_SYS_ADMIN (bit 21) alone.
 const SYS_ADMIN_ONLY: &str = "0000000000200000";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn output(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
-}
 
 /// podman with runc, as scripts/image.sh runs it (crun refuses a hybrid cgroup layout).
 fn podman(args: &[&str]) -> Output {
@@ -72,27 +63,7 @@ fn podman_ok(args: &[&str]) -> String {
 fn image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let started = Instant::now();
-        let out = output(
-            Command::new("timeout")
-                .args([IMAGE_TIMEOUT_S, "nice", "-n", "10", "bash"])
-                .arg(repo().join("scripts/image.sh"))
-                .current_dir(repo()),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "scripts/image.sh failed ({}):\n{stderr}",
-            out.status
-        );
-        for line in stderr.lines().filter(|l| l.starts_with("image.sh:")) {
-            evidence(line);
-        }
-        evidence(&format!(
-            "scripts/image.sh took {:.1} s",
-            started.elapsed().as_secs_f64()
-        ));
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (stdout, stderr) = run_build_script("image.sh", IMAGE_TIMEOUT_S);
         stdout
             .lines()
             .last()
@@ -432,12 +403,7 @@ impl Container {
 
     /// Its output so far (the daemon logs on stderr).
     fn logs(&self) -> String {
-        let out = podman(&["logs", &self.name]);
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        said(&podman(&["logs", &self.name]))
     }
 
     fn sweeps(&self) -> usize {
@@ -601,15 +567,8 @@ struct Setup {
 impl Setup {
     fn new(id: &str, ports: [u16; 2]) -> Setup {
         let lab = lab(id, 2);
-        let server = lab.start_server(0, 8080, true).expect("busy server");
-        let held = lab
-            .hold(
-                &ClientOpts::to(server.addr())
-                    .from_port(ports[0])
-                    .from_port(ports[1]),
-            )
-            .expect("hold two connections");
-        let mut live = live_keys(&lab, &[&held]);
+        let (server, held, mut live) =
+            serve_and_hold(&lab, true, |c| c.from_port(ports[0]).from_port(ports[1]));
         let hidden = Hidden::new();
         let hidden_keys = hidden.file_connection(&lab);
         live.extend(hidden_keys.iter().copied());

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use sockmap_gc::key::{Family, SockKey};
 use sockmap_gc_lab::{netns, sys, ClientOpts, Lab, Names, Outcome};
 
+use crate::support::wait_keys;
+
 const PEER: &str = env!("CARGO_BIN_EXE_sockmap-gc-lab");
 const HANG: Duration = Duration::from_millis(1500);
 
@@ -39,6 +41,16 @@ fn assert_gone(id: &str) {
         .filter(|n| names.owns_netns(n))
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+/// Runs `test` in a fresh lab of `pods` pods, then checks that dropping the lab removed
+/// everything named from `id`.
+fn in_lab(id: &str, pods: usize, test: impl FnOnce(&Lab)) {
+    {
+        let lab = lab(id, pods);
+        test(&lab);
+    }
+    assert_gone(id);
 }
 
 fn node_end(lab: &Lab, port: u16) -> SocketAddr {
@@ -84,9 +96,7 @@ fn expect_reply(lab: &Lab, target: SocketAddr, port: u16) {
 
 #[test]
 fn held_connections_are_filed_under_both_ends_keys_and_leave_on_close() {
-    let id = "it-held";
-    {
-        let lab = lab(id, 2);
+    in_lab("it-held", 2, |lab| {
         let server0 = lab.start_server(0, 8080, false).expect("server on pod 0");
         let server1 = lab.start_server(1, 9090, false).expect("server on pod 1");
         let held = lab
@@ -104,7 +114,7 @@ fn held_connections_are_filed_under_both_ends_keys_and_leave_on_close() {
         for (conn, port) in held.connections().iter().zip([41000u16, 41001]) {
             let client_key = SockKey::for_socket(conn.0, conn.1).expect("ipv4");
             // The client's own socket: local = client end, remote = server end.
-            assert_eq!(client_key.local, node_end(&lab, port));
+            assert_eq!(client_key.local, node_end(lab, port));
             assert_eq!(client_key.remote, server0.addr());
             expected.push(client_key);
             expected.push(client_key.peer());
@@ -115,13 +125,7 @@ fn held_connections_are_filed_under_both_ends_keys_and_leave_on_close() {
             expected.push(k);
             expected.push(k.peer());
         }
-        // The server's insert happens when the handshake's last ACK arrives; give it a moment.
-        for k in &expected {
-            assert!(
-                lab.wait_key(k, true, Duration::from_secs(2)),
-                "missing key {k}"
-            );
-        }
+        wait_keys(lab, &expected, "key");
         let mut keys = lab.keys().expect("keys decode");
         keys.sort_by_key(|k| k.encode());
         let mut want = expected.clone();
@@ -136,7 +140,7 @@ fn held_connections_are_filed_under_both_ends_keys_and_leave_on_close() {
         // The twin of the client key is the server's socket: local = server end.
         let twin = expected[1];
         assert_eq!(twin.local, server0.addr());
-        assert_eq!(twin.remote, node_end(&lab, 41000));
+        assert_eq!(twin.remote, node_end(lab, 41000));
 
         // bpftool, the operator's tool, sees the same key bytes.
         let dump = Command::new("bpftool")
@@ -166,15 +170,12 @@ fn held_connections_are_filed_under_both_ends_keys_and_leave_on_close() {
             lab.raw_keys().is_empty(),
             "map empty after every connection closed"
         );
-    }
-    assert_gone(id);
+    });
 }
 
 #[test]
 fn a_reset_client_and_a_busy_server_leave_an_entry_that_hangs_the_next_request() {
-    let id = "it-natural";
-    {
-        let lab = lab(id, 1);
+    in_lab("it-natural", 1, |lab| {
         let server = lab.start_server(0, 8080, true).expect("busy server");
         let target = server.addr();
         let port = 42000;
@@ -188,7 +189,7 @@ fn a_reset_client_and_a_busy_server_leave_an_entry_that_hangs_the_next_request()
             .expect("client runs");
         assert!(reset.is_replied(), "the first request works: {reset}");
 
-        let stale = server_end_key(target, node_end(&lab, port));
+        let stale = server_end_key(target, node_end(lab, port));
         let stayed = lab.wait_key(&stale, true, Duration::from_secs(1));
         let client_key = stale.peer();
         assert!(
@@ -198,60 +199,54 @@ fn a_reset_client_and_a_busy_server_leave_an_entry_that_hangs_the_next_request()
         if !stayed && !sys::keeps_reset_sockets().expect("kernel release") {
             // Before 5.16 the reset socket's unhash removes its entry: no incident to see.
             evidence("kernel fact: a reset socket leaves the map on unhash (before 5.16): the next request from its port works");
-            expect_reply(&lab, target, port);
+            expect_reply(lab, target, port);
         } else {
             assert!(
                 stayed,
                 "the server end's key should stay while the server keeps the fd"
             );
-            expect_hang(&lab, target, port);
-            expect_reply(&lab, target, port + 1);
+            expect_hang(lab, target, port);
+            expect_reply(lab, target, port + 1);
 
             // The cure: delete the stale key; the same port works again.
             lab.delete_key(&stale).expect("delete the stale key");
             assert!(!lab.contains(&stale));
-            expect_reply(&lab, target, port);
+            expect_reply(lab, target, port);
         }
-    }
-    assert_gone(id);
+    });
 }
 
 #[test]
 fn a_planted_stale_key_hangs_only_its_port_until_deleted() {
-    let id = "it-planted";
-    {
-        let lab = lab(id, 1);
+    in_lab("it-planted", 1, |lab| {
         let server = lab.start_server(0, 8080, false).expect("server");
         let target = server.addr();
         // The key filed for the server end of a future connection from node:40000.
-        let stale = server_end_key(target, node_end(&lab, 40000));
-        assert_eq!(stale.a(), node_end(&lab, 40000));
+        let stale = server_end_key(target, node_end(lab, 40000));
+        assert_eq!(stale.a(), node_end(lab, 40000));
         assert_eq!(stale.b(), target);
         lab.plant(stale).expect("plant");
         assert_eq!(lab.keys().expect("keys"), vec![stale]);
         assert!(lab.plant(stale).is_err(), "a plant never replaces an entry");
 
-        expect_hang(&lab, target, 40000);
-        expect_reply(&lab, target, 40001);
+        expect_hang(lab, target, 40000);
+        expect_reply(lab, target, 40001);
 
         // bpftool, the manual remedy, cures it.
         lab.bpftool_delete(&stale).expect("bpftool map delete");
         assert!(!lab.contains(&stale));
-        expect_reply(&lab, target, 40000);
+        expect_reply(lab, target, 40000);
         assert!(
             sys::wait_until(Duration::from_secs(2), || lab.raw_keys().is_empty()),
             "map empty after the cured request closed: {:?}",
             lab.keys()
         );
-    }
-    assert_gone(id);
+    });
 }
 
 #[test]
 fn plants_take_one_socket_each_and_accept_ipv6_keys() {
-    let id = "it-plant-many";
-    {
-        let lab = lab(id, 1);
+    in_lab("it-plant-many", 1, |lab| {
         let v6 = SockKey::for_socket(
             "[fd00::b]:8080".parse().expect("addr"),
             "[fd00::a]:40000".parse().expect("addr"),
@@ -261,7 +256,7 @@ fn plants_take_one_socket_each_and_accept_ipv6_keys() {
             .map(|i| {
                 server_end_key(
                     SocketAddr::new(lab.pod_ip(0).into(), 8080),
-                    node_end(&lab, 43000 + i),
+                    node_end(lab, 43000 + i),
                 )
             })
             .collect();
@@ -275,8 +270,7 @@ fn plants_take_one_socket_each_and_accept_ipv6_keys() {
         assert_eq!(lab.planted().len(), 4);
         lab.delete_key(&v6).expect("delete ipv6 key");
         assert_eq!(lab.keys().expect("keys").len(), 3);
-    }
-    assert_gone(id);
+    });
 }
 
 #[test]

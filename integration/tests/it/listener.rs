@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use sockmap_gc_lab::sys;
 
-use crate::daemon::{try_scrape, write_config, Daemon};
-use crate::rig::Scratch;
-use crate::support::{evidence, lab};
+use crate::daemon::{try_scrape, write_config, Daemon, EACH_SECOND};
+use crate::rig::lab_and_scratch;
+use crate::support::evidence;
 
 /// Connections of the flood, opened by this many threads.
 const FLOOD: usize = 3000;
@@ -60,14 +60,8 @@ fn flood(addr: SocketAddr, n: usize, opened: &AtomicUsize, done: &AtomicBool) ->
 
 #[test]
 fn a_connection_flood_costs_the_daemon_little_memory_and_metrics_answer_after_it() {
-    let id = "lst-flood";
-    let scratch = Scratch::new(id);
-    let lab = lab(id, 1);
-    let config = write_config(
-        &scratch,
-        &lab,
-        "interval_min = \"1s\"\ninterval_max = \"1s\"\nconfirm_after = \"0s\"",
-    );
+    let (scratch, lab) = lab_and_scratch("lst-flood");
+    let config = write_config(&scratch, &lab, EACH_SECOND);
     let daemon = Daemon::start(&config);
     let addr = daemon.metrics_addr();
     assert!(addr.ip().is_loopback(), "{addr}");

@@ -3,18 +3,19 @@
 //! lines, and the trail read back. `daemon.rs` wraps this harness with a metrics listener;
 //! the soak and fault tests need none, so many daemons can run at once.
 
+use std::fmt::Display;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use sockmap_gc_lab::sys;
+use sockmap_gc_lab::{sys, Lab};
 
-use crate::support::{evidence, product};
+use crate::support::{evidence, lab, product};
 
 /// A directory for one test's config and trail, removed afterwards.
 pub struct Scratch(PathBuf);
@@ -52,6 +53,13 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// A one-pod lab and a scratch directory, both named from the test's `id`; in this order, so
+/// that the lab goes first.
+pub fn lab_and_scratch(id: &str) -> (Scratch, Lab) {
+    let scratch = Scratch::new(id);
+    (scratch, lab(id, 1))
 }
 
 /// One line of the trail.
@@ -137,35 +145,46 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The lines logged so far (the reader thread appends while this is held).
+    fn lines(&self) -> MutexGuard<'_, Vec<String>> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn log(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        self.lines().join("\n")
     }
 
     pub fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
-        self.lines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|l| pred(l))
-            .count()
+        self.lines().iter().filter(|l| pred(l)).count()
     }
 
     pub fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
         let mut found = None;
         sys::wait_until(timeout, || {
-            found = self
-                .lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .find(|l| pred(l))
-                .cloned();
+            found = self.lines().iter().find(|l| pred(l)).cloned();
             found.is_some()
         });
         found
+    }
+
+    /// Waits for the line containing `line`, and returns what follows `after` in it up to the
+    /// first character `end` accepts (the address in `serving metrics on http://...`, say).
+    pub fn wait_value(
+        &self,
+        timeout: Duration,
+        line: &str,
+        after: &str,
+        end: fn(char) -> bool,
+    ) -> String {
+        let found = self
+            .wait_line(timeout, |l| l.contains(line))
+            .unwrap_or_else(|| panic!("no line with {line:?}:\n{}", self.log()));
+        found
+            .split(after)
+            .nth(1)
+            .and_then(|rest| rest.split(end).next())
+            .unwrap_or_else(|| panic!("no {after:?} in {found:?}"))
+            .to_string()
     }
 
     /// Sweeps finished so far: one summary line each (`sweep ok:`, `sweep held:`, ...,
@@ -183,9 +202,20 @@ impl Daemon {
     /// Waits for `n` more sweeps than now; returns how many there are then.
     pub fn wait_more_sweeps(&self, n: usize, timeout: Duration) -> usize {
         let want = self.sweeps() + n;
-        let mut got = 0;
+        self.wait_sweeps_counted(want, timeout, || self.sweeps())
+    }
+
+    /// Waits until `count` (from the log, or from the metrics) says `want` sweeps; returns
+    /// its last answer, failing with the log if it stays short.
+    pub fn wait_sweeps_counted<N: PartialOrd + Copy + Default + Display>(
+        &self,
+        want: N,
+        timeout: Duration,
+        mut count: impl FnMut() -> N,
+    ) -> N {
+        let mut got = N::default();
         sys::wait_until(timeout, || {
-            got = self.sweeps();
+            got = count();
             got >= want
         });
         assert!(

@@ -125,6 +125,21 @@ fn soak(id: &str, duration: Duration) {
     let making = AtomicBool::new(true);
     let watching = AtomicBool::new(true);
     let started = Instant::now();
+    // Stale key number n from `make(n)`, one each `every`, noted as made, until `making`
+    // drops.
+    let maker = |natural: bool, every: Duration, make: &(dyn Fn(u16) -> SockKey + Sync)| {
+        let mut n = 0u16;
+        while making.load(Ordering::Relaxed) {
+            let key = make(n);
+            made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
+                key,
+                natural,
+                at: Instant::now(),
+            });
+            n += 1;
+            std::thread::sleep(every);
+        }
+    };
     let reports: Vec<ChurnReport> = std::thread::scope(|s| {
         // A panic below must still end the helper threads, or the scope waits forever.
         let _lower = Lower([&making, &watching]);
@@ -140,8 +155,7 @@ fn soak(id: &str, duration: Duration) {
             .collect();
         // Planted: the server end's key of a future connection from a port no one uses.
         s.spawn(|| {
-            let mut n = 0u16;
-            while making.load(Ordering::Relaxed) {
+            maker(false, PLANT_EVERY, &|n| {
                 let pod = usize::from(n % 2);
                 let key = SockKey::for_socket(
                     sa(lab.pod_ip(pod), CHURN_PORT),
@@ -149,33 +163,15 @@ fn soak(id: &str, duration: Duration) {
                 )
                 .expect("v4");
                 lab.plant(key).expect("plant");
-                made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
-                    key,
-                    natural: false,
-                    at: Instant::now(),
-                });
-                n += 1;
-                std::thread::sleep(PLANT_EVERY);
-            }
+                key
+            })
         });
-        // Natural: a client resets, the busy server keeps the fd.
+        // Natural: a client resets, the busy server keeps the fd. With kernel events the
+        // daemon may delete it before this returns.
         s.spawn(|| {
-            let mut n = 0u16;
-            while making.load(Ordering::Relaxed) {
-                // With kernel events the daemon may delete it before this returns.
-                let key = natural_stale_under_daemon(
-                    &lab,
-                    busy_addr,
-                    sa(lab.node_ip(0), NATURAL_FROM + n),
-                );
-                made.lock().unwrap_or_else(|e| e.into_inner()).push(Made {
-                    key,
-                    natural: true,
-                    at: Instant::now(),
-                });
-                n += 1;
-                std::thread::sleep(NATURAL_EVERY);
-            }
+            maker(true, NATURAL_EVERY, &|n| {
+                natural_stale_under_daemon(&lab, busy_addr, sa(lab.node_ip(0), NATURAL_FROM + n))
+            })
         });
         // The map every 100 ms: when each stale key left, and that no held key ever did.
         s.spawn(|| {

@@ -5,11 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{ClientOpts, Lab};
+use sockmap_gc_lab::Lab;
 
 use crate::support::{
-    entry_of, evidence, hex, lab, live_keys, natural_stale_entry, run_json, run_json_without,
-    run_without,
+    entry_of, evidence, hex, lab, lab_with_stale, natural_stale_entry, run_json, run_json_without,
+    run_on_without, serve_and_hold,
 };
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -26,11 +26,7 @@ fn wait_stuck(lab: &Lab, server: SocketAddr, port: u16) -> bool {
 #[test]
 fn identity_sees_the_request_stuck_right_now_and_sweep_frees_it() {
     let lab = lab("stuck-now", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).count(2))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, false, |c| c.count(2));
     let port = 40000;
     let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), port)).expect("v4");
     lab.plant(stale).expect("plant");
@@ -127,10 +123,7 @@ const NO_PERFMON: &str = "-perfmon,-sys_admin";
 
 #[test]
 fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
-    let lab = lab("stuck-refused", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let stale = SockKey::for_socket(server.addr(), sa(lab.node_ip(0), 40000)).expect("v4");
-    lab.plant(stale).expect("plant");
+    let (lab, _server, stale) = lab_with_stale("stuck-refused", 40000);
     let path = lab.map_path();
     let path = path.to_str().expect("utf-8");
 
@@ -146,7 +139,7 @@ fn identity_auto_warns_once_and_still_audits_where_the_program_is_refused() {
         auto.stderr
     );
 
-    let on = run_without(NO_PERFMON, &["audit", "--map", path, "--identity", "on"]);
+    let on = run_on_without(NO_PERFMON, "audit", path, &["--identity", "on"]);
     assert_eq!(on.code, 2, "on makes a refusal an error: {}", on.stderr);
     assert!(on.stderr.contains("refused"), "{}", on.stderr);
 }

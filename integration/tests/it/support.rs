@@ -1,17 +1,18 @@
 //! Shared by the product's end-to-end tests: building labs, running the `sockmap-gc` binary,
-//! and the lab recipes the tests repeat (held connections, natural stale entries).
+//! the repository's scripts and checkers, and the lab recipes the tests repeat (a server with
+//! held connections, planted and natural stale entries).
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::sys::keeps_reset_sockets;
-use sockmap_gc_lab::{ClientOpts, Lab, LabConfig};
+use sockmap_gc_lab::{ClientOpts, Held, Lab, LabConfig, Server};
 
 pub const PEER: &str = env!("CARGO_BIN_EXE_sockmap-gc-lab");
 pub const HANG: Duration = Duration::from_millis(1500);
@@ -29,6 +30,67 @@ pub fn lab_with(config: LabConfig) -> Lab {
 
 pub fn lab(id: &str, pods: usize) -> Lab {
     lab_with(LabConfig::new(id, pods, PEER))
+}
+
+/// The repository's root, above `integration/`.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs `cmd` with no stdin to its end; fails if it cannot start.
+pub fn output(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+}
+
+/// All a finished command said: its stdout, then its stderr.
+pub fn said(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A checker (promtool, systemd-analyze) that passed and said nothing; `what` names the check
+/// in the failure, before what it said.
+pub fn assert_clean(out: &Output, what: &str) {
+    let said = said(out);
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "{what} ({}):\n{said}",
+        out.status
+    );
+}
+
+/// Runs `scripts/NAME` (bounded by coreutils `timeout`, niced so the other tests keep their
+/// timing), which must succeed; its `NAME:` lines and how long it took go to the log. Returns
+/// its stdout and stderr.
+pub fn run_build_script(name: &str, timeout_s: &str) -> (String, String) {
+    let started = Instant::now();
+    let out = output(
+        Command::new("timeout")
+            .args([timeout_s, "nice", "-n", "10", "bash"])
+            .arg(repo().join("scripts").join(name))
+            .current_dir(repo()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed ({}):\n{stderr}",
+        out.status
+    );
+    let prefix = format!("{name}:");
+    for line in stderr.lines().filter(|l| l.starts_with(&prefix)) {
+        evidence(line);
+    }
+    evidence(&format!(
+        "scripts/{name} took {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
 }
 
 /// The product binary, built beside the lab's by `cargo build --workspace`.
@@ -70,20 +132,32 @@ pub fn run(args: &[&str]) -> Run {
     run_command(Command::new(product()).args(args))
 }
 
-/// `sockmap-gc COMMAND --map MAP --output json EXTRA...`, COMMAND being `audit` or `sweep`.
+/// `sockmap-gc COMMAND --map MAP EXTRA...`, COMMAND being `audit` or `sweep`.
+pub fn run_on(command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
+    run(&map_args(command, map.as_ref(), &[extra]))
+}
+
+/// [`run_on`] without `caps`, as [`run_without`] runs.
+pub fn run_on_without(caps: &str, command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
+    run_without(caps, &map_args(command, map.as_ref(), &[extra]))
+}
+
+/// `sockmap-gc COMMAND --map MAP --output json EXTRA...`.
 pub fn run_json(command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
-    run(&json_args(command, map.as_ref(), extra))
+    run(&map_args(command, map.as_ref(), &[JSON, extra]))
 }
 
 /// [`run_json`] without `caps`, as [`run_without`] runs.
 pub fn run_json_without(caps: &str, command: &str, map: impl AsRef<Path>, extra: &[&str]) -> Run {
-    run_without(caps, &json_args(command, map.as_ref(), extra))
+    run_without(caps, &map_args(command, map.as_ref(), &[JSON, extra]))
 }
 
-fn json_args<'a>(command: &'a str, map: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+const JSON: &[&str] = &["--output", "json"];
+
+fn map_args<'a>(command: &'a str, map: &'a Path, extra: &[&[&'a str]]) -> Vec<&'a str> {
     let map = map.to_str().expect("the map's path is UTF-8");
-    let mut args = vec![command, "--map", map, "--output", "json"];
-    args.extend_from_slice(extra);
+    let mut args = vec![command, "--map", map];
+    args.extend(extra.iter().copied().flatten());
     args
 }
 
@@ -145,7 +219,7 @@ pub fn evidence(line: &str) {
 }
 
 /// The keys both ends of every held connection are filed under, once sock_ops filed them.
-pub fn live_keys(lab: &Lab, held: &[&sockmap_gc_lab::Held]) -> HashSet<SockKey> {
+pub fn live_keys(lab: &Lab, held: &[&Held]) -> HashSet<SockKey> {
     let mut keys = HashSet::new();
     for h in held {
         for k in h.client_keys() {
@@ -153,13 +227,61 @@ pub fn live_keys(lab: &Lab, held: &[&sockmap_gc_lab::Held]) -> HashSet<SockKey> 
             keys.insert(k.peer());
         }
     }
-    for k in &keys {
+    wait_keys(lab, &keys, "live key");
+    keys
+}
+
+/// Waits (2 s each; the server's insert comes with the handshake's last ACK) until every one
+/// of `keys` is in the map; fails naming the first missing one as `what`.
+pub fn wait_keys<'a>(lab: &Lab, keys: impl IntoIterator<Item = &'a SockKey>, what: &str) {
+    for k in keys {
         assert!(
             lab.wait_key(k, true, Duration::from_secs(2)),
-            "live key {k} never appeared"
+            "{what} {k} never appeared"
         );
     }
-    keys
+}
+
+/// A one-pod lab `id` with a server on pod 0, port 8080, and a stale entry planted as the
+/// incident leaves them: the server end's key of a future connection from node:`port`.
+pub fn lab_with_stale(id: &str, port: u16) -> (Lab, Server, SockKey) {
+    let lab = lab(id, 1);
+    let server = lab.start_server(0, 8080, false).expect("server");
+    let stale = plant_stale(&lab, server.addr(), [port])[0];
+    (lab, server, stale)
+}
+
+/// Stale entries as the incident leaves them, planted: the server end's keys of future
+/// connections to `server` from node 0's `ports`.
+pub fn plant_stale(
+    lab: &Lab,
+    server: SocketAddr,
+    ports: impl IntoIterator<Item = u16>,
+) -> Vec<SockKey> {
+    ports
+        .into_iter()
+        .map(|port| {
+            let node = SocketAddr::new(lab.node_ip(0).into(), port);
+            let key = SockKey::for_socket(server, node).expect("one family");
+            lab.plant(key).expect("plant");
+            key
+        })
+        .collect()
+}
+
+/// A server on pod 0, port 8080 (`busy`: it keeps the fd of a connection its client resets,
+/// as in the incident), the connections `clients` describes held open to it, and their keys.
+pub fn serve_and_hold(
+    lab: &Lab,
+    busy: bool,
+    clients: impl FnOnce(ClientOpts) -> ClientOpts,
+) -> (Server, Held, HashSet<SockKey>) {
+    let server = lab.start_server(0, 8080, busy).expect("server");
+    let held = lab
+        .hold(&clients(ClientOpts::to(server.addr())))
+        .expect("hold");
+    let live = live_keys(lab, &[&held]);
+    (server, held, live)
 }
 
 /// Says a fact of the running kernel that differs between kernels, once per test run, as a
@@ -194,6 +316,12 @@ pub fn natural_stale_under_daemon(lab: &Lab, server: SocketAddr, node: SocketAdd
     if !keeps_reset_sockets().expect("kernel release") {
         return natural_stale(lab, server, node);
     }
+    reset_request(lab, server, node)
+}
+
+/// One request from `node` to `server` that the client resets once answered; returns the key
+/// of the server end, once the client end's key has left with the client's fd.
+fn reset_request(lab: &Lab, server: SocketAddr, node: SocketAddr) -> SockKey {
     let outcome = lab
         .request(
             &ClientOpts::to(server)
@@ -214,22 +342,8 @@ pub fn natural_stale_under_daemon(lab: &Lab, server: SocketAddr, node: SocketAdd
 /// As [`natural_stale`], but `None` (a kernel fact said) where the kernel removes the reset
 /// socket's entry: the tests of the natural case itself check that instead.
 pub fn natural_stale_entry(lab: &Lab, server: SocketAddr, node: SocketAddr) -> Option<SockKey> {
-    let outcome = lab
-        .request(
-            &ClientOpts::to(server)
-                .from_port(node.port())
-                .timeout(HANG)
-                .reset(true),
-        )
-        .expect("client runs");
-    assert!(outcome.is_replied(), "first request works: {outcome}");
-    let stale = SockKey::for_socket(server, node).expect("one family");
-    let stayed = lab.wait_key(&stale, true, Duration::from_secs(2));
-    assert!(
-        lab.wait_key(&stale.peer(), false, Duration::from_secs(2)),
-        "client end's key leaves with the client's fd"
-    );
-    if stayed {
+    let stale = reset_request(lab, server, node);
+    if lab.wait_key(&stale, true, Duration::from_secs(2)) {
         kernel_fact("a reset socket whose application keeps the fd stays in the map: the natural stale entry occurs");
         return Some(stale);
     }

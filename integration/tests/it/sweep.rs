@@ -8,8 +8,8 @@ use sockmap_gc::key::SockKey;
 use sockmap_gc_lab::{ClientOpts, Lab};
 
 use crate::support::{
-    evidence, hex, lab, live_keys, natural_stale, run, run_json, run_json_without, run_without,
-    HANG,
+    evidence, hex, lab, lab_with_stale, live_keys, natural_stale, run_json, run_json_without,
+    run_on, run_on_without, serve_and_hold, HANG,
 };
 
 fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
@@ -123,25 +123,14 @@ fn sweep_dry_run_deletes_nothing_and_execute_deletes_exactly_the_stale_keys() {
 
 #[test]
 fn sweep_cures_the_incident_a_stuck_port_works_again() {
-    let lab = lab("swp-cure", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let node = sa(lab.node_ip(0), 40000);
-    let stale = SockKey::for_socket(server.addr(), node).expect("v4");
-    lab.plant(stale).expect("plant");
+    let (lab, server, stale) = lab_with_stale("swp-cure", 40000);
     let hung = lab
         .request_from(server.addr(), 40000, HANG)
         .expect("client runs");
     assert!(hung.is_hang(), "the planted key hangs port 40000: {hung}");
 
     let path = lab.map_path();
-    let out = run(&[
-        "sweep",
-        "--map",
-        path.to_str().expect("utf-8"),
-        "--confirm-after",
-        "0s",
-        "--execute",
-    ]);
+    let out = run_on("sweep", &path, &["--confirm-after", "0s", "--execute"]);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     assert!(!lab.contains(&stale), "sweep removed the stale key");
     let cured = lab
@@ -160,11 +149,7 @@ fn sweep_cures_the_incident_a_stuck_port_works_again() {
 fn sweep_deletes_the_incidents_7325_stale_keys_and_no_live_one() {
     const STALE: u16 = 7325;
     let lab = lab("swp-7325", 1);
-    let server = lab.start_server(0, 8080, false).expect("server");
-    let held = lab
-        .hold(&ClientOpts::to(server.addr()).count(8))
-        .expect("hold");
-    let live = live_keys(&lab, &[&held]);
+    let (server, held, live) = serve_and_hold(&lab, false, |c| c.count(8));
     let stale = plant_future(&lab, server.addr(), lab.node_ip(0).into(), 20000, STALE);
     let path = lab.map_path();
     let out = run_json(
@@ -263,16 +248,11 @@ fn sweep_deletes_nothing_when_a_namespace_cannot_be_read() {
     assert_eq!(map_hex(&lab), before, "nothing deleted");
     assert_eq!(stale.len(), 3);
 
-    let text = run_without(
+    let text = run_on_without(
         "-sys_admin",
-        &[
-            "sweep",
-            "--map",
-            path.to_str().expect("utf-8"),
-            "--execute",
-            "--confirm-after",
-            "0s",
-        ],
+        "sweep",
+        &path,
+        &["--execute", "--confirm-after", "0s"],
     );
     assert!(text.stdout.contains("INCOMPLETE"), "{}", text.stdout);
     assert!(text.stdout.contains("nothing deleted"), "{}", text.stdout);

@@ -11,40 +11,40 @@ use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::observe;
 use sockmap_gc::pass::{self, PassError, PassReport, PassState};
 
+use super::sweep::Finished;
 use super::{identity_source, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 
-/// What a pass thread hands back, and when the pass started.
-pub(super) struct Passed {
-    outcome: Result<(PassReport, PathBuf), PassError>,
-    started: Instant,
-}
+/// What a pass thread hands back; `started` is when the pass was due.
+pub(super) type Passed = Finished<PassReport, PassError>;
 
 impl Daemon {
     pub(super) fn start_pass(&mut self) {
         let settings = Arc::clone(&self.settings);
         let identity = Arc::clone(&self.identity);
         let state = Arc::clone(&self.pass_state);
-        let done = self.done_tx.clone();
         let started = Instant::now();
-        let spawned = std::thread::Builder::new()
-            .name("pass".into())
-            .spawn(move || {
-                let outcome = pass_once(&settings, &identity, &state, started);
-                // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(Done::Pass(Box::new(Passed { outcome, started })));
-            });
-        match spawned {
-            Ok(_) => self.running = Running::Pass,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start a pass thread; trying again after the interval");
-                self.metrics.record_pass_error();
-                self.schedule_pass(started, false, Duration::ZERO);
-            }
+        let spawned = self.spawn_worker(Running::Pass, move || {
+            let outcome = pass_once(&settings, &identity, &state, started);
+            let took = started.elapsed();
+            Done::Pass(Box::new(Finished {
+                outcome,
+                started,
+                took,
+            }))
+        });
+        if !spawned {
+            self.metrics.record_pass_error();
+            self.schedule_pass(started, false, Duration::ZERO);
         }
     }
 
-    pub(super) fn finish_pass(&mut self, Passed { outcome, started }: Passed) {
+    pub(super) fn finish_pass(
+        &mut self,
+        Passed {
+            outcome, started, ..
+        }: Passed,
+    ) {
         self.running = Running::Nothing;
         match outcome {
             Ok((report, path)) => {

@@ -23,7 +23,7 @@ use crate::cmd::metrics;
 
 /// Why one sweep of the daemon failed before its report; the next sweep tries again.
 #[derive(Debug, thiserror::Error)]
-enum SweepFailed {
+pub(super) enum SweepFailed {
     #[error(transparent)]
     Map(#[from] MapError),
     #[error(transparent)]
@@ -35,9 +35,27 @@ enum SweepFailed {
 }
 
 /// What a sweep thread hands back.
-pub(super) struct Swept {
-    outcome: Result<(SweepReport, PathBuf), SweepFailed>,
-    took: Duration,
+pub(super) type Swept = Finished<SweepReport, SweepFailed>;
+
+/// What a worker thread (a sweep or a pass) hands back: its report and the map's path, or
+/// why it failed; when it started, and how long it took.
+pub(super) struct Finished<R, E> {
+    pub(super) outcome: Result<(R, PathBuf), E>,
+    pub(super) started: Instant,
+    pub(super) took: Duration,
+}
+
+impl<R, E> Finished<R, E> {
+    /// Runs `work`, timing it.
+    fn timed(work: impl FnOnce() -> Result<(R, PathBuf), E>) -> Finished<R, E> {
+        let started = Instant::now();
+        let outcome = work();
+        Finished {
+            outcome,
+            started,
+            took: started.elapsed(),
+        }
+    }
 }
 
 impl Daemon {
@@ -46,24 +64,45 @@ impl Daemon {
         let stop = Arc::clone(&self.stop);
         let identity = Arc::clone(&self.identity);
         let holders = Arc::clone(&self.holders);
+        let spawned = self.spawn_worker(Running::Sweep, move || {
+            Done::Sweep(Box::new(Finished::timed(|| {
+                sweep_once(&settings, &stop, &identity, &holders)
+            })))
+        });
+        if !spawned {
+            self.metrics.record_error(Duration::ZERO);
+            self.schedule();
+        }
+    }
+
+    /// Runs `work` (a sweep or a pass) on a thread of its own, named after it, which hands its
+    /// result back to the loop, and marks it running. False, said in the log, when no thread
+    /// could be started: the caller counts the failure and schedules the next try.
+    pub(super) fn spawn_worker(
+        &mut self,
+        running: Running,
+        work: impl FnOnce() -> Done + Send + 'static,
+    ) -> bool {
+        let name = match running {
+            Running::Sweep => "sweep",
+            Running::Pass => "pass",
+            Running::Nothing => "worker",
+        };
         let done = self.done_tx.clone();
         let spawned = std::thread::Builder::new()
-            .name("sweep".into())
+            .name(name.into())
             .spawn(move || {
-                let started = Instant::now();
-                let outcome = sweep_once(&settings, &stop, &identity, &holders);
                 // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(Done::Sweep(Box::new(Swept {
-                    outcome,
-                    took: started.elapsed(),
-                })));
+                let _ = done.send(work());
             });
         match spawned {
-            Ok(_) => self.running = Running::Sweep,
+            Ok(_) => {
+                self.running = running;
+                true
+            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot start a sweep thread; trying again after the interval");
-                self.metrics.record_error(Duration::ZERO);
-                self.schedule();
+                tracing::error!(error = %e, "cannot start a {name} thread; trying again after the interval");
+                false
             }
         }
     }
@@ -138,12 +177,7 @@ fn sweep_once(
 /// One log line per sweep with stale entries naming who keeps them: the counts per holder
 /// class and the top processes and pods.
 fn holders_line(r: &SweepReport) -> Option<String> {
-    let stale: Vec<&Judged> = r
-        .second
-        .entries
-        .iter()
-        .filter(|e| e.verdict.is_stale())
-        .collect();
+    let stale: Vec<&Judged> = r.second.stale().collect();
     let s = report::stale_by_holder(&r.second, &stale)?;
     let classes: Vec<String> = s.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
     let mut line = format!("stale by holder: {}", classes.join(", "));

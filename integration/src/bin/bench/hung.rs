@@ -10,6 +10,8 @@
 //! entry still lives hangs (its payload goes to the dead socket). A watcher reads the socket
 //! behind every entry through the product's iterator every few milliseconds: a stale entry is
 //! born when its held socket is first seen closed, and dies when that socket leaves the map.
+//! Where the daemon deletes an entry on its socket's close event (often before the next read),
+//! the lifetime is the daemon's own close-to-delete time from its journal.
 //!
 //! The daemon runs the shipped config (config/sockmap-gc.toml, built in) with `dry_run =
 //! false`; "full sweeps only" also turns the continuous pass off (`pass_interval = "0s"`) when
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sockmap_gc::identity::IdentityReader;
-use sockmap_gc::key::RawKey;
+use sockmap_gc::key::{parse_hex, RawKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::socket::TcpState;
 use sockmap_gc_lab::peer::child::churn::{ChurnOpts, ChurnReport};
@@ -206,7 +208,7 @@ fn run_one(
     };
     let stop = AtomicBool::new(false);
     let map_path = lab.map_path();
-    let (churn, lifetimes, cpu) = thread::scope(|s| -> Result<_> {
+    let (churn, watched, cpu) = thread::scope(|s| -> Result<_> {
         let watcher = s.spawn(|| watch(&map_path, load.poll, &stop));
         let before = daemon.as_ref().map(DaemonProc::cpu).transpose()?;
         let started = Instant::now();
@@ -220,18 +222,22 @@ fn run_one(
         let window = started.elapsed();
         let after = daemon.as_ref().map(DaemonProc::cpu).transpose()?;
         stop.store(true, Ordering::Relaxed);
-        let lifetimes = watcher
+        let watched = watcher
             .join()
             .map_err(|_| anyhow::anyhow!("the watcher panicked"))??;
         let cpu = before
             .zip(after)
             .map(|(b, a)| (a.saturating_sub(b), window));
-        Ok((churn?, lifetimes, cpu))
+        Ok((churn?, watched, cpu))
     })?;
-    let daemon = match (daemon, cpu) {
-        (Some(d), Some((cpu, window))) => Some(finish(d, &trail, cpu, window)?),
-        _ => None,
+    let (daemon, events) = match (daemon, cpu) {
+        (Some(d), Some((cpu, window))) => {
+            let (cost, log) = finish(d, &trail, cpu, window)?;
+            (Some(cost), event_deletions(&log))
+        }
+        _ => (None, Vec::new()),
     };
+    let lifetimes = lifetimes(watched, &events);
     server.stop()?;
     // The kept sockets close with the server: their entries leave the map.
     if !sys::wait_until(Duration::from_secs(10), || lab.raw_keys().is_empty()) {
@@ -250,18 +256,29 @@ fn run_one(
     Ok(run)
 }
 
+/// A stale entry: its key and the cookie of the closed socket it holds.
+type Stale = (RawKey, u64);
+
+/// What the watcher saw: stale entries that left, with how long each was seen, and the ones
+/// still there at the end.
+#[derive(Debug, Default)]
+struct Watched {
+    ended: Vec<(Stale, Duration)>,
+    left: Vec<Duration>,
+}
+
 /// Reads the map every `poll` until `stop`: when each stale entry (a held socket seen closed)
 /// was first seen, and when it left.
-fn watch(map_path: &Path, poll: Duration, stop: &AtomicBool) -> Result<Lifetimes> {
+fn watch(map_path: &Path, poll: Duration, stop: &AtomicBool) -> Result<Watched> {
     let map = SockMap::open(map_path, Access::ReadOnly)?;
     let mut reader = IdentityReader::new().context("loading the identity iterator")?;
     // (key, cookie of the closed socket) -> first seen.
-    let mut alive: HashMap<(RawKey, u64), Instant> = HashMap::new();
-    let mut out = Lifetimes::default();
+    let mut alive: HashMap<Stale, Instant> = HashMap::new();
+    let mut out = Watched::default();
     while !stop.load(Ordering::Relaxed) {
         let at = Instant::now();
         let ids = reader.read(&map)?;
-        let seen: Vec<(RawKey, u64)> = ids
+        let seen: Vec<Stale> = ids
             .entries
             .iter()
             .filter(|(_, h)| h.state == TcpState::Close)
@@ -273,7 +290,7 @@ fn watch(map_path: &Path, poll: Duration, stop: &AtomicBool) -> Result<Lifetimes
         alive.retain(|s, born| {
             let here = seen.contains(s);
             if !here {
-                out.ended.push(at.saturating_duration_since(*born));
+                out.ended.push((*s, at.saturating_duration_since(*born)));
             }
             here
         });
@@ -282,6 +299,41 @@ fn watch(map_path: &Path, poll: Duration, stop: &AtomicBool) -> Result<Lifetimes
     let end = Instant::now();
     out.left = alive.values().map(|born| end - *born).collect();
     Ok(out)
+}
+
+/// The entries the daemon deleted on kernel events, from its journal: the key, the closed
+/// socket's cookie and the time from its close to the delete.
+fn event_deletions(log: &str) -> Vec<(Stale, Duration)> {
+    log.lines()
+        .filter(|l| l.contains("deleted stale entry (kernel event)"))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            };
+            let key = parse_hex(field("key")?).ok()?;
+            let cookie = field("cookie")?.parse().ok()?;
+            let us = field("since_event_us")?.parse().ok()?;
+            Some(((key, cookie), Duration::from_micros(us)))
+        })
+        .collect()
+}
+
+/// The lifetimes of a run: what the watcher saw, where an entry the daemon deleted on its
+/// socket's close event takes the daemon's close-to-delete time instead (exact, and most such
+/// entries are gone before the watcher's next read).
+fn lifetimes(watched: Watched, events: &[(Stale, Duration)]) -> Lifetimes {
+    let mut by_event: HashMap<Stale, Duration> = events.iter().copied().collect();
+    let mut ended: Vec<Duration> = watched
+        .ended
+        .into_iter()
+        .map(|(s, seen)| by_event.remove(&s).unwrap_or(seen))
+        .collect();
+    ended.extend(by_event.into_values());
+    Lifetimes {
+        ended,
+        left: watched.left,
+    }
 }
 
 /// The shipped config with the lab's map, a scratch trail, no metrics listener, deleting; the
@@ -299,8 +351,13 @@ pub fn daemon_config(shipped: &str, collector: Collector, map: &Path, trail: &Pa
     daemon::with_keys(shipped, &set)
 }
 
-/// Its peak RSS, its deletions (from its trail), then SIGTERM and the exit.
-fn finish(d: DaemonProc, trail: &Path, cpu: Duration, window: Duration) -> Result<DaemonCost> {
+/// Its peak RSS, its deletions (from its trail), then SIGTERM and the exit; with its journal.
+fn finish(
+    d: DaemonProc,
+    trail: &Path,
+    cpu: Duration,
+    window: Duration,
+) -> Result<(DaemonCost, String)> {
     let peak_rss_kib = d.status_kib("VmHWM")?;
     let log = d.stop()?;
     if log.contains("sweep failed") || log.contains("pass failed") {
@@ -311,12 +368,15 @@ fn finish(d: DaemonProc, trail: &Path, cpu: Duration, window: Duration) -> Resul
         .lines()
         .filter(|l| l.contains("\"outcome\":\"deleted\""))
         .count();
-    Ok(DaemonCost {
-        cpu,
-        window,
-        peak_rss_kib,
-        deleted,
-    })
+    Ok((
+        DaemonCost {
+            cpu,
+            window,
+            peak_rss_kib,
+            deleted,
+        },
+        log,
+    ))
 }
 
 fn fmt_quantile(q: Option<Quantile>) -> String {
@@ -362,14 +422,9 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
         .iter()
         .find(|r| r.collector == Collector::None)
         .map(|r| r.churn.hung);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| collector | requests | hung | hung vs (a) | stale entries | lifetime median | p99 | max | left at end | daemon CPU | of one core | peak RSS |"
-    );
-    let _ = writeln!(
-        out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    let mut out = table_head(
+        "collector | requests | hung | hung vs (a) | stale entries | lifetime median | p99 | max | left at end | daemon CPU | of one core | peak RSS",
+        1,
     );
     for r in runs {
         let l = &r.lifetimes;
@@ -400,7 +455,7 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
     }
     let _ = write!(
         out,
-        "{} s per collector; {} requests/s from {} node ports (each back every {:.1} s), {:.0}% reset after the reply; a request hangs after {:.1} s without its reply; lifetimes from a map read every {} ms",
+        "{} s per collector; {} requests/s from {} node ports (each back every {:.1} s), {:.0}% reset after the reply; a request hangs after {:.1} s without its reply; lifetimes from a map read every {} ms, or, for entries deleted on their socket's close event, the daemon's close-to-delete time",
         load.duration.as_secs(),
         load.rate,
         load.ports.1 - load.ports.0 + 1,
@@ -410,6 +465,17 @@ pub fn markdown(load: &Load, runs: &[Run]) -> String {
         load.poll.as_millis()
     );
     out
+}
+
+/// A Markdown table's head: the header row of `columns` (the row as it reads between its outer
+/// bars), then the alignment row: the first `text` columns left-aligned, the figures after them
+/// right-aligned.
+pub(crate) fn table_head(columns: &str, text: usize) -> String {
+    let n = columns.split(" | ").count();
+    let align: Vec<&str> = (0..n)
+        .map(|i| if i < text { "---" } else { "---:" })
+        .collect();
+    format!("| {columns} |\n| {} |\n", align.join(" | "))
 }
 
 fn quantile_json(q: Option<Quantile>) -> String {
@@ -481,6 +547,79 @@ mod tests {
     use super::*;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn event_deletions_take_the_daemon_s_time_and_add_what_the_watcher_missed() {
+        let key = |b: u8| RawKey([b; 44]);
+        let line = |k: u8, cookie: u64, us: u64| {
+            format!(
+                "2026-11-30T12:00:00Z  INFO sockmap_gc::react: deleted stale entry (kernel event) key={} entry=ipv4 local 10.0.0.1:80 remote 10.0.0.2:4000 reason=held-closed cookie={cookie} since_event_us={us}",
+                key(k).to_hex()
+            )
+        };
+        let log = [
+            line(1, 7, 1500),
+            line(2, 8, 900),
+            "INFO sockmap_gc::pass: deleted stale entry key=03".to_string(),
+            "deleted stale entry (kernel event) key=zz cookie=1 since_event_us=1".to_string(),
+        ]
+        .join("\n");
+        let events = event_deletions(&log);
+        assert_eq!(
+            events,
+            [
+                ((key(1), 7), MS(1) + Duration::from_micros(500)),
+                ((key(2), 8), Duration::from_micros(900))
+            ]
+        );
+        // (watched, expected ended lifetimes, sorted)
+        type Case = (Vec<(Stale, Duration)>, Vec<Duration>);
+        let cases: [Case; 3] = [
+            // Seen by the watcher: the daemon's exact time replaces the watcher's.
+            (
+                vec![((key(1), 7), MS(20)), ((key(2), 8), MS(40))],
+                vec![Duration::from_micros(900), Duration::from_micros(1500)],
+            ),
+            // Gone before the watcher's first read: added.
+            (
+                vec![],
+                vec![Duration::from_micros(900), Duration::from_micros(1500)],
+            ),
+            // Another socket under the same key (reused tuple) is the watcher's own.
+            (
+                vec![((key(1), 9), MS(700))],
+                vec![
+                    Duration::from_micros(900),
+                    Duration::from_micros(1500),
+                    MS(700),
+                ],
+            ),
+        ];
+        for (ended, expected) in cases {
+            let mut got = lifetimes(
+                Watched {
+                    ended,
+                    left: vec![MS(3)],
+                },
+                &events,
+            );
+            got.ended.sort();
+            assert_eq!(got.ended, expected);
+            assert_eq!(got.left, [MS(3)]);
+        }
+    }
+
+    #[test]
+    fn table_head_writes_the_header_and_the_alignment_row() {
+        assert_eq!(
+            table_head("collector | requests | hung", 1),
+            "| collector | requests | hung |\n| --- | ---: | ---: |\n"
+        );
+        assert_eq!(
+            table_head("entries | stale", 0),
+            "| entries | stale |\n| ---: | ---: |\n"
+        );
+    }
 
     #[test]
     fn the_daemon_config_is_the_shipped_one_deleting_on_the_labs_map() {

@@ -4,13 +4,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use serde_json::Value;
 use sockmap_gc::key::SockKey;
 
 use super::{ok, output, read, repo, CONFFILE};
-use crate::support::{evidence, hex, lab, natural_stale, product};
+use crate::support::{assert_clean, evidence, hex, lab, natural_stale, product, run_build_script};
 
 const PACKAGE: &str = "sockmap-gc";
 /// Bounds the package build (coreutils `timeout`), so a hung build fails instead of hanging.
@@ -60,27 +59,7 @@ fn dpkg(args: &[&str]) -> String {
 /// Builds the package with scripts/package.sh (which installs cargo-deb if missing and
 /// builds the release binary incrementally), niced so the other tests keep their timing.
 fn build_package() -> PathBuf {
-    let started = Instant::now();
-    let out = output(
-        Command::new("timeout")
-            .args([PACKAGE_TIMEOUT_S, "nice", "-n", "10", "bash"])
-            .arg(repo().join("scripts/package.sh"))
-            .current_dir(repo()),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "scripts/package.sh failed ({}):\n{stderr}",
-        out.status
-    );
-    for line in stderr.lines().filter(|l| l.starts_with("package.sh:")) {
-        evidence(line);
-    }
-    evidence(&format!(
-        "scripts/package.sh took {:.1} s",
-        started.elapsed().as_secs_f64()
-    ));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, stderr) = run_build_script("package.sh", PACKAGE_TIMEOUT_S);
     let deb = stdout
         .lines()
         .last()
@@ -165,16 +144,7 @@ fn deb_installs_verifies_audits_removes_and_purges() {
             .args(["verify", "--man=no", "--no-pager"])
             .arg(INSTALLED_UNIT),
     );
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "systemd-analyze verify {INSTALLED_UNIT} ({}):\n{said}",
-        out.status
-    );
+    assert_clean(&out, &format!("systemd-analyze verify {INSTALLED_UNIT}"));
     evidence("systemd-analyze verify --man=no on the installed unit: clean");
 
     let version = ok(Command::new(INSTALLED_BIN).arg("--version"));

@@ -12,14 +12,12 @@ mod docs;
 mod kube;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
+
+use crate::support::{output, repo};
 
 /// Where the package installs the configuration (a conffile); the container image too.
 const CONFFILE: &str = "/etc/sockmap-gc/config.toml";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// target/ (or CARGO_TARGET_DIR): the test binary is target/<profile>/deps/it-HASH.
 fn target_dir() -> PathBuf {
@@ -28,13 +26,6 @@ fn target_dir() -> PathBuf {
         .nth(3)
         .map(Path::to_path_buf)
         .expect("target directory")
-}
-
-fn output(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
 }
 
 /// Runs `cmd`, which must succeed; its stdout.
