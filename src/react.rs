@@ -411,7 +411,12 @@ pub fn react(
                         checked,
                         deleted: now,
                     };
-                    log(&n.key, &verdict, &settled, &stages);
+                    // The socket it held: the one judged, or for a collision the one met.
+                    let cookie = match &n.judged {
+                        Judged::Socket { cookie, .. } => Some(*cookie),
+                        Judged::AtDelete { .. } => result.held.map(|h| h.cookie),
+                    };
+                    log(&n.key, cookie, &verdict, &settled, &stages);
                     if let (Some(t), Some(label)) = (trail.as_deref_mut(), settled.trail_label()) {
                         t.record(map, &n.key, &verdict.to_string(), &label)?;
                     }
@@ -432,11 +437,11 @@ pub fn react(
     Ok(reaction)
 }
 
-fn log(raw: &RawKey, verdict: &Verdict, settled: &Settled, stages: &Stages) {
+fn log(raw: &RawKey, cookie: Option<u64>, verdict: &Verdict, settled: &Settled, stages: &Stages) {
     let described = SockKey::decode(raw).map_or_else(|e| e.to_string(), |k| k.to_string());
     match settled {
         Settled::Deleted => {
-            tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, since_event_us = stages.since_event().as_micros() as u64, stages = ?stages.to_string(), "deleted stale entry (kernel event)");
+            tracing::info!(key = %raw.to_hex(), entry = %described, reason = %verdict, cookie, since_event_us = stages.since_event().as_micros() as u64, stages = ?stages.to_string(), "deleted stale entry (kernel event)");
         }
         Settled::AlreadyGone => {}
         Settled::Spared(why) => {

@@ -317,6 +317,10 @@ fn daemon_deletes_a_reset_socket_entry_at_once() {
             })
             .unwrap_or_else(|| panic!("no delete line:\n{}", daemon.log()));
         let us = since_event_us(&line);
+        assert!(
+            line.contains("cookie="),
+            "the closed socket's cookie: {line}"
+        );
         // Counted by the daemon's loop once the reaction hands its report back.
         assert!(
             sys::wait_until(Duration::from_secs(5), || {
