@@ -28,6 +28,7 @@ use libbpf_rs::{
     ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, RingBufferBuilder,
 };
 
+use crate::clock::monotonic_now;
 use crate::identity::kind_text;
 use crate::key::{RawKey, SockKey, KEY_LEN};
 use crate::label::labels;
@@ -535,23 +536,6 @@ fn decode(bytes: &[u8]) -> Result<Event, EventsError> {
             what: format!("unknown event kind {other}"),
         }),
     }
-}
-
-/// CLOCK_MONOTONIC now, the clock of [`Event`]'s `at`: now minus `at` is how long ago the
-/// kernel saw it.
-pub fn monotonic_now() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
 }
 
 #[cfg(test)]

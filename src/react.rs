@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
+use crate::clock::monotonic_now;
 use crate::deletion::{self, Settled};
-use crate::events::{monotonic_now, Event, EventSocket, Heard};
+use crate::events::{Event, EventSocket, Heard};
 use crate::guard::{GuardSettings, Hold};
 use crate::identity::{HeldSocket, IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};

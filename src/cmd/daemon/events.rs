@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use sockmap_gc::clock::monotonic_now;
 use sockmap_gc::deletion::Outcome;
-use sockmap_gc::events::{
-    monotonic_now, Event, EventSocket, EventWatcher, EventsMode, EventsState, Heard,
-};
+use sockmap_gc::events::{Event, EventSocket, EventWatcher, EventsMode, EventsState, Heard};
 use sockmap_gc::guard::{GuardSettings, Hold, SettingsError};
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
 use sockmap_gc::key::SockKey;
