@@ -13,9 +13,9 @@
  *    so it loads under lockdown's confidentiality mode.
  *  - compare_and_delete: for each entry whose key is in `targets`, re-checks the verdict and
  *    deletes the entry from `held` (userspace makes `held` the iterated map with
- *    bpf_map__reuse_fd before load) only if it still holds the judged socket (same cookie)
- *    and that socket is still stale: closed, or with ends other than the key's. Emits one
- *    struct cad_rec.
+ *    bpf_map__reuse_fd before load) only if it still holds the judged socket (same cookie;
+ *    with CAD_ANY_SOCKET, whatever socket it holds) and that socket is stale: closed, or with
+ *    ends other than the key's. Emits one struct cad_rec, with the socket it met.
  *
  * The layouts of both records are mirrored in src/identity.rs; both sides assert the sizes.
  */
@@ -50,6 +50,9 @@
 /* struct cad_target flags: an L7-proxy entry, whose A side is the gateway: only the local
  * end (B) is compared. */
 #define CAD_LOCAL_ONLY 1
+/* No cookie to compare: the entry goes if the socket it holds is stale, whichever it is (a
+ * collision: the key's tuple belongs to the live connection that could not be filed). */
+#define CAD_ANY_SOCKET 2
 
 #define TCP_CLOSE 7
 /* Key layout (Cilium's struct sock_key): A (16 bytes), B (16), family u8 (1 IPv4, 2 IPv6),
@@ -84,15 +87,15 @@ _Static_assert(sizeof(struct identity_rec) == 112, "identity_rec layout is share
 struct cad_target {
 	__u64 cookie;           /* the cookie of the socket that was judged stale */
 	__s32 outcome;          /* CAD_PENDING until the entry is met, then its outcome */
-	__u32 flags;            /* CAD_LOCAL_ONLY */
+	__u32 flags;            /* CAD_LOCAL_ONLY, CAD_ANY_SOCKET */
 };
 
 struct cad_rec {
-	struct raw_key key;     /* 0 */
-	__s32 outcome;          /* 44: CAD_DELETED, CAD_COOKIE_CHANGED, CAD_NOT_STALE or -errno */
-	__u64 cookie;           /* 48: the cookie of the socket the entry held when met */
+	struct identity_rec held; /* 0: the key, and the socket the entry held when met */
+	__s32 outcome;          /* 112: CAD_DELETED, CAD_COOKIE_CHANGED, CAD_NOT_STALE or -errno */
+	__u32 pad;              /* 116 */
 };
-_Static_assert(sizeof(struct cad_rec) == 56, "cad_rec layout is shared with Rust");
+_Static_assert(sizeof(struct cad_rec) == 120, "cad_rec layout is shared with Rust");
 
 /* Replaced by the iterated sockhash (bpf_map__reuse_fd) before load: a helper needs a map
  * the verifier knows, and the iterator's ctx->map is no such map. */
@@ -134,6 +137,33 @@ static __always_inline __u64 file_inode(struct sock *sk)
 	return inode ? inode->i_ino : 0;
 }
 
+/* The entry's key and what it holds; rec must be zeroed. */
+static __always_inline void fill_identity(struct identity_rec *rec, struct sock *sk)
+{
+	struct net *net;
+	__u16 family;
+
+	family = sk->__sk_common.skc_family;
+	rec->family = family;
+	rec->state = sk->__sk_common.skc_state;
+	rec->cookie = bpf_get_socket_cookie(sk);
+	if (family == AF_INET6) {
+		v6_ends(sk, (__u32 *)rec->local_addr, (__u32 *)rec->remote_addr);
+	} else {
+		*(__u32 *)rec->local_addr = sk->__sk_common.skc_rcv_saddr;
+		*(__u32 *)rec->remote_addr = sk->__sk_common.skc_daddr;
+	}
+	rec->local_port = sk->__sk_common.skc_num;
+	rec->remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	net = sk->__sk_common.skc_net.net;
+	if (net)
+		rec->netns_inode = net->ns.inum;
+	rec->inode = file_inode(sk);
+	rec->error = sk->sk_err;
+	if (sock_dead(sk))
+		rec->flags |= IDENTITY_ORPHANED;
+}
+
 SEC("iter/sockmap")
 int identity(struct bpf_iter__sockmap *ctx)
 {
@@ -141,32 +171,12 @@ int identity(struct bpf_iter__sockmap *ctx)
 	struct sock *sk = ctx->sk;
 	void *key = ctx->key;
 	struct identity_rec rec;
-	struct net *net;
-	__u16 family;
 
 	if (!key || !sk)
 		return 0;
 	__builtin_memset(&rec, 0, sizeof(rec));
 	__builtin_memcpy(&rec.key, key, sizeof(rec.key));
-	family = sk->__sk_common.skc_family;
-	rec.family = family;
-	rec.state = sk->__sk_common.skc_state;
-	rec.cookie = bpf_get_socket_cookie(sk);
-	if (family == AF_INET6) {
-		v6_ends(sk, (__u32 *)rec.local_addr, (__u32 *)rec.remote_addr);
-	} else {
-		*(__u32 *)rec.local_addr = sk->__sk_common.skc_rcv_saddr;
-		*(__u32 *)rec.remote_addr = sk->__sk_common.skc_daddr;
-	}
-	rec.local_port = sk->__sk_common.skc_num;
-	rec.remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
-	net = sk->__sk_common.skc_net.net;
-	if (net)
-		rec.netns_inode = net->ns.inum;
-	rec.inode = file_inode(sk);
-	rec.error = sk->sk_err;
-	if (sock_dead(sk))
-		rec.flags |= IDENTITY_ORPHANED;
+	fill_identity(&rec, sk);
 	bpf_seq_write(seq, &rec, sizeof(rec));
 	return 0;
 }
@@ -233,7 +243,6 @@ int compare_and_delete(struct bpf_iter__sockmap *ctx)
 	struct cad_target *target;
 	struct raw_key key;
 	struct cad_rec rec;
-	__u64 cookie;
 	long err;
 
 	if (!ctx_key || !sk)
@@ -243,11 +252,13 @@ int compare_and_delete(struct bpf_iter__sockmap *ctx)
 	target = bpf_map_lookup_elem(&targets, &key);
 	if (!target)
 		return 0;
-	cookie = bpf_get_socket_cookie(sk);
+	__builtin_memset(&rec, 0, sizeof(rec));
+	rec.held.key = key;
+	fill_identity(&rec.held, sk);
 	/* The outcome is kept in the target, so an entry shown again (the sockhash iterator
 	 * restarts its current bucket after each read) is judged and deleted at most once. */
 	if (target->outcome == CAD_PENDING) {
-		if (cookie != target->cookie) {
+		if (!(target->flags & CAD_ANY_SOCKET) && rec.held.cookie != target->cookie) {
 			target->outcome = CAD_COOKIE_CHANGED;
 		} else if (sk->__sk_common.skc_state != TCP_CLOSE &&
 			   has_key_ends(sk, &key, target->flags & CAD_LOCAL_ONLY)) {
@@ -258,10 +269,7 @@ int compare_and_delete(struct bpf_iter__sockmap *ctx)
 			target->outcome = err == 0 ? CAD_DELETED : (err < 0 ? (__s32)err : -EIO);
 		}
 	}
-	__builtin_memset(&rec, 0, sizeof(rec));
-	rec.key = key;
 	rec.outcome = target->outcome;
-	rec.cookie = cookie;
 	bpf_seq_write(seq, &rec, sizeof(rec));
 	return 0;
 }

@@ -19,7 +19,10 @@
 # KVM), so it takes minutes. Environment: KERNEL_CHECK_TIMEOUT (whole guest run, default 1800 s),
 # KERNEL_CHECK_BOOT_TIMEOUT (default 180 s), KERNEL_CHECK_SOAK_RATE (the soak's connections
 # per second in the guest, default 100; 0 skips the soak), KERNEL_CHECK_FULL=1 (run the scale
-# tests in the guest too).
+# tests in the guest too), KERNEL_CHECK_FILTER (run only the integration tests whose names
+# contain one of these space-separated words, e.g. "events::", and not the demo: a few minutes
+# instead of the whole stage), KERNEL_CHECK_REPEAT (run those tests this many times, default 1;
+# e.g. to gather several `kernel fact:` figures from one boot).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -50,6 +53,9 @@ total_timeout=${KERNEL_CHECK_TIMEOUT:-1800}
 boot_timeout=${KERNEL_CHECK_BOOT_TIMEOUT:-180}
 soak_rate=${KERNEL_CHECK_SOAK_RATE:-100}
 full=${KERNEL_CHECK_FULL:-0}
+filter=${KERNEL_CHECK_FILTER:-}
+repeat=${KERNEL_CHECK_REPEAT:-1}
+case $repeat in ''|*[!0-9]*|0) echo "kernel-check: KERNEL_CHECK_REPEAT must be a positive number" >&2; exit 2 ;; esac
 cache=$repo/target/kernel-check
 mkdir -p "$cache"
 say() { echo "kernel-check: $*"; }
@@ -162,8 +168,8 @@ rm -rf "$out" && mkdir -p "$out"
 {
   echo '#!/bin/bash'
   echo 'set -u'
-  printf 'out=%q\nrepo=%q\nit=%q\nprobe_dir=%q\nsoak_rate=%q\nfull=%q\nexpect_events=%q\n' \
-    "$out" "$repo" "$it" "$probe_dir" "$soak_rate" "$full" "$expect_events"
+  printf 'out=%q\nrepo=%q\nit=%q\nprobe_dir=%q\nsoak_rate=%q\nfull=%q\nexpect_events=%q\nfilter=%q\nrepeat=%q\n' \
+    "$out" "$repo" "$it" "$probe_dir" "$soak_rate" "$full" "$expect_events" "$filter" "$repeat"
 } >"$out/guest.sh"
 cat >>"$out/guest.sh" <<'EOF'
 exec >>"$out/guest.log" 2>&1
@@ -190,11 +196,15 @@ for kind in fentry fexit tp_btf; do
 done
 echo "btf=$btf lockdown=${lockdown:-none}$tracing" >"$out/facts"
 
-# The incident demo, with the binaries built on the host.
+# The incident demo, with the binaries built on the host (not with a filter).
 start=$(date +%s)
-SMGC_BIN=$repo/target/debug timeout 600 bash scripts/demo.sh
-rc=$?
-part "$([ $rc -eq 0 ] && echo ok || echo FAIL) demo $(( $(date +%s) - start )) exit $rc"
+if [ -n "$filter" ]; then
+  part "skipped demo 0 KERNEL_CHECK_FILTER"
+else
+  SMGC_BIN=$repo/target/debug timeout 600 bash scripts/demo.sh
+  rc=$?
+  part "$([ $rc -eq 0 ] && echo ok || echo FAIL) demo $(( $(date +%s) - start )) exit $rc"
+fi
 
 # The integration tests that depend on the kernel, one at a time. The package tests need
 # the host's network and nothing of the kernel; the scale tests take minutes each under
@@ -208,9 +218,15 @@ if [ "$full" != 1 ]; then
   skipped="$skipped; scale tests (bench smoke, full map, identity at scale, 7,325 keys: run on the host; KERNEL_CHECK_FULL=1 runs them)"
 fi
 if [ "$soak_rate" = 0 ]; then skip+=(--skip soak::); skipped="$skipped; the soak (KERNEL_CHECK_SOAK_RATE=0)"; fi
+# shellcheck disable=SC2206 # the filter is space-separated words
+[ -n "$filter" ] && { skip+=($filter); skipped="$skipped; all but the tests matching: $filter"; }
 echo "$skipped" >"$out/skipped"
-SMGC_EXPECT_EVENTS=$expect_events SMGC_SOAK_RATE=$soak_rate timeout 1500 "$it" --test-threads 1 "${skip[@]}" 2>&1 | tee "$out/it.log"
-rc=${PIPESTATUS[0]}
+rc=0
+for run in $(seq "$repeat"); do
+  [ "$repeat" = 1 ] || echo "--- run $run of $repeat"
+  SMGC_EXPECT_EVENTS=$expect_events SMGC_SOAK_RATE=$soak_rate timeout 1500 "$it" --test-threads 1 "${skip[@]}" 2>&1 | tee -a "$out/it.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+done
 part "$([ $rc -eq 0 ] && echo ok || echo FAIL) tests $(( $(date +%s) - start )) exit $rc"
 echo done >"$out/done"
 EOF
@@ -271,6 +287,7 @@ for name in demo tests; do
   shift 3
   case $name in
     demo)
+      if [ "$result" = skipped ]; then say "demo: skipped (KERNEL_CHECK_FILTER)"; continue; fi
       [ "$result" = ok ] && passed=$((passed + 1)) || failed=$((failed + 1))
       say "demo: $result in $took s ($*): the incident reproduced and cured in the guest" ;;
     tests)

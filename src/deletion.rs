@@ -146,13 +146,13 @@ pub fn after_compare_and_delete(outcome: CadOutcome) -> Settled {
 }
 
 /// Compare-and-delete refused: compared in userspace instead, by the kernel program's rule.
-/// `judged` is the cookie the entry was judged on; `now`, what a fresh read of the map finds:
-/// the held socket's cookie, and whether it is still stale (closed, or other ends than the
-/// key's); `None`: gone.
-pub fn after_reread(judged: u64, now: Option<(u64, bool)>) -> Step {
+/// `judged` is the cookie the entry was judged on (`None`: whichever socket it holds);
+/// `now`, what a fresh read of the map finds: the held socket's cookie, and whether it is
+/// still stale (closed, or other ends than the key's); `None`: gone.
+pub fn after_reread(judged: Option<u64>, now: Option<(u64, bool)>) -> Step {
     match now {
         None => Step::Settle(Settled::AlreadyGone),
-        Some((c, _)) if c != judged => {
+        Some((c, _)) if judged.is_some_and(|j| j != c) => {
             Step::Settle(Settled::Spared(SpareReason::HoldsAnotherSocket))
         }
         Some((_, true)) => Step::DeleteByKey,
@@ -270,11 +270,15 @@ mod tests {
     fn the_userspace_fallback_deletes_only_the_judged_socket_still_stale() {
         // (judged cookie, (cookie now, still stale), settled as; None: deleted by key)
         let cases = [
-            (5, None, Some(Outcome::AlreadyGone)),
-            (5, Some((5, true)), None),
-            (5, Some((5, false)), Some(Outcome::Spared)),
-            (5, Some((6, true)), Some(Outcome::Spared)),
-            (5, Some((6, false)), Some(Outcome::Spared)),
+            (Some(5), None, Some(Outcome::AlreadyGone)),
+            (Some(5), Some((5, true)), None),
+            (Some(5), Some((5, false)), Some(Outcome::Spared)),
+            (Some(5), Some((6, true)), Some(Outcome::Spared)),
+            (Some(5), Some((6, false)), Some(Outcome::Spared)),
+            // Whichever socket (a collision): judged on staleness alone.
+            (None, Some((6, true)), None),
+            (None, Some((6, false)), Some(Outcome::Spared)),
+            (None, None, Some(Outcome::AlreadyGone)),
         ];
         for (judged, now, want) in cases {
             assert_eq!(settled_as(after_reread(judged, now)), want, "{now:?}");

@@ -12,14 +12,15 @@
 //!
 //! Kernels that refuse tracing programs (EPERM on this project's 6.18 machines) get no events;
 //! [`EventsMode::Auto`] then says so once and the caller keeps its periodic pass. The ring
-//! buffer is read on a thread of its own (never a tokio thread), which hands each decoded
-//! [`Event`] to the caller's sink.
+//! buffer is read on a thread of its own (never a tokio thread), which hands the decoded
+//! [`Event`]s of each wake-up to the caller's sink, on that thread: a sink that acts on them
+//! at once saves the hand-over to another thread (milliseconds under emulation).
 
 use std::io;
 use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use libbpf_rs::{
     ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, RingBufferBuilder,
 };
 
+use crate::clock::monotonic_now;
 use crate::identity::kind_text;
 use crate::key::{RawKey, SockKey, KEY_LEN};
 use crate::label::labels;
@@ -49,7 +51,8 @@ const EVENT_COLLISION: u32 = 2;
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
 
-/// How long the reader waits for a record before it looks at its stop flag.
+/// How long the reader waits for a record before it looks at its stop flag (and calls the
+/// sink with no events).
 const POLL: Duration = Duration::from_millis(100);
 
 /// `struct event_rec` of the BPF program.
@@ -123,6 +126,24 @@ pub enum Event {
         socket: EventSocket,
         at: Duration,
     },
+}
+
+impl Event {
+    /// CLOCK_MONOTONIC when the kernel saw it.
+    pub fn at(&self) -> Duration {
+        match self {
+            Event::Closed { at, .. } | Event::Collision { at, .. } => *at,
+        }
+    }
+}
+
+/// An event as the reader thread handed it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    pub event: Event,
+    /// CLOCK_MONOTONIC when the reader decoded it: minus the event's `at`, the ring buffer's
+    /// delay (the reader's wake-up).
+    pub at: Duration,
 }
 
 /// Which programs run.
@@ -238,12 +259,14 @@ pub struct EventWatcher {
 
 impl EventWatcher {
     /// Loads and attaches what `mode` asks, watching collisions on the map with id `map_id`,
-    /// and starts the reader, which calls `sink` for each event. `Ok(None)` when the mode is
-    /// off, or when `auto` met a refusal of both programs (warned once, with the reason).
+    /// and starts the reader, which calls `sink` on its own thread after each wait, at least
+    /// every [`POLL`], with the events that came (none when the wait timed out: a sink can do
+    /// its periodic work then). `Ok(None)` when the mode is off, or when `auto` met a refusal
+    /// of both programs (warned once, with the reason).
     pub fn start(
         mode: EventsMode,
         map_id: u32,
-        sink: impl FnMut(Event) + Send + 'static,
+        sink: impl FnMut(&[Heard]) + Send + 'static,
     ) -> Result<Option<EventWatcher>, EventsError> {
         let loaded = match mode {
             EventsMode::Off => return Ok(None),
@@ -264,7 +287,7 @@ impl EventWatcher {
 
     fn run(
         loaded: Loaded,
-        mut sink: impl FnMut(Event) + Send + 'static,
+        mut sink: impl FnMut(&[Heard]) + Send + 'static,
     ) -> Result<EventWatcher, EventsError> {
         let Loaded {
             object,
@@ -281,6 +304,7 @@ impl EventWatcher {
                 what: format!("the BPF object has no map {CONTROL_MAP}"),
             })
             .and_then(|m| MapHandle::try_from(&m).map_err(ring_error))?;
+        let heard: Arc<Mutex<Vec<Heard>>> = Arc::default();
         let ring = {
             let map = object
                 .maps()
@@ -289,10 +313,14 @@ impl EventWatcher {
                     what: format!("the BPF object has no map {RING_MAP}"),
                 })?;
             let mut builder = RingBufferBuilder::new();
+            let filled = Arc::clone(&heard);
             builder
                 .add(&map, move |bytes: &[u8]| {
                     match decode(bytes) {
-                        Ok(event) => sink(event),
+                        Ok(event) => lock(&filled).push(Heard {
+                            event,
+                            at: monotonic_now(),
+                        }),
                         Err(e) => tracing::warn!(error = %e, "event record dropped"),
                     }
                     0
@@ -307,6 +335,7 @@ impl EventWatcher {
             .spawn(move || {
                 // The programs stay attached, and their object loaded, while the reader runs.
                 let _keep = (object, links);
+                let mut batch = Vec::new();
                 while !stopped.load(Ordering::Relaxed) {
                     if let Err(e) = ring.poll(POLL) {
                         if e.kind() == ErrorKind::Interrupted {
@@ -315,6 +344,9 @@ impl EventWatcher {
                         tracing::error!(error = %e, "reading kernel events failed; the periodic pass goes on alone");
                         return;
                     }
+                    std::mem::swap(&mut batch, &mut *lock(&heard));
+                    sink(&batch);
+                    batch.clear();
                 }
             })
             .map_err(EventsError::Thread)?;
@@ -367,6 +399,12 @@ impl Drop for EventWatcher {
             let _ = thread.join();
         }
     }
+}
+
+/// The reader's own records, filled by the ring buffer's callback (on the same thread: the
+/// lock is never contended).
+fn lock(heard: &Mutex<Vec<Heard>>) -> std::sync::MutexGuard<'_, Vec<Heard>> {
+    heard.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A loaded object and the links that attach its programs.
@@ -498,23 +536,6 @@ fn decode(bytes: &[u8]) -> Result<Event, EventsError> {
             what: format!("unknown event kind {other}"),
         }),
     }
-}
-
-/// CLOCK_MONOTONIC now, the clock of [`Event`]'s `at`: now minus `at` is how long ago the
-/// kernel saw it.
-pub fn monotonic_now() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
 }
 
 #[cfg(test)]

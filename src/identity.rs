@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{ErrorKind, MapCore, Object, OpenObject};
+use libbpf_rs::{ErrorKind, Link, MapCore, OpenObject};
 
 use crate::key::RawKey;
 use crate::map::SockMap;
@@ -85,8 +85,10 @@ pub struct Identities {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub key: RawKey,
-    /// The cookie of the socket judged stale.
-    pub cookie: u64,
+    /// The cookie of the socket judged stale; `None`: whichever socket the entry holds, judged
+    /// in the kernel alone (a collision: the key's tuple belongs to the connection that could
+    /// not be filed, so the entry is stale unless it holds a live socket of the key's ends).
+    pub cookie: Option<u64>,
     /// An L7-proxy entry (its A side is the gateway): only the local end is compared.
     pub local_only: bool,
 }
@@ -95,10 +97,19 @@ impl Target {
     pub fn new(key: RawKey, cookie: u64) -> Target {
         Target {
             key,
-            cookie,
+            cookie: Some(cookie),
             local_only: false,
         }
     }
+}
+
+/// How an in-kernel compare-and-delete of one target ended, and what the program met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CadResult {
+    pub key: RawKey,
+    pub outcome: CadOutcome,
+    /// The socket the entry held when the program met it (`None`: never met).
+    pub held: Option<HeldSocket>,
 }
 
 /// How an in-kernel compare-and-delete of one target ended.
@@ -342,10 +353,21 @@ impl IdentitySource {
         map: &SockMap,
         targets: &[Target],
     ) -> Result<Option<Vec<(RawKey, CadOutcome)>>, IdentityError> {
+        Ok(self
+            .compare_and_delete_met(map, targets)?
+            .map(|results| results.into_iter().map(|r| (r.key, r.outcome)).collect()))
+    }
+
+    /// [`IdentitySource::compare_and_delete`], with the socket each entry held when met.
+    pub fn compare_and_delete_met(
+        &mut self,
+        map: &SockMap,
+        targets: &[Target],
+    ) -> Result<Option<Vec<CadResult>>, IdentityError> {
         let Some(reader) = self.reader.as_mut().filter(|_| !self.cad_refused) else {
             return Ok(None);
         };
-        match reader.compare_and_delete(map, targets) {
+        match reader.compare_and_delete_met(map, targets) {
             Ok(outcomes) => Ok(Some(outcomes)),
             Err(e) if e.is_refusal() => {
                 tracing::warn!(error = %e, "in-kernel compare-and-delete refused; deleting by key after the re-check");
@@ -375,8 +397,11 @@ fn warn_fallback(e: &IdentityError) {
 /// Loaded once, reused across reads (the daemon keeps one).
 pub struct IdentityReader {
     identity: Loaded,
-    /// The compare-and-delete program, loaded for one map (by id) on first use.
-    cad: Option<(u32, Object)>,
+    /// The identity program attached to one map (by id): each read makes a new iterator from
+    /// it (an attach per read would cost a syscall pair more).
+    link: Option<(u32, Link)>,
+    /// The compare-and-delete program, loaded for one map on first use.
+    cad: Option<cad::Cad>,
 }
 
 impl IdentityReader {
@@ -397,6 +422,7 @@ impl IdentityReader {
         })?;
         Ok(IdentityReader {
             identity,
+            link: None,
             cad: None,
         })
     }
@@ -410,14 +436,24 @@ impl IdentityReader {
 
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        let link = self
-            .identity
-            .skel
-            .progs
-            .identity
-            .attach_iter(map.fd())
-            .map_err(|e| attach_refused(map, &e))?;
-        let entries = records::read_entries(map.id(), map.max_entries(), &link)?;
+        if !matches!(&self.link, Some((id, _)) if *id == map.id()) {
+            // Detached from a replaced map before attaching to the new one.
+            self.link = None;
+        }
+        let (_, link) = match &mut self.link {
+            Some(kept) => kept,
+            None => {
+                let link = self
+                    .identity
+                    .skel
+                    .progs
+                    .identity
+                    .attach_iter(map.fd())
+                    .map_err(|e| attach_refused(map, &e))?;
+                self.link.insert((map.id(), link))
+            }
+        };
+        let entries = records::read_entries(map.id(), map.max_entries(), link)?;
         Ok(Identities {
             map_id: map.id(),
             entries,

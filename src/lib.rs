@@ -16,6 +16,7 @@
 
 mod label;
 
+pub mod clock;
 pub mod deletion;
 pub mod diag;
 pub mod events;

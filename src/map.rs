@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::{MapCore, MapHandle, MapType};
@@ -60,6 +61,10 @@ pub struct SockMap {
     id: u32,
     max_entries: u32,
     map_type: MapType,
+    /// The pin's (device, inode) when it was the same before and after the open: while the
+    /// path still has it, the path still holds this map (bpffs numbers its inodes without
+    /// reuse), and [`SockMap::id_at_path_now`] needs one `stat` instead of an open.
+    pin: Option<(u64, u64)>,
 }
 
 /// The keys of the map at one moment, with the map's identity.
@@ -96,6 +101,7 @@ impl SockMap {
             Access::ReadOnly => libbpf_sys::BPF_F_RDONLY,
             Access::ReadWrite => 0,
         };
+        let pin_before = pin_of(path);
         let handle = match MapHandle::from_pinned_path_with_file_flags(path, flags) {
             Ok(handle) => handle,
             Err(_) => return Err(diagnose_open(path, flags)),
@@ -121,12 +127,14 @@ impl SockMap {
                 key_size: info.info.key_size,
             });
         }
+        let pin = pin_before.filter(|before| pin_of(path) == Some(*before));
         Ok(SockMap {
             id: info.info.id,
             max_entries: info.info.max_entries,
             map_type,
             handle,
             path: path.to_path_buf(),
+            pin,
         })
     }
 
@@ -142,6 +150,9 @@ impl SockMap {
     /// The id of the map pinned at this map's path *now*: this handle keeps reading the map
     /// it opened, whatever the path holds since. `Err(NotFound)` when nothing is pinned there.
     pub fn id_at_path_now(&self) -> Result<u32, MapError> {
+        if self.pin.is_some() && pin_of(&self.path) == self.pin {
+            return Ok(self.id);
+        }
         SockMap::open(&self.path, Access::ReadOnly).map(|m| m.id)
     }
 
@@ -277,6 +288,11 @@ fn on_bpffs(path: &Path) -> bool {
 }
 
 /// "map", "prog", "link", ... as the kernel names the fd's anonymous inode.
+/// The (device, inode) of the pin at `path`, if it can be read.
+fn pin_of(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn fd_kind(fd: BorrowedFd<'_>) -> String {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .ok()

@@ -164,6 +164,16 @@ impl Trail {
         })
     }
 
+    /// Whether this trail appends to the file at `path` now (not one rotated away or removed
+    /// since it was opened): a trail kept open between reactions is opened again otherwise.
+    pub fn appends_to(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(now)) => open.dev() == now.dev() && open.ino() == now.ino(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn record(
         &mut self,
         map: &SockMap,
@@ -499,7 +509,7 @@ fn delete_phase(
                     SockKey::decode(&raw).is_ok_and(|key| is_proxy_key(&key, &settings.gateways));
                 let target = Target {
                     key: raw,
-                    cookie,
+                    cookie: Some(cookie),
                     local_only,
                 };
                 deleter.queue(report, target, verdict.clone())?;
@@ -544,6 +554,22 @@ fn delete_phase(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trail_knows_when_its_file_was_rotated_away() {
+        let dir = std::env::temp_dir().join(format!("smgc-trail-rotated-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("trail.jsonl");
+        let trail = Trail::open(&path).expect("open");
+        assert!(trail.appends_to(&path), "just opened");
+        assert!(!trail.appends_to(&dir.join("other")), "another path");
+        std::fs::rename(&path, dir.join("trail.jsonl.1")).expect("rotate");
+        assert!(!trail.appends_to(&path), "rotated away, nothing there");
+        std::fs::write(&path, "").expect("a new file");
+        assert!(!trail.appends_to(&path), "rotated away, a new file there");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_wait_past_the_clocks_range_does_not_panic() {

@@ -249,7 +249,7 @@ impl Metrics {
                 m.collisions;
             "events", "1 for what the daemon hears from the kernel (mode: off, unavailable, closes, collisions, closes-and-collisions), 0 for the rest",
                 m.events;
-            "events_dropped", "Kernel events lost (ring buffer or queue full); the continuous pass still finds their entries",
+            "events_dropped", "Kernel events lost (ring buffer full); the continuous pass still finds their entries",
                 m.events_dropped;
         }
         // Every series from the start: a rate() over a series that appears late misses its start.

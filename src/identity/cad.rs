@@ -1,15 +1,19 @@
 //! In-kernel compare-and-delete: the `compare_and_delete` program deletes each target's entry
-//! only while it holds the socket with the cookie that was judged, in passes of at most as
-//! many targets as the program's `targets` map holds.
+//! only while it holds the socket with the cookie that was judged (or, for a target without
+//! one, while the socket it holds is stale), in passes of at most as many targets as the
+//! program's `targets` map holds.
+//!
+//! The program is loaded and attached once per map; each pass makes a new iterator from that
+//! link. Under emulation, where every syscall costs a TLB flush, each one saved shows.
 
 use std::collections::HashMap;
 use std::io;
 use std::mem;
 
-use libbpf_rs::{MapCore, MapFlags, Object, ObjectBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, Object, ObjectBuilder};
 
 use super::records::{parse_records, read_iter, record_bytes, CadRecord, TargetRecord};
-use super::{CadOutcome, IdentityError, IdentityReader, Target, OBJECT};
+use super::{CadOutcome, CadResult, HeldSocket, IdentityError, IdentityReader, Target, OBJECT};
 use crate::key::{RawKey, KEY_LEN};
 use crate::map::SockMap;
 
@@ -22,8 +26,20 @@ const CAD_PENDING: i32 = 0;
 const CAD_DELETED: i32 = 1;
 const CAD_COOKIE_CHANGED: i32 = 2;
 const CAD_NOT_STALE: i32 = 3;
-/// `struct cad_target` flag: compare only the local end (an L7-proxy entry).
+/// `struct cad_target` flags: compare only the local end (an L7-proxy entry); no cookie to
+/// compare (whichever socket the entry holds).
 const CAD_LOCAL_ONLY: u32 = 1;
+const CAD_ANY_SOCKET: u32 = 2;
+
+/// The compare-and-delete program loaded for one map, attached to it.
+pub(super) struct Cad {
+    map_id: u32,
+    // Dropped before the object: the link refers to its program.
+    link: Link,
+    object: Object,
+    /// The `targets` map may hold a failed pass's leftovers.
+    dirty: bool,
+}
 
 impl IdentityReader {
     /// Deletes each target's entry from inside the kernel only if it still holds the socket
@@ -38,13 +54,26 @@ impl IdentityReader {
         map: &SockMap,
         targets: &[Target],
     ) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
+        Ok(self
+            .compare_and_delete_met(map, targets)?
+            .into_iter()
+            .map(|r| (r.key, r.outcome))
+            .collect())
+    }
+
+    /// [`IdentityReader::compare_and_delete`], with the socket each entry held when met.
+    pub fn compare_and_delete_met(
+        &mut self,
+        map: &SockMap,
+        targets: &[Target],
+    ) -> Result<Vec<CadResult>, IdentityError> {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
         require_writable(map)?;
-        let object = self.cad_for(map)?;
-        let program = find_program(object, CAD_PROGRAM, map.id())?;
-        let table = object
+        let cad = self.cad_for(map)?;
+        let table = cad
+            .object
             .maps()
             .find(|m| m.name() == TARGETS_MAP)
             .ok_or_else(|| IdentityError::Malformed {
@@ -55,7 +84,13 @@ impl IdentityReader {
         // A pass takes as many targets as the program's `targets` map holds.
         let batch = usize::try_from(table.max_entries()).unwrap_or(1).max(1);
         for chunk in chunks(targets, batch) {
-            results.extend(cad_pass(&program, &table, map, chunk)?);
+            if cad.dirty {
+                // Left over from a pass that failed half-way.
+                clear(&table, map.id())?;
+            }
+            cad.dirty = true;
+            results.extend(cad_pass(&cad.link, &table, map, chunk)?);
+            cad.dirty = false;
         }
         Ok(results)
     }
@@ -66,25 +101,35 @@ impl IdentityReader {
         self.cad_for(map).map(|_| ())
     }
 
-    fn cad_for(&mut self, map: &SockMap) -> Result<&Object, IdentityError> {
-        if !matches!(&self.cad, Some((id, _)) if *id == map.id()) {
+    fn cad_for(&mut self, map: &SockMap) -> Result<&mut Cad, IdentityError> {
+        if !matches!(&self.cad, Some(cad) if cad.map_id == map.id()) {
             // Drop the program of a replaced map before loading the next one.
             self.cad = None;
-            let object = load_cad(map).map_err(|e| IdentityError::CompareAndDeleteRefused {
+        }
+        if self.cad.is_none() {
+            let refused = |e: libbpf_rs::Error| IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
                 kind: Some(e.kind()),
                 error: format!("{e:#}"),
-            })?;
-            self.cad = Some((map.id(), object));
+            };
+            let object = load_cad(map).map_err(refused)?;
+            let link = find_program(&object, CAD_PROGRAM, map.id())?
+                .attach_iter(map.fd())
+                .map_err(refused)?;
+            self.cad = Some(Cad {
+                map_id: map.id(),
+                link,
+                object,
+                dirty: false,
+            });
         }
-        match &self.cad {
-            Some((_, object)) => Ok(object),
-            None => Err(IdentityError::CompareAndDeleteRefused {
+        self.cad
+            .as_mut()
+            .ok_or_else(|| IdentityError::CompareAndDeleteRefused {
                 map_id: map.id(),
                 kind: None,
                 error: "the program was not kept after loading".to_string(),
-            }),
-        }
+            })
     }
 }
 
@@ -143,23 +188,30 @@ fn chunks(targets: &[Target], batch: usize) -> Vec<&[Target]> {
     out
 }
 
+/// Empties `targets`.
+fn clear(table: &libbpf_rs::Map<'_>, map_id: u32) -> Result<(), IdentityError> {
+    let stale: Vec<Vec<u8>> = table.keys().collect();
+    for key in stale {
+        table.delete(&key).map_err(|e| IdentityError::Targets {
+            map_id,
+            error: format!("{e:#}"),
+        })?;
+    }
+    Ok(())
+}
+
 /// One pass: fill `targets`, run the iterator once, collect outcomes, empty `targets`.
 fn cad_pass(
-    program: &libbpf_rs::ProgramMut<'_>,
+    link: &Link,
     table: &libbpf_rs::Map<'_>,
     map: &SockMap,
     chunk: &[Target],
-) -> Result<Vec<(RawKey, CadOutcome)>, IdentityError> {
+) -> Result<Vec<CadResult>, IdentityError> {
     let id = map.id();
     let fill_error = |e: libbpf_rs::Error| IdentityError::Targets {
         map_id: id,
         error: format!("{e:#}"),
     };
-    // Left over from a pass that failed half-way.
-    let stale: Vec<Vec<u8>> = table.keys().collect();
-    for key in stale {
-        table.delete(&key).map_err(fill_error)?;
-    }
     // One syscall each way for the whole chunk (hash map batch ops, Linux 5.6).
     let count = u32::try_from(chunk.len()).map_err(|_| IdentityError::Targets {
         map_id: id,
@@ -170,36 +222,32 @@ fn cad_pass(
     for target in chunk {
         keys.extend_from_slice(&target.key.0);
         let value = TargetRecord {
-            cookie: target.cookie,
+            cookie: target.cookie.unwrap_or(0),
             outcome: CAD_PENDING,
-            flags: if target.local_only { CAD_LOCAL_ONLY } else { 0 },
+            flags: target_flags(target),
         };
         values.extend_from_slice(record_bytes(&value));
     }
     table
         .update_batch(&keys, &values, count, MapFlags::ANY, MapFlags::ANY)
         .map_err(fill_error)?;
-    let link =
-        program
-            .attach_iter(map.fd())
-            .map_err(|e| IdentityError::CompareAndDeleteRefused {
-                map_id: id,
-                kind: Some(e.kind()),
-                error: format!("{e:#}"),
-            })?;
-    let read = read_iter(id, &link);
-    drop(link);
-    let records: Vec<CadRecord> = parse_records(id, &read?)?;
-    let mut met: HashMap<RawKey, i32> =
-        records.iter().map(|r| (RawKey(r.key), r.outcome)).collect();
+    let records: Vec<CadRecord> = parse_records(id, &read_iter(id, link)?)?;
+    let mut met: HashMap<RawKey, (i32, HeldSocket)> = HashMap::with_capacity(records.len());
+    for r in &records {
+        met.insert(r.key(), (r.outcome, r.held(id)?));
+    }
     let mut results = Vec::with_capacity(chunk.len());
     for Target { key, .. } in chunk {
         // A record lost to a read boundary still left its outcome in the target.
-        let code = match met.remove(key) {
-            Some(code) => code,
-            None => stored_outcome(id, table, key)?,
+        let (code, held) = match met.remove(key) {
+            Some((code, held)) => (code, Some(held)),
+            None => (stored_outcome(id, table, key)?, None),
         };
-        results.push((*key, outcome(id, key, code)?));
+        results.push(CadResult {
+            key: *key,
+            outcome: outcome(id, key, code)?,
+            held,
+        });
     }
     table
         .delete_batch(&keys, count, MapFlags::ANY, MapFlags::ANY)
@@ -240,6 +288,16 @@ fn outcome(map_id: u32, key: &RawKey, code: i32) -> Result<CadOutcome, IdentityE
             what: format!("unknown outcome {n} for key {}", key.to_hex()),
         }),
     }
+}
+
+fn target_flags(target: &Target) -> u32 {
+    let local_only = if target.local_only { CAD_LOCAL_ONLY } else { 0 };
+    let any = if target.cookie.is_none() {
+        CAD_ANY_SOCKET
+    } else {
+        0
+    };
+    local_only | any
 }
 
 /// Refuses a map opened read-only: the program would delete through it regardless.
@@ -299,5 +357,41 @@ mod tests {
         ];
         let sizes: Vec<usize> = chunks(&repeated, BATCH).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![2, 1]);
+    }
+
+    #[test]
+    fn target_flags_as_a_table() {
+        let k = RawKey([0; KEY_LEN]);
+        let cases = [
+            ("a judged socket", Target::new(k, 7), 0),
+            (
+                "a judged proxy entry",
+                Target {
+                    local_only: true,
+                    ..Target::new(k, 7)
+                },
+                CAD_LOCAL_ONLY,
+            ),
+            (
+                "whichever socket (a collision)",
+                Target {
+                    cookie: None,
+                    ..Target::new(k, 7)
+                },
+                CAD_ANY_SOCKET,
+            ),
+            (
+                "whichever socket of a proxy entry",
+                Target {
+                    key: k,
+                    cookie: None,
+                    local_only: true,
+                },
+                CAD_LOCAL_ONLY | CAD_ANY_SOCKET,
+            ),
+        ];
+        for (what, target, want) in cases {
+            assert_eq!(target_flags(&target), want, "{what}");
+        }
     }
 }

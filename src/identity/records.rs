@@ -43,11 +43,23 @@ const ORPHANED: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(super) struct CadRecord {
-    pub(super) key: [u8; KEY_LEN],
+    /// The entry's key and the socket it held when met.
+    held: IdentityRecord,
     pub(super) outcome: i32,
-    pub(super) cookie: u64,
+    pad: u32,
 }
-const _: () = assert!(mem::size_of::<CadRecord>() == 56);
+const _: () = assert!(mem::size_of::<CadRecord>() == 120);
+
+impl CadRecord {
+    pub(super) fn key(&self) -> RawKey {
+        RawKey(self.held.key)
+    }
+
+    /// The socket the entry held when the program met it.
+    pub(super) fn held(&self, map_id: u32) -> Result<HeldSocket, IdentityError> {
+        held_socket(map_id, &self.held)
+    }
+}
 
 /// `struct cad_target`: the value of the program's `targets` map.
 #[repr(C)]
@@ -320,13 +332,13 @@ mod tests {
         assert_eq!(std::ptr::addr_of!(r.error) as usize - base, 104);
         assert_eq!(std::ptr::addr_of!(r.flags) as usize - base, 108);
         let c = CadRecord {
-            key: [0; KEY_LEN],
+            held: r,
             outcome: 0,
-            cookie: 0,
+            pad: 0,
         };
         let base = std::ptr::addr_of!(c) as usize;
-        assert_eq!(std::ptr::addr_of!(c.outcome) as usize - base, 44);
-        assert_eq!(std::ptr::addr_of!(c.cookie) as usize - base, 48);
+        assert_eq!(std::ptr::addr_of!(c.held.cookie) as usize - base, 48);
+        assert_eq!(std::ptr::addr_of!(c.outcome) as usize - base, 112);
     }
 
     #[test]

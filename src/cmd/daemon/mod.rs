@@ -147,7 +147,8 @@ impl Daemon {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick
         });
-        let events = Events::start(&settings)?;
+        let settings = Arc::new(settings);
+        let events = Events::start(&settings, &metrics)?;
         let events_state = events.state();
         metrics.set_events(events_state, 0);
         tracing::info!(
@@ -168,7 +169,7 @@ impl Daemon {
             config_path,
             overrides,
             wait: settings.interval_max,
-            settings: Arc::new(settings),
+            settings,
             metrics,
             stop: Arc::new(AtomicBool::new(false)),
             last_end: now,
@@ -207,7 +208,6 @@ impl Daemon {
                     Done::Sweep(swept) => self.finish(*swept),
                     Done::Pass(passed) => self.finish_pass(*passed),
                 },
-                Some(event) = self.events.rx.recv() => self.on_event(event),
                 Some(reacted) = self.events.done_rx.recv() => self.finish_react(reacted),
                 signal = self.signals.next() => match signal {
                     Some(SIGHUP) => self.reload(),
@@ -267,8 +267,9 @@ impl Daemon {
                 self.next_pass = new.pass_interval.map(|i| Instant::now() + i);
                 self.metrics.set_dry_run(new.dry_run);
                 self.metrics.set_interval(self.wait);
+                let new = Arc::new(new);
                 if new.events != old.events || new.identity != old.identity {
-                    match Events::start(&new) {
+                    match Events::start(&new, &self.metrics) {
                         Ok(events) => {
                             self.events = events;
                             tracing::info!(events = %self.events.state(), "SIGHUP: kernel events restarted");
@@ -287,7 +288,8 @@ impl Daemon {
                     next_in = %humantime::format_duration(self.wait),
                     "SIGHUP: config reloaded"
                 );
-                self.settings = Arc::new(new);
+                self.events.use_settings(&new);
+                self.settings = new;
             }
         }
         notify(&[NotifyState::Ready]);
