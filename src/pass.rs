@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use crate::clock::thread_cpu_time;
 use crate::deletion::{self, Settled};
-use crate::guard::{GuardSettings, Hold, SettingsError};
-use crate::identity::{IdentityError, IdentitySource, Target};
+use crate::guard::{GuardSettings, Hold};
+use crate::identity::{IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
-use crate::map::{MapError, SockMap};
+use crate::map::SockMap;
 use crate::observation::held_view;
-use crate::sweep::{log_settled, SweepError, Trail};
+use crate::sweep::{log_settled, RunError, Trail, Worker};
 use crate::verdict::{is_proxy_key, judge_held, Verdict};
 
 /// One entry as a pass judged it.
@@ -195,22 +195,6 @@ impl PassReport {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PassError {
-    #[error(transparent)]
-    Map(#[from] MapError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Trail(#[from] SweepError),
-    #[error("config: {0}")]
-    Settings(#[from] SettingsError),
-    #[error("identity is not in use (off, or refused by this kernel): the continuous pass needs the sockmap iterator; full sweeps continue")]
-    NoIdentity,
-    #[error("in-kernel compare-and-delete is refused on this kernel: the continuous pass deletes only through it; full sweeps continue")]
-    NoCompareAndDelete,
-}
-
 /// One pass over `map`: read the socket behind every entry, judge, decide with `state`, and
 /// unless it is a dry run delete through compare-and-delete. `started` is when the pass was
 /// due to start, the time its judgements are filed under: the caller schedules the next pass
@@ -223,9 +207,11 @@ pub fn pass(
     gateways: &[IpAddr],
     trail: Option<&mut Trail>,
     started: Instant,
-) -> Result<PassReport, PassError> {
+) -> Result<PassReport, RunError> {
     let cpu_started = thread_cpu_time();
-    let ids = identity.read(map)?.ok_or(PassError::NoIdentity)?;
+    let ids = identity
+        .read(map)?
+        .ok_or(RunError::NoIdentity(Worker::Pass))?;
     let entries: Vec<PassEntry> = ids
         .entries
         .iter()
@@ -273,11 +259,11 @@ fn delete(
     identity: &mut IdentitySource,
     report: &mut PassReport,
     mut trail: Option<&mut Trail>,
-) -> Result<(), PassError> {
+) -> Result<(), RunError> {
     let targets: Vec<Target> = report.decision.delete.iter().map(|(t, _, _)| *t).collect();
     let outcomes = identity
         .compare_and_delete(map, &targets)?
-        .ok_or(PassError::NoCompareAndDelete)?;
+        .ok_or(RunError::NoCompareAndDelete(Worker::Pass))?;
     for ((target, verdict, age), (_, cad)) in report.decision.delete.iter().zip(outcomes) {
         let settled = deletion::after_compare_and_delete(cad);
         log_settled(&target.key, verdict, &settled);

@@ -21,11 +21,11 @@ use crate::clock::monotonic_now;
 use crate::deletion::{self, Settled};
 use crate::events::{Event, EventSocket, Heard};
 use crate::guard::{GuardSettings, Hold};
-use crate::identity::{HeldSocket, IdentityError, IdentitySource, Target};
+use crate::identity::{HeldSocket, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
-use crate::map::{MapError, SockMap};
+use crate::map::SockMap;
 use crate::observation::held_view;
-use crate::sweep::{SweepError, Trail};
+use crate::sweep::{RunError, Trail, Worker};
 use crate::verdict::{
     classify, is_proxy_key, Evidence, SeenSocket, SocketIndex, SocketKind, StaleReason,
     UnknownReason, Verdict,
@@ -301,20 +301,6 @@ impl Reaction {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReactError {
-    #[error(transparent)]
-    Map(#[from] MapError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Trail(#[from] SweepError),
-    #[error("identity is not in use (off, or refused by this kernel): kernel events delete through its compare-and-delete")]
-    NoIdentity,
-    #[error("in-kernel compare-and-delete is refused on this kernel: kernel events delete only through it")]
-    NoCompareAndDelete,
-}
-
 /// Acts on a batch of events against `map`: reads the socket behind each collided key (one
 /// iterator read, only when the batch has a collision on this map), judges, applies the
 /// guards and, unless it is a dry run, deletes through compare-and-delete.
@@ -326,11 +312,11 @@ pub fn react(
     gateways: &[IpAddr],
     mut trail: Option<&mut Trail>,
     batch: &Batch<'_>,
-) -> Result<Reaction, ReactError> {
+) -> Result<Reaction, RunError> {
     let events = batch.events;
     let started = Instant::now();
     if !identity.is_active() {
-        return Err(ReactError::NoIdentity);
+        return Err(RunError::NoIdentity(Worker::Events));
     }
     // A dry run deletes nothing, so no compare-and-delete judges its collisions: it reads
     // the socket behind each collided key (one iterator read) and judges them here.
@@ -342,7 +328,9 @@ pub fn react(
         })
         .collect();
     let held: Option<HashMap<RawKey, HeldSocket>> = if guards.dry_run && !collided.is_empty() {
-        let ids = identity.read(map)?.ok_or(ReactError::NoIdentity)?;
+        let ids = identity
+            .read(map)?
+            .ok_or(RunError::NoIdentity(Worker::Events))?;
         Some(
             ids.entries
                 .into_iter()
@@ -393,7 +381,7 @@ pub fn react(
                     .collect();
                 let results = identity
                     .compare_and_delete_met(map, &targets)?
-                    .ok_or(ReactError::NoCompareAndDelete)?;
+                    .ok_or(RunError::NoCompareAndDelete(Worker::Events))?;
                 let now = monotonic_now();
                 for (n, result) in named.iter().zip(results) {
                     let settled = deletion::after_compare_and_delete(result.outcome);

@@ -14,10 +14,10 @@ use governor::{Quota, RateLimiter};
 use serde::Serialize;
 
 use crate::deletion::{self, DeleteError, Route, Settled, Step};
-use crate::guard::{self, GuardSettings, Plan};
-use crate::identity::{IdentitySource, Target};
+use crate::guard::{self, GuardSettings, Plan, SettingsError};
+use crate::identity::{IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
-use crate::map::SockMap;
+use crate::map::{MapError, SockMap};
 use crate::observation::{held_view, Filter, Observation};
 use crate::observe::{self, ObserveError, Sockets};
 use crate::verdict::{classify, has_key_ends, is_proxy_key, HeldView, Verdict};
@@ -126,6 +126,48 @@ pub enum SweepError {
     Observe(#[from] ObserveError),
     #[error("cannot append to the trail file {path}: {error}; fix the path or leave --trail out")]
     Trail { path: PathBuf, error: io::Error },
+}
+
+/// What deletes between full sweeps: the continuous pass and the reactions to kernel events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worker {
+    Pass,
+    Events,
+}
+
+impl Worker {
+    /// What it is left without when identity is off or refused.
+    fn without_identity(self) -> &'static str {
+        match self {
+            Worker::Pass => "the continuous pass needs the sockmap iterator; full sweeps continue",
+            Worker::Events => "kernel events delete through its compare-and-delete",
+        }
+    }
+
+    /// What it is left without when compare-and-delete is refused.
+    fn without_compare_and_delete(self) -> &'static str {
+        match self {
+            Worker::Pass => "the continuous pass deletes only through it; full sweeps continue",
+            Worker::Events => "kernel events delete only through it",
+        }
+    }
+}
+
+/// Why a sweep, a pass or a reaction to kernel events could not run; the next one tries again.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    #[error("config: {0}")]
+    Settings(#[from] SettingsError),
+    #[error("identity is not in use (off, or refused by this kernel): {}", .0.without_identity())]
+    NoIdentity(Worker),
+    #[error("in-kernel compare-and-delete is refused on this kernel: {}", .0.without_compare_and_delete())]
+    NoCompareAndDelete(Worker),
 }
 
 /// The append-only JSON-lines record of deletions, for the post-mortem.

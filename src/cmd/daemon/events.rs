@@ -15,14 +15,14 @@ use tokio::sync::mpsc;
 use sockmap_gc::clock::monotonic_now;
 use sockmap_gc::deletion::Outcome;
 use sockmap_gc::events::{Event, EventSocket, EventWatcher, EventsMode, EventsState, Heard};
-use sockmap_gc::guard::{GuardSettings, Hold, SettingsError};
-use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
+use sockmap_gc::guard::{GuardSettings, Hold};
+use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::key::SockKey;
 use sockmap_gc::map::{Access, MapError, SockMap};
 use sockmap_gc::observe;
-use sockmap_gc::react::{self, Batch, Budget, ReactError, Reaction};
+use sockmap_gc::react::{self, Batch, Budget, Reaction};
 use sockmap_gc::socket::TcpState;
-use sockmap_gc::sweep::{SweepError, Trail};
+use sockmap_gc::sweep::{RunError, SweepError, Trail};
 
 use super::{identity_source, Daemon};
 use crate::cmd::config::Settings;
@@ -35,22 +35,7 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Gateways read longer ago than this are read again before a reaction uses them.
 const GATEWAYS_FRESH: Duration = Duration::from_secs(3);
 
-/// Why one reaction to kernel events failed.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ReactFailed {
-    #[error(transparent)]
-    Map(#[from] MapError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Sweep(#[from] SweepError),
-    #[error(transparent)]
-    React(#[from] ReactError),
-    #[error("config: {0}")]
-    Settings(#[from] SettingsError),
-}
-
-type Reacted = Result<(Reaction, PathBuf), ReactFailed>;
+type Reacted = Result<(Reaction, PathBuf), RunError>;
 
 /// The kernel events: the watcher (absent when off or refused) and what its reactions share
 /// with the loop.
@@ -100,7 +85,7 @@ impl Events {
             reactor.identity = Some((settings.identity, IdentitySource::new(settings.identity)?));
             match reactor.prepare(settings) {
                 // No map at the path yet: the first reaction opens it.
-                Ok(()) | Err(ReactFailed::Map(_)) => {}
+                Ok(()) | Err(RunError::Map(_)) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -171,9 +156,7 @@ impl Daemon {
                     tracing::info!("{line}");
                 }
             }
-            Err(ReactFailed::React(
-                e @ (ReactError::NoIdentity | ReactError::NoCompareAndDelete),
-            )) => {
+            Err(e @ (RunError::NoIdentity(_) | RunError::NoCompareAndDelete(_))) => {
                 tracing::warn!("kernel events off until the next reload: {e}");
                 self.events.stop();
             }
@@ -281,7 +264,7 @@ struct Reactor {
 impl Reactor {
     /// Makes ready what a reaction needs ahead of the first event: the rate limiter, the
     /// gateways and, unless a dry run, the map and its compare-and-delete.
-    fn prepare(&mut self, settings: &Settings) -> Result<(), ReactFailed> {
+    fn prepare(&mut self, settings: &Settings) -> Result<(), RunError> {
         self.budget.prepare(&settings.guards()?);
         self.gateways(settings);
         if settings.dry_run {

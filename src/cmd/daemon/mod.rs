@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 
 use sockmap_gc::holder::HolderSource;
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
-use sockmap_gc::map::{Access, MapError, SockMap};
+use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::pass::PassState;
-use sockmap_gc::sweep::{SweepError, Trail};
+use sockmap_gc::sweep::{RunError, Trail};
 
 use crate::cmd::config::{self, Overrides, Settings};
 use crate::cmd::metrics::{self, Metrics};
@@ -357,9 +357,7 @@ fn notify(state: &[NotifyState]) {
 
 /// The map opened afresh for one sweep, pass or reaction (read-write unless a dry run), and
 /// the trail when deleting.
-fn open_map_and_trail<E: From<MapError> + From<SweepError>>(
-    settings: &Settings,
-) -> Result<(SockMap, Option<Trail>), E> {
+fn open_map_and_trail(settings: &Settings) -> Result<(SockMap, Option<Trail>), RunError> {
     let access = if settings.dry_run {
         Access::ReadOnly
     } else {

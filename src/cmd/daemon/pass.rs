@@ -9,14 +9,15 @@ use sd_notify::NotifyState;
 
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::observe;
-use sockmap_gc::pass::{self, PassError, PassReport, PassState};
+use sockmap_gc::pass::{self, PassReport, PassState};
+use sockmap_gc::sweep::RunError;
 
 use super::sweep::Finished;
 use super::{identity_source, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 
 /// What a pass thread hands back; `started` is when the pass was due.
-pub(super) type Passed = Finished<PassReport, PassError>;
+pub(super) type Passed = Finished<PassReport>;
 
 impl Daemon {
     pub(super) fn start_pass(&mut self) {
@@ -63,7 +64,7 @@ impl Daemon {
                 let awaiting = report.decision.unconfirmed > 0;
                 self.schedule_pass(started, awaiting, report.cpu);
             }
-            Err(e @ (PassError::NoIdentity | PassError::NoCompareAndDelete)) => {
+            Err(e @ (RunError::NoIdentity(_) | RunError::NoCompareAndDelete(_))) => {
                 self.metrics.record_pass_error();
                 tracing::warn!("continuous pass off until the next reload: {e}");
                 self.next_pass = None;
@@ -106,8 +107,8 @@ fn pass_once(
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
     state: &Mutex<PassState>,
     started: Instant,
-) -> Result<(PassReport, PathBuf), PassError> {
-    let (map, mut trail) = open_map_and_trail::<PassError>(settings)?;
+) -> Result<(PassReport, PathBuf), RunError> {
+    let (map, mut trail) = open_map_and_trail(settings)?;
     let guards = settings.guards()?;
     // One sweep or pass runs at a time, so the locks are never contended.
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,46 +8,31 @@ use std::time::{Duration, Instant, SystemTime};
 
 use sd_notify::NotifyState;
 
-use sockmap_gc::guard::SettingsError;
 use sockmap_gc::holder::{self, HolderSource};
-use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
-use sockmap_gc::map::MapError;
+use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::observation::{Filter, Judged};
 use sockmap_gc::observe;
 use sockmap_gc::report::{self, Summary};
-use sockmap_gc::sweep::{self, SweepError, SweepReport, SweepSettings};
+use sockmap_gc::sweep::{self, RunError, SweepReport, SweepSettings};
 
 use super::{identity_source, next_wait, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 use crate::cmd::metrics;
 
-/// Why one sweep of the daemon failed before its report; the next sweep tries again.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum SweepFailed {
-    #[error(transparent)]
-    Map(#[from] MapError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error(transparent)]
-    Sweep(#[from] SweepError),
-    #[error("config: {0}")]
-    Settings(#[from] SettingsError),
-}
-
 /// What a sweep thread hands back.
-pub(super) type Swept = Finished<SweepReport, SweepFailed>;
+pub(super) type Swept = Finished<SweepReport>;
 
 /// What a worker thread (a sweep or a pass) hands back: its report and the map's path, or
 /// why it failed; when it started, and how long it took.
-pub(super) struct Finished<R, E> {
-    pub(super) outcome: Result<(R, PathBuf), E>,
+pub(super) struct Finished<R> {
+    pub(super) outcome: Result<(R, PathBuf), RunError>,
     pub(super) started: Instant,
     pub(super) took: Duration,
 }
 
-impl<R, E> Finished<R, E> {
+impl<R> Finished<R> {
     /// Runs `work`, timing it.
-    fn timed(work: impl FnOnce() -> Result<(R, PathBuf), E>) -> Finished<R, E> {
+    fn timed(work: impl FnOnce() -> Result<(R, PathBuf), RunError>) -> Finished<R> {
         let started = Instant::now();
         let outcome = work();
         Finished {
@@ -148,8 +133,8 @@ fn sweep_once(
     stop: &AtomicBool,
     identity: &Mutex<Option<(IdentityMode, IdentitySource)>>,
     holders: &Mutex<HolderSource>,
-) -> Result<(SweepReport, PathBuf), SweepFailed> {
-    let (map, mut trail) = open_map_and_trail::<SweepFailed>(settings)?;
+) -> Result<(SweepReport, PathBuf), RunError> {
+    let (map, mut trail) = open_map_and_trail(settings)?;
     let sweep_settings = SweepSettings::new(
         settings.guards()?,
         Filter::default(),
