@@ -572,7 +572,11 @@ fn write_stdout(s: &str) -> io::Result<()> {
 }
 
 /// Runs `write` on a buffered stdout; a reader that went away (`| head`) is not an error.
-fn write_stdout_with(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> io::Result<()> {
+/// The writer's type is concrete, not `dyn`: the JSON of a full map is ~45 MB written in
+/// small pieces, each a call the compiler can then inline.
+fn write_stdout_with(
+    write: impl FnOnce(&mut io::BufWriter<io::StdoutLock<'static>>) -> io::Result<()>,
+) -> io::Result<()> {
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     match write(&mut out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::holder::Diagnosis;
 use crate::observation::{Filter, Judged, Observation};
 use crate::verdict::Verdict;
 
@@ -80,6 +81,15 @@ pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
             .then_with(|| a.raw.cmp(&b.raw))
     });
     v
+}
+
+/// The holder diagnosis of `e`, once the holder pass ran. Only stale entries have one, so
+/// the others are not looked up: a full map's table would hash 65,535 keys for 7,325.
+pub fn diagnosis<'a>(o: &'a Observation, e: &Judged) -> Option<&'a Diagnosis> {
+    if !e.verdict.is_stale() {
+        return None;
+    }
+    o.holders.as_ref()?.of(&e.raw)
 }
 
 fn verdict_rank(v: &Verdict) -> u8 {
