@@ -12,7 +12,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use sockmap_gc::guard::{GuardSettings, SettingsError};
-use sockmap_gc::holder::{self, HolderSource};
+use sockmap_gc::holder::HolderSource;
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::key::{self, SockKey};
 use sockmap_gc::map::{Access, SockMap};
@@ -444,11 +444,13 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
     let gateways = observe::gateways(&args.map.gateway);
     let mut identity = IdentitySource::new(args.map.identity.into())?;
-    let mut observation = observe::observe(&map, &args.map.root, &gateways, &mut identity)?;
-    holder::diagnose(
-        &mut observation,
+    let observation = observe::observe_diagnosed(
+        &map,
+        &args.map.root,
+        &gateways,
+        &mut identity,
         &mut HolderSource::new(args.map.root.join("proc")),
-    );
+    )?;
     let source = map_source(&map);
     let selected = report::selected(&observation, &filter);
     let stale = selected.iter().any(|e| e.verdict.is_stale());
