@@ -452,8 +452,10 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
         &mut HolderSource::new(args.map.root.join("proc")),
     )?;
     let source = map_source(&map);
-    let selected = report::selected(&observation, &filter);
-    let stale = selected.iter().any(|e| e.verdict.is_stale());
+    let stale = observation
+        .entries
+        .iter()
+        .any(|e| e.verdict.is_stale() && filter.selects(e));
     write_stdout_with(|out| match args.output {
         Output::Text => report::write_audit_table(out, &source, &observation, &filter),
         Output::Json => {
