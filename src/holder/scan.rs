@@ -12,6 +12,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::mem;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::{Iter, Object, ObjectBuilder};
@@ -84,6 +85,8 @@ pub struct HolderReader {
 impl HolderReader {
     /// Loads the program; an error is the kernel's (or the permissions') refusal, in words.
     pub fn new() -> Result<HolderReader, String> {
+        // It may load first (preloading): libbpf's messages go to the log, not to stderr.
+        crate::identity::route_libbpf_messages();
         let mut open = ObjectBuilder::default()
             .open_memory(OBJECT)
             .map_err(|e| format!("opening the holder iterator: {e:#}"))?;
@@ -158,6 +161,8 @@ pub struct HolderSource {
     proc_root: PathBuf,
     reader: Option<Result<HolderReader, String>>,
     use_iterator: bool,
+    /// The program being loaded on a thread of its own ([`HolderSource::preloading`]).
+    loading: Option<JoinHandle<Result<HolderReader, String>>>,
 }
 
 impl HolderSource {
@@ -166,6 +171,20 @@ impl HolderSource {
             proc_root: proc_root.into(),
             reader: None,
             use_iterator: true,
+            loading: None,
+        }
+    }
+
+    /// A source that starts loading the program now, on a thread of its own, so that a scan
+    /// later finds it loaded: loading it (BTF relocations) costs as much as the scan.
+    pub fn preloading(proc_root: impl Into<PathBuf>) -> HolderSource {
+        let loading = std::thread::Builder::new()
+            .name("smgc-holders".into())
+            .spawn(HolderReader::new)
+            .ok();
+        HolderSource {
+            loading,
+            ..HolderSource::new(proc_root)
         }
     }
 
@@ -183,7 +202,13 @@ impl HolderSource {
         let start = Instant::now();
         let mut notes = Vec::new();
         if self.use_iterator {
-            let reader = self.reader.get_or_insert_with(HolderReader::new);
+            let loading = self.loading.take();
+            let reader = self.reader.get_or_insert_with(|| match loading {
+                Some(thread) => thread.join().unwrap_or_else(|_| {
+                    Err("the thread loading the holder iterator panicked".to_string())
+                }),
+                None => HolderReader::new(),
+            });
             match reader.as_ref().map_err(Clone::clone).and_then(|r| r.read()) {
                 Ok(records) => {
                     let found = records
