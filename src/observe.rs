@@ -12,7 +12,7 @@ use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::{IdentityError, IdentitySource};
 use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
-use crate::netns::{self, NetnsId};
+use crate::netns::{self, Discovery, NetnsId};
 use crate::observation::{held_view, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
@@ -143,6 +143,7 @@ impl Gathered {
 /// `stale` holds the indices of the entries judged stale ([`held_stale`]).
 fn gather_owners(
     proc_root: &Path,
+    discovery: Option<Discovery>,
     entries: &[Judged],
     stale: &[usize],
     gateways: &[IpAddr],
@@ -164,7 +165,7 @@ fn gather_owners(
         }
     }
     let mut gathered = Gathered::new(proxy_rules);
-    let looked = lookup::lookup_node(proc_root, &lookups, &mut |ns, sockets| {
+    let looked = lookup::lookup_node_with(proc_root, discovery, &lookups, &mut |ns, sockets| {
         gathered.add(ns.id, sockets);
     })?;
     drop(lookups);
@@ -289,7 +290,16 @@ fn observe_then_diagnose(
         held,
         verdict: Verdict::Unknown(UnknownReason::NotJudged),
     };
-    let (map_id, entries): (u32, Vec<Judged>) = match identity.read(map)? {
+    // With identity the lookups need the node's namespaces: found on a thread of their own
+    // while the map is read (the lookups look again if a held socket's namespace is newer).
+    let (read, discovery) = std::thread::scope(|scope| {
+        let discovery = identity
+            .is_active()
+            .then(|| scope.spawn(|| netns::discover(proc_root)));
+        let read = identity.read(map);
+        (read, discovery.and_then(|d| d.join().ok()?.ok()))
+    });
+    let (map_id, entries): (u32, Vec<Judged>) = match read? {
         Some(ids) => (
             ids.map_id,
             ids.entries
@@ -337,11 +347,10 @@ fn observe_then_diagnose(
         let observation = judge(
             map_id,
             entries,
-            &stale,
+            with_identity.then_some((&stale[..], discovery)),
             proc_root,
             gateways,
             started,
-            with_identity,
         );
         // A scan that panicked is made again, after the verdicts.
         (observation, early.and_then(|scan| scan.join().ok()))
@@ -353,22 +362,21 @@ fn observe_then_diagnose(
     Ok(observation)
 }
 
-/// Reads the sockets that judge `entries` (with identity, looks up those of the `stale` ones;
-/// else inventories every namespace) and judges each entry. `started`: when the observation
-/// began, for its `took`.
+/// Reads the sockets that judge `entries` and judges each entry: with identity (`owners`:
+/// the entries judged stale and the namespaces found), looks up those of the stale ones; else
+/// inventories every namespace. `started`: when the observation began, for its `took`.
 fn judge(
     map_id: u32,
     mut entries: Vec<Judged>,
-    stale: &[usize],
+    owners: Option<(&[usize], Option<Discovery>)>,
     proc_root: &Path,
     gateways: &[IpAddr],
     started: Instant,
-    with_identity: bool,
 ) -> Result<Observation, ObserveError> {
-    let sockets = if with_identity {
-        gather_owners(proc_root, &entries, stale, gateways)?
-    } else {
-        gather_sockets(proc_root, !gateways.is_empty())?
+    let with_identity = owners.is_some();
+    let sockets = match owners {
+        Some((stale, discovery)) => gather_owners(proc_root, discovery, &entries, stale, gateways)?,
+        None => gather_sockets(proc_root, !gateways.is_empty())?,
     };
     tracing::debug!(
         sockets = sockets.index.len(),
