@@ -99,8 +99,10 @@ impl HolderReader {
         Ok(HolderReader { object })
     }
 
-    /// Every socket fd of every process this pid namespace shows: (tgid, fd, inode, comm).
-    fn read(&self) -> Result<Vec<HolderRecord>, String> {
+    /// The socket fds whose inode is in `wanted`, of every process this pid namespace shows:
+    /// (tgid, fd, inode, comm). Kept as the records are read: a node's ~100,000 socket fds
+    /// are never held as a list.
+    fn read(&self, wanted: &HashSet<u64>) -> Result<Vec<HolderRecord>, String> {
         let program = self
             .object
             .progs_mut()
@@ -111,33 +113,41 @@ impl HolderReader {
             .map_err(|e| format!("the kernel refused to attach the holder iterator: {e:#}"))?;
         let mut iter =
             Iter::new(&link).map_err(|e| format!("opening the holder iterator: {e:#}"))?;
-        let mut bytes = Vec::new();
+        let mut found = Vec::new();
+        let mut total = 0;
+        // The bytes read and not yet parsed: less than a record once each read is parsed.
+        let mut pending = Vec::with_capacity(READ_CHUNK + mem::size_of::<HolderRecord>());
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             match iter.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    total += n;
+                    pending.extend_from_slice(&buf[..n]);
+                    let whole = pending.len() - pending.len() % mem::size_of::<HolderRecord>();
+                    let records = parse_records(&pending[..whole])?;
+                    found.extend(records.into_iter().filter(|r| wanted.contains(&r.inode)));
+                    pending.drain(..whole);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     return Err(format!(
-                        "reading the holder iterator failed after {} bytes: {e}",
-                        bytes.len()
+                        "reading the holder iterator failed after {total} bytes: {e}"
                     ))
                 }
             }
         }
-        parse_records(&bytes)
+        if !pending.is_empty() {
+            return Err(not_whole_records(total));
+        }
+        Ok(found)
     }
 }
 
 fn parse_records(bytes: &[u8]) -> Result<Vec<HolderRecord>, String> {
     let size = mem::size_of::<HolderRecord>();
     if !bytes.len().is_multiple_of(size) {
-        return Err(format!(
-            "the holder iterator returned {} bytes, no whole number of {size}-byte records; \
-             this binary and its BPF program disagree, rebuild sockmap-gc",
-            bytes.len()
-        ));
+        return Err(not_whole_records(bytes.len()));
     }
     Ok(bytes
         .chunks_exact(size)
@@ -148,6 +158,14 @@ fn parse_records(bytes: &[u8]) -> Result<Vec<HolderRecord>, String> {
             unsafe { chunk.as_ptr().cast::<HolderRecord>().read_unaligned() }
         })
         .collect())
+}
+
+fn not_whole_records(bytes: usize) -> String {
+    format!(
+        "the holder iterator returned {bytes} bytes, no whole number of {}-byte records; \
+         this binary and its BPF program disagree, rebuild sockmap-gc",
+        mem::size_of::<HolderRecord>()
+    )
 }
 
 fn comm_of(bytes: &[u8]) -> String {
@@ -209,11 +227,14 @@ impl HolderSource {
                 }),
                 None => HolderReader::new(),
             });
-            match reader.as_ref().map_err(Clone::clone).and_then(|r| r.read()) {
+            match reader
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|r| r.read(wanted))
+            {
                 Ok(records) => {
                     let found = records
                         .iter()
-                        .filter(|r| wanted.contains(&r.inode))
                         .map(|r| (r.inode, r.tgid, r.fd, comm_of(&r.comm)));
                     let holders = self.describe(found);
                     return HolderScan {
