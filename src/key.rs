@@ -91,6 +91,11 @@ impl KeyHex {
         // Only ASCII hex digits are ever written into it.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+
+    /// The digits as bytes (ASCII), for a writer.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl fmt::Debug for RawKey {

@@ -461,10 +461,7 @@ fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     write_stdout_with(|out| match args.output {
         Output::Text => report::write_audit_table(out, &source, &observation, &filter),
         Output::Json => {
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &report::audit_json(&source, &observation, &filter),
-            )?;
+            report::write_audit_json(out, &source, &observation, &filter)?;
             out.write_all(b"\n")
         }
     })?;

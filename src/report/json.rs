@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
 
 use serde::ser::SerializeStruct;
 use serde::Serialize;
@@ -65,23 +66,30 @@ impl Serialize for Addr {
         let SocketAddr::V4(v4) = self.0 else {
             return self.0.serialize(serializer);
         };
-        // "255.255.255.255:65535"
-        let mut text = [0u8; 21];
-        let mut len = 0;
-        let mut digits = itoa::Buffer::new();
-        let [a, b, c, d] = v4.ip().octets();
-        for (part, sep) in [(a, "."), (b, "."), (c, "."), (d, ":")] {
-            for piece in [digits.format(part).as_bytes(), sep.as_bytes()] {
-                text[len..len + piece.len()].copy_from_slice(piece);
-                len += piece.len();
-            }
-        }
-        let port = digits.format(v4.port()).as_bytes();
-        text[len..len + port.len()].copy_from_slice(port);
-        len += port.len();
+        let mut text = [0u8; V4_TEXT];
+        let len = v4_text(v4, &mut text);
         // Only ASCII digits and separators were written.
         serializer.serialize_str(std::str::from_utf8(&text[..len]).unwrap_or_default())
     }
+}
+
+/// The longest IPv4 address with its port: "255.255.255.255:65535".
+const V4_TEXT: usize = 21;
+
+/// Writes `a.b.c.d:port` into `text`; returns its length.
+fn v4_text(v4: SocketAddrV4, text: &mut [u8; V4_TEXT]) -> usize {
+    let mut len = 0;
+    let mut digits = itoa::Buffer::new();
+    let [a, b, c, d] = v4.ip().octets();
+    for (part, sep) in [(a, "."), (b, "."), (c, "."), (d, ":")] {
+        for piece in [digits.format(part).as_bytes(), sep.as_bytes()] {
+            text[len..len + piece.len()].copy_from_slice(piece);
+            len += piece.len();
+        }
+    }
+    let port = digits.format(v4.port()).as_bytes();
+    text[len..len + port.len()].copy_from_slice(port);
+    len + port.len()
 }
 
 /// A value written as its `Display` text, as a JSON string, with no String in between.
@@ -301,11 +309,215 @@ pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -
     }
 }
 
+/// Writes [`audit_json`] as `serde_json::to_writer_pretty` writes it (the tests hold the two
+/// byte for byte equal), the entries written directly: a full map is 65,535 of them, and
+/// serde's call per field and escape scan per string byte were most of the audit's time.
+/// Only text that may need escaping (reasons, holders) still goes through serde_json.
+pub fn write_audit_json<W: io::Write + ?Sized>(
+    out: &mut W,
+    source: &MapSource,
+    o: &Observation,
+    filter: &Filter,
+) -> io::Result<()> {
+    let json = audit_json(source, o, filter);
+    out.write_all(b"{\n  \"map\": ")?;
+    write_nested(out, &json.map, 1)?;
+    out.write_all(b",\n  \"inventory\": ")?;
+    write_nested(out, &json.inventory, 1)?;
+    out.write_all(b",\n  \"entries\": [")?;
+    for (i, e) in json.entries.0.iter().enumerate() {
+        out.write_all(if i == 0 { b"\n    " } else { b",\n    " })?;
+        write_entry(out, e, diagnosis(o, e))?;
+    }
+    out.write_all(if json.entries.is_empty() {
+        b"]"
+    } else {
+        b"\n  ]"
+    })?;
+    out.write_all(b",\n  \"summary\": ")?;
+    write_nested(out, &json.summary, 1)?;
+    if let Some(by_holder) = &json.stale_by_holder {
+        out.write_all(b",\n  \"stale_by_holder\": ")?;
+        write_nested(out, by_holder, 1)?;
+    }
+    out.write_all(b"\n}")
+}
+
+/// `value` as serde_json pretty-prints it `depth` levels deep (two spaces a level). Pretty
+/// JSON has no line break inside a string (one is written `\n`): each is layout.
+fn write_nested<W: io::Write + ?Sized, T: Serialize>(
+    out: &mut W,
+    value: &T,
+    depth: usize,
+) -> io::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.write_all(b"\n")?;
+            out.write_all(&INDENT[..2 * depth])?;
+        }
+        out.write_all(line.as_bytes())?;
+    }
+    Ok(())
+}
+
+const INDENT: &[u8; 16] = b"                ";
+
+/// One [`JsonEntry`] two levels deep, as serde_json pretty-prints it.
+fn write_entry<W: io::Write + ?Sized>(
+    out: &mut W,
+    e: &Judged,
+    holder: Option<&Diagnosis>,
+) -> io::Result<()> {
+    let key = e.key().ok();
+    out.write_all(b"{\n      \"key\": \"")?;
+    out.write_all(e.raw.hex().as_bytes())?;
+    out.write_all(b"\",\n      \"family\": ")?;
+    match key {
+        Some(k) => serde_json::to_writer(&mut *out, &k.family)?,
+        None => out.write_all(b"null")?,
+    }
+    out.write_all(b",\n      \"local\": ")?;
+    write_addr(out, key.map(|k| k.local))?;
+    out.write_all(b",\n      \"remote\": ")?;
+    write_addr(out, key.map(|k| k.remote))?;
+    out.write_all(b",\n      \"verdict\": \"")?;
+    out.write_all(e.verdict.label().as_bytes())?;
+    out.write_all(b"\",\n      \"reason\": ")?;
+    serde_json::to_writer(&mut *out, &Displayed(&e.verdict))?;
+    out.write_all(b",\n      \"reason_code\": \"")?;
+    out.write_all(e.verdict.reason_code().as_bytes())?;
+    out.write_all(b"\"")?;
+    if let Some(h) = &e.held {
+        let mut digits = itoa::Buffer::new();
+        out.write_all(b",\n      \"socket\": {\n        \"cookie\": ")?;
+        out.write_all(digits.format(h.cookie).as_bytes())?;
+        out.write_all(b",\n        \"local\": ")?;
+        write_addr(out, Some(h.local))?;
+        out.write_all(b",\n        \"remote\": ")?;
+        write_addr(out, Some(h.remote))?;
+        out.write_all(b",\n        \"state\": ")?;
+        serde_json::to_writer(&mut *out, &h.state)?;
+        out.write_all(b",\n        \"netns_inode\": ")?;
+        out.write_all(digits.format(h.netns_inode).as_bytes())?;
+        out.write_all(b",\n        \"inode\": ")?;
+        out.write_all(digits.format(h.inode).as_bytes())?;
+        out.write_all(if h.orphaned {
+            b",\n        \"orphaned\": true" as &[u8]
+        } else {
+            b",\n        \"orphaned\": false"
+        })?;
+        if h.error != 0 {
+            out.write_all(b",\n        \"error\": ")?;
+            serde_json::to_writer(&mut *out, &Displayed(ErrnoName(h.error)))?;
+        }
+        out.write_all(b"\n      }")?;
+    }
+    if let Some(d) = holder {
+        out.write_all(b",\n      \"holder\": ")?;
+        write_nested(out, &JsonHolder::of(d), 3)?;
+    }
+    out.write_all(b"\n    }")
+}
+
+/// An address as [`Addr`] serializes it, or `null`. An IPv4 one's text has nothing to escape.
+fn write_addr<W: io::Write + ?Sized>(out: &mut W, addr: Option<SocketAddr>) -> io::Result<()> {
+    match addr {
+        Some(SocketAddr::V4(v4)) => {
+            let mut text = [0u8; V4_TEXT + 2];
+            text[0] = b'"';
+            let mut digits = [0u8; V4_TEXT];
+            let len = v4_text(v4, &mut digits);
+            text[1..=len].copy_from_slice(&digits[..len]);
+            text[len + 1] = b'"';
+            out.write_all(&text[..len + 2])
+        }
+        Some(a) => serde_json::to_writer(&mut *out, &Addr(a)).map_err(io::Error::from),
+        None => out.write_all(b"null"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::report::fixtures::{diagnosed, observation, source};
     use crate::verdict::{StaleReason, Verdict};
+
+    /// The audit's JSON, written directly, is serde_json's pretty print of [`audit_json`] to
+    /// the byte: with and without holders and sockets, every kind of verdict and address, an
+    /// undecodable key, and with no entry selected.
+    #[test]
+    fn the_written_audit_is_serde_json_s_pretty_print_byte_for_byte() {
+        let sa = |s: &str| s.parse::<SocketAddr>().expect("address");
+        let held = |local: &str, remote: &str, state, orphaned, error| HeldSocket {
+            cookie: 18_446_744_073_709_551_615,
+            local: sa(local),
+            remote: sa(remote),
+            state,
+            netns_inode: 4026531840,
+            inode: 0,
+            orphaned,
+            error,
+        };
+        use crate::socket::TcpState;
+        use crate::verdict::{LiveReason, StaleReason, UnknownReason};
+        let mut with_sockets = diagnosed();
+        with_sockets.identity = true;
+        with_sockets.entries[0].held = Some(held(
+            "127.0.0.1:33339",
+            "127.0.0.1:53526",
+            TcpState::Established,
+            false,
+            0,
+        ));
+        with_sockets.entries[1].held = Some(held(
+            "[::ffff:10.0.2.2]:8080",
+            "10.0.1.1:40001",
+            TcpState::Close,
+            true,
+            libc::ECONNRESET,
+        ));
+        with_sockets.entries[2].held = Some(held(
+            "10.0.1.1:40002",
+            "10.0.1.2:8080",
+            TcpState::Established,
+            false,
+            0,
+        ));
+        with_sockets.entries[2].verdict = Verdict::Live(LiveReason::HeldIsOwner);
+        with_sockets.entries[3].held = Some(held(
+            "[fe80::2%3]:80",
+            "[fd00::1]:5000",
+            TcpState::FinWait1,
+            false,
+            libc::EPIPE,
+        ));
+        with_sockets.entries[3].verdict = Verdict::Stale(StaleReason::HeldClosed);
+        with_sockets.entries[4].verdict = Verdict::Unknown(UnknownReason::NotJudged);
+        with_sockets
+            .unreadable
+            .push(crate::observation::Unreadable {
+                what: "pid 42 \"quoted\"".into(),
+                error: "permission denied".into(),
+            });
+        let none = Filter {
+            local: Some("192.0.2.1".parse().expect("ip")),
+            remote: None,
+        };
+        for (o, filter) in [
+            (observation(), Filter::default()),
+            (diagnosed(), Filter::default()),
+            (with_sockets.clone(), Filter::default()),
+            (with_sockets, none.clone()),
+            (observation(), none),
+        ] {
+            let want = serde_json::to_string_pretty(&audit_json(&source(), &o, &filter))
+                .expect("serialises");
+            let mut got = Vec::new();
+            write_audit_json(&mut got, &source(), &o, &filter).expect("writes");
+            assert_eq!(String::from_utf8(got).expect("utf-8"), want);
+        }
+    }
 
     #[test]
     fn addresses_are_written_as_serde_writes_them() {

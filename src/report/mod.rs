@@ -19,8 +19,8 @@ use crate::verdict::Verdict;
 
 pub use holders::{holder_lines, holder_reasons, stale_by_holder, TOP_HOLDERS};
 pub use json::{
-    audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount, JsonHolderSearch,
-    JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
+    audit_json, write_audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount,
+    JsonHolderSearch, JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
 };
 pub use sweep::{
     guard_outcomes, sweep_json, sweep_summary, sweep_text, GuardOutcome, SweepJson, SweepSummary,
