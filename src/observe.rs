@@ -261,9 +261,10 @@ pub fn observe(
     observe_then_diagnose(map, proc_root, gateways, identity, None)
 }
 
-/// [`observe`], then who keeps each stale entry ([`holder::diagnose`]). With identity the
-/// iterator's read already tells which entries are stale, so the holder search runs on a
-/// thread of its own alongside the lookups, which only explain those verdicts.
+/// [`observe`], then who keeps each stale entry ([`holder::diagnose`]), for a one-shot audit:
+/// its stages overlap on threads of their own. With identity the namespaces are found while
+/// the map is read, and the iterator's read already tells which entries are stale, so the
+/// holder search runs alongside the lookups, which only explain those verdicts.
 pub fn observe_diagnosed(
     map: &SockMap,
     proc_root: &Path,
@@ -290,11 +291,12 @@ fn observe_then_diagnose(
         held,
         verdict: Verdict::Unknown(UnknownReason::NotJudged),
     };
-    // With identity the lookups need the node's namespaces: found on a thread of their own
-    // while the map is read (the lookups look again if a held socket's namespace is newer).
+    // With identity the lookups need the node's namespaces. A one-shot audit (`holders`
+    // given) finds them on a thread of their own while the map is read (the lookups look
+    // again if a held socket's namespace is newer); a sweep only when an entry is stale,
+    // which most of the daemon's are not.
     let (read, discovery) = std::thread::scope(|scope| {
-        let discovery = identity
-            .is_active()
+        let discovery = (holders.is_some() && identity.is_active())
             .then(|| scope.spawn(|| netns::discover(proc_root)));
         let read = identity.read(map);
         (read, discovery.and_then(|d| d.join().ok()?.ok()))
