@@ -442,11 +442,11 @@ peer     its peer socket (local {remote}, remote {local}) is filed under the twi
 fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     let filter = args.filter.filter();
     // With identity, stale sockets' holders are searched through a program of their own:
-    // it loads alongside the identity program and the map's read.
+    // it loads and reads alongside the identity program and the map's read.
     let proc_root = args.map.root.join("proc");
     let mut holders = match args.map.identity {
         Identity::Off => HolderSource::new(proc_root),
-        Identity::Auto | Identity::On => HolderSource::preloading(proc_root),
+        Identity::Auto | Identity::On => HolderSource::prefetching(proc_root),
     };
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
     let gateways = observe::gateways(&args.map.gateway);

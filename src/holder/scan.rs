@@ -99,10 +99,10 @@ impl HolderReader {
         Ok(HolderReader { object })
     }
 
-    /// The socket fds whose inode is in `wanted`, of every process this pid namespace shows:
-    /// (tgid, fd, inode, comm). Kept as the records are read: a node's ~100,000 socket fds
-    /// are never held as a list.
-    fn read(&self, wanted: &HashSet<u64>) -> Result<Vec<HolderRecord>, String> {
+    /// The socket fds whose inode `keep` wants, of every process this pid namespace shows:
+    /// (tgid, fd, inode, comm). Kept as the records are read, so a scan for some inodes never
+    /// holds a node's ~100,000 socket fds as a list (a prefetch keeps them all: 32 bytes each).
+    fn read(&self, keep: impl Fn(u64) -> bool) -> Result<Vec<HolderRecord>, String> {
         let program = self
             .object
             .progs_mut()
@@ -126,7 +126,7 @@ impl HolderReader {
                     pending.extend_from_slice(&buf[..n]);
                     let whole = pending.len() - pending.len() % mem::size_of::<HolderRecord>();
                     let records = parse_records(&pending[..whole])?;
-                    found.extend(records.into_iter().filter(|r| wanted.contains(&r.inode)));
+                    found.extend(records.into_iter().filter(|r| keep(r.inode)));
                     pending.drain(..whole);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -173,14 +173,17 @@ fn comm_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// The program loaded, every socket fd it read (or why not), and how long the read took.
+type Prefetched = Result<(HolderReader, Result<Vec<HolderRecord>, String>, Duration), String>;
+
 /// Where the holder search runs: `/proc` (or a fake one in tests), and the iterator once it
 /// has loaded; a refusal is remembered and the search falls back to the procfs scan.
 pub struct HolderSource {
     proc_root: PathBuf,
     reader: Option<Result<HolderReader, String>>,
     use_iterator: bool,
-    /// The program being loaded on a thread of its own ([`HolderSource::preloading`]).
-    loading: Option<JoinHandle<Result<HolderReader, String>>>,
+    /// The program being loaded and read on a thread of its own ([`HolderSource::prefetching`]).
+    loading: Option<JoinHandle<Prefetched>>,
 }
 
 impl HolderSource {
@@ -193,12 +196,21 @@ impl HolderSource {
         }
     }
 
-    /// A source that starts loading the program now, on a thread of its own, so that a scan
-    /// later finds it loaded: loading it (BTF relocations) costs as much as the scan.
-    pub fn preloading(proc_root: impl Into<PathBuf>) -> HolderSource {
+    /// A source that loads the program and reads every socket fd now, on a thread of its own,
+    /// for the next scan, which keeps those it asks for: for a one-shot audit, whose map read
+    /// leaves a core idle. Loading the program (BTF relocations) and walking every fd of every
+    /// process cost more than the audit's lookups; done while the map is read, they are off
+    /// the audit's path, and done for nothing when no entry is stale. The walk then happens
+    /// during the map's read rather than after it: a snapshot of who holds what, as before.
+    pub fn prefetching(proc_root: impl Into<PathBuf>) -> HolderSource {
         let loading = std::thread::Builder::new()
             .name("smgc-holders".into())
-            .spawn(HolderReader::new)
+            .spawn(|| {
+                let reader = HolderReader::new()?;
+                let started = Instant::now();
+                let records = reader.read(|_| true);
+                Ok((reader, records, started.elapsed()))
+            })
             .ok();
         HolderSource {
             loading,
@@ -217,21 +229,36 @@ impl HolderSource {
     /// The holders of `wanted`. Never fails: what could not be looked at makes the scan
     /// incomplete and is said in its notes.
     pub fn scan(&mut self, wanted: &HashSet<u64>) -> HolderScan {
-        let start = Instant::now();
+        let mut prefetched = None;
+        // A prefetch's walk counts in the search's time, not the wait for it.
+        let mut walked = Duration::ZERO;
+        if let Some(thread) = self.loading.take() {
+            let loaded = thread.join().unwrap_or_else(|_| {
+                Err("the thread loading the holder iterator panicked".to_string())
+            });
+            self.reader = Some(loaded.map(|(reader, records, took)| {
+                prefetched = Some(records);
+                walked = took;
+                reader
+            }));
+        }
+        let now = Instant::now();
+        let start = now.checked_sub(walked).unwrap_or(now);
         let mut notes = Vec::new();
         if self.use_iterator {
-            let loading = self.loading.take();
-            let reader = self.reader.get_or_insert_with(|| match loading {
-                Some(thread) => thread.join().unwrap_or_else(|_| {
-                    Err("the thread loading the holder iterator panicked".to_string())
+            let reader = self.reader.get_or_insert_with(HolderReader::new);
+            let read = match prefetched {
+                Some(records) => records.map(|all| {
+                    all.into_iter()
+                        .filter(|r| wanted.contains(&r.inode))
+                        .collect()
                 }),
-                None => HolderReader::new(),
-            });
-            match reader
-                .as_ref()
-                .map_err(Clone::clone)
-                .and_then(|r| r.read(wanted))
-            {
+                None => reader
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|r| r.read(|inode| wanted.contains(&inode))),
+            };
+            match read {
                 Ok(records) => {
                     let found = records
                         .iter()
