@@ -52,27 +52,49 @@ pub struct RawKey(pub [u8; KEY_LEN]);
 impl RawKey {
     /// The 88 lowercase hex characters of the key.
     pub fn to_hex(&self) -> String {
-        self.hex_with(None)
+        self.hex().as_str().to_owned()
     }
 
-    /// The key as `bpftool map delete ... key hex` takes it: 44 space-separated bytes.
+    /// The 88 lowercase hex characters of the key, on the stack: the JSON report writes one
+    /// per entry.
+    pub fn hex(&self) -> KeyHex {
+        let mut out = [0u8; KEY_LEN * 2];
+        for (pair, b) in out.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX_DIGITS[usize::from(b >> 4)];
+            pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
+        }
+        KeyHex(out)
+    }
+
+    /// The key as `bpftool map delete ... key hex` takes it: 44 space-separated bytes. Built
+    /// by hand: reports print thousands of keys, and a `format!` per byte made that a hot spot.
     pub fn to_bpftool_hex(&self) -> String {
-        self.hex_with(Some(' '))
-    }
-
-    /// Lowercase hex digits, byte by byte, `separator` between bytes. Built by hand: reports
-    /// print thousands of keys, and a `format!` per byte made that a hot spot.
-    fn hex_with(&self, separator: Option<char>) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = String::with_capacity(KEY_LEN * 3);
-        for (i, b) in self.0.iter().enumerate() {
-            if let (Some(sep), true) = (separator, i > 0) {
-                out.push(sep);
+        for (i, pair) in self.hex().0.chunks_exact(2).enumerate() {
+            if i > 0 {
+                out.push(' ');
             }
-            out.push(char::from(DIGITS[usize::from(b >> 4)]));
-            out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+            out.extend(pair.iter().copied().map(char::from));
         }
         out
+    }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// A key's lowercase hex digits ([`RawKey::hex`]).
+#[derive(Clone, Copy)]
+pub struct KeyHex([u8; KEY_LEN * 2]);
+
+impl KeyHex {
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The digits as bytes (ASCII), for a writer.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 

@@ -16,7 +16,7 @@ use netlink_packet_sock_diag::SOCK_DIAG_BY_FAMILY;
 
 use crate::diag::{Inventory, Sink};
 use crate::netlink::{self, NetlinkError, EXACT_REQUEST_LEN};
-use crate::netns::{self, discover, NetnsError, NetnsId, WalkError};
+use crate::netns::{self, discover, Discovery, NetnsError, NetnsId, WalkError};
 use crate::socket::{unmap, LiveSocket, Tuple};
 
 /// Room for one reply datagram: an `inet_diag_msg` with the few attributes the kernel adds
@@ -134,10 +134,29 @@ pub fn lookup_node(
     lookups: &Lookups<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<Looked, NetnsError> {
+    lookup_node_with(root, None, lookups, sink)
+}
+
+/// [`lookup_node`] in the namespaces of `early`, a discovery made beforehand (while the map
+/// was read), unless it misses a held socket's namespace (one made since): then they are
+/// discovered again.
+pub fn lookup_node_with(
+    root: &Path,
+    early: Option<Discovery>,
+    lookups: &Lookups<'_>,
+    sink: &mut Sink<'_>,
+) -> Result<Looked, NetnsError> {
     if lookups.is_empty() {
         return Ok(Looked::default());
     }
-    let discovery = discover(root)?;
+    let complete = |d: &Discovery| {
+        let found: HashSet<u64> = d.namespaces.iter().map(|ns| ns.id.inode).collect();
+        lookups.in_netns.keys().all(|inode| found.contains(inode))
+    };
+    let discovery = match early.filter(complete) {
+        Some(early) => early,
+        None => discover(root)?,
+    };
     let by_address = !lookups.at_local_address.is_empty();
     let namespaces: Vec<_> = discovery
         .namespaces

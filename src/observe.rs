@@ -8,10 +8,11 @@ use std::sync::Once;
 use std::time::Instant;
 
 use crate::diag;
+use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::{IdentityError, IdentitySource};
 use crate::lookup::{self, Lookups};
 use crate::map::{MapError, SockMap};
-use crate::netns::{self, NetnsId};
+use crate::netns::{self, Discovery, NetnsId};
 use crate::observation::{held_view, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
@@ -139,9 +140,12 @@ impl Gathered {
 /// where a connection with it would live (the held socket's namespace, and every namespace
 /// with the key's local address), to name the live connection the entry wrongs right now.
 /// One exact request per tuple instead of a walk of the node's whole TCP table per namespace.
-pub fn gather_owners(
+/// `stale` holds the indices of the entries judged stale ([`held_stale`]).
+fn gather_owners(
     proc_root: &Path,
+    discovery: Option<Discovery>,
     entries: &[Judged],
+    stale: &[usize],
     gateways: &[IpAddr],
 ) -> Result<Sockets, ObserveError> {
     let proxy_rules = !gateways.is_empty();
@@ -150,19 +154,18 @@ pub fn gather_owners(
         Some(Tuple::new(k.local, k.remote))
     };
     let mut lookups = Lookups::new(tuple_of);
-    for (i, e) in entries.iter().enumerate() {
+    for (i, e) in stale.iter().filter_map(|&i| Some((i, entries.get(i)?))) {
         let (Ok(key), Some(held)) = (e.key(), e.held) else {
             continue;
         };
-        let proxy = is_proxy_key(&key, gateways);
         // A proxy entry's tuple names no connection (its A side is the gateway).
-        if !proxy && judge_held(&key, &held_view(&held), proxy).is_stale() {
+        if !is_proxy_key(&key, gateways) {
             lookups.in_netns(held.netns_inode, i);
             lookups.at_local_address(key.local.ip(), i);
         }
     }
     let mut gathered = Gathered::new(proxy_rules);
-    let looked = lookup::lookup_node(proc_root, &lookups, &mut |ns, sockets| {
+    let looked = lookup::lookup_node_with(proc_root, discovery, &lookups, &mut |ns, sockets| {
         gathered.add(ns.id, sockets);
     })?;
     drop(lookups);
@@ -228,6 +231,22 @@ fn read_denied_netns(e: &netns::NetnsError, read: &mut HashSet<(u64, u64)>) -> D
     }
 }
 
+/// The entries the held socket alone judges stale ([`judge_held`]): with identity, exactly
+/// those [`classify`] will, known before any lookup.
+fn held_stale(entries: &[Judged], gateways: &[IpAddr]) -> Vec<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| {
+            let (Ok(key), Some(held)) = (e.key(), e.held.as_ref()) else {
+                return false;
+            };
+            judge_held(&key, &held_view(held), is_proxy_key(&key, gateways)).is_stale()
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Observes the node once.
 ///
 /// The map is snapshotted *before* the sockets: a connection whose entry is in the snapshot
@@ -239,6 +258,30 @@ pub fn observe(
     gateways: &[IpAddr],
     identity: &mut IdentitySource,
 ) -> Result<Observation, ObserveError> {
+    observe_then_diagnose(map, proc_root, gateways, identity, None)
+}
+
+/// [`observe`], then who keeps each stale entry ([`holder::diagnose`]), for a one-shot audit:
+/// its stages overlap on threads of their own. With identity the namespaces are found while
+/// the map is read, and the iterator's read already tells which entries are stale, so the
+/// holder search runs alongside the lookups, which only explain those verdicts.
+pub fn observe_diagnosed(
+    map: &SockMap,
+    proc_root: &Path,
+    gateways: &[IpAddr],
+    identity: &mut IdentitySource,
+    holders: &mut HolderSource,
+) -> Result<Observation, ObserveError> {
+    observe_then_diagnose(map, proc_root, gateways, identity, Some(holders))
+}
+
+fn observe_then_diagnose(
+    map: &SockMap,
+    proc_root: &Path,
+    gateways: &[IpAddr],
+    identity: &mut IdentitySource,
+    mut holders: Option<&mut HolderSource>,
+) -> Result<Observation, ObserveError> {
     let started = Instant::now();
     // One iterator pass gives the keys and their sockets; without it, walk the keys. The
     // entries are judged in place once the sockets are in: a full map's entries are the
@@ -248,7 +291,17 @@ pub fn observe(
         held,
         verdict: Verdict::Unknown(UnknownReason::NotJudged),
     };
-    let (map_id, mut entries): (u32, Vec<Judged>) = match identity.read(map)? {
+    // With identity the lookups need the node's namespaces. A one-shot audit (`holders`
+    // given) finds them on a thread of their own while the map is read (the lookups look
+    // again if a held socket's namespace is newer); a sweep only when an entry is stale,
+    // which most of the daemon's are not.
+    let (read, discovery) = std::thread::scope(|scope| {
+        let discovery = (holders.is_some() && identity.is_active())
+            .then(|| scope.spawn(|| netns::discover(proc_root)));
+        let read = identity.read(map);
+        (read, discovery.and_then(|d| d.join().ok()?.ok()))
+    });
+    let (map_id, entries): (u32, Vec<Judged>) = match read? {
         Some(ids) => (
             ids.map_id,
             ids.entries
@@ -274,10 +327,58 @@ pub fn observe(
         ms = started.elapsed().as_millis(),
         "map read"
     );
-    let sockets = if with_identity {
-        gather_owners(proc_root, &entries, gateways)?
+    let stale = if with_identity {
+        held_stale(&entries, gateways)
     } else {
-        gather_sockets(proc_root, !gateways.is_empty())?
+        Vec::new()
+    };
+    let wanted = holder::wanted(
+        stale
+            .iter()
+            .filter_map(|&i| entries.get(i)?.held.as_ref())
+            .map(holder::facts),
+    );
+    let (observation, early) = std::thread::scope(|scope| {
+        let early = match holders.as_deref_mut() {
+            Some(source) if !wanted.is_empty() => Some(scope.spawn(move || {
+                let scan = source.scan(&wanted);
+                EarlyScan { wanted, scan }
+            })),
+            _ => None,
+        };
+        let observation = judge(
+            map_id,
+            entries,
+            with_identity.then_some((&stale[..], discovery)),
+            proc_root,
+            gateways,
+            started,
+        );
+        // A scan that panicked is made again, after the verdicts.
+        (observation, early.and_then(|scan| scan.join().ok()))
+    });
+    let mut observation = observation?;
+    if let Some(source) = holders {
+        holder::diagnose_with(&mut observation, source, early);
+    }
+    Ok(observation)
+}
+
+/// Reads the sockets that judge `entries` and judges each entry: with identity (`owners`:
+/// the entries judged stale and the namespaces found), looks up those of the stale ones; else
+/// inventories every namespace. `started`: when the observation began, for its `took`.
+fn judge(
+    map_id: u32,
+    mut entries: Vec<Judged>,
+    owners: Option<(&[usize], Option<Discovery>)>,
+    proc_root: &Path,
+    gateways: &[IpAddr],
+    started: Instant,
+) -> Result<Observation, ObserveError> {
+    let with_identity = owners.is_some();
+    let sockets = match owners {
+        Some((stale, discovery)) => gather_owners(proc_root, discovery, &entries, stale, gateways)?,
+        None => gather_sockets(proc_root, !gateways.is_empty())?,
     };
     tracing::debug!(
         sockets = sockets.index.len(),

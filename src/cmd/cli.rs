@@ -12,7 +12,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use sockmap_gc::guard::{GuardSettings, SettingsError};
-use sockmap_gc::holder::{self, HolderSource};
+use sockmap_gc::holder::HolderSource;
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::key::{self, SockKey};
 use sockmap_gc::map::{Access, SockMap};
@@ -441,24 +441,27 @@ peer     its peer socket (local {remote}, remote {local}) is filed under the twi
 
 fn audit(args: AuditArgs) -> anyhow::Result<Outcome> {
     let filter = args.filter.filter();
+    // With identity, stale sockets' holders are searched through a program of their own:
+    // it loads and reads alongside the identity program and the map's read.
+    let proc_root = args.map.root.join("proc");
+    let mut holders = match args.map.identity {
+        Identity::Off => HolderSource::new(proc_root),
+        Identity::Auto | Identity::On => HolderSource::prefetching(proc_root),
+    };
     let map = SockMap::open_default(args.map.map.as_deref(), Access::ReadOnly)?;
     let gateways = observe::gateways(&args.map.gateway);
     let mut identity = IdentitySource::new(args.map.identity.into())?;
-    let mut observation = observe::observe(&map, &args.map.root, &gateways, &mut identity)?;
-    holder::diagnose(
-        &mut observation,
-        &mut HolderSource::new(args.map.root.join("proc")),
-    );
+    let observation =
+        observe::observe_diagnosed(&map, &args.map.root, &gateways, &mut identity, &mut holders)?;
     let source = map_source(&map);
-    let selected = report::selected(&observation, &filter);
-    let stale = selected.iter().any(|e| e.verdict.is_stale());
+    let stale = observation
+        .entries
+        .iter()
+        .any(|e| e.verdict.is_stale() && filter.selects(e));
     write_stdout_with(|out| match args.output {
         Output::Text => report::write_audit_table(out, &source, &observation, &filter),
         Output::Json => {
-            serde_json::to_writer_pretty(
-                &mut *out,
-                &report::audit_json(&source, &observation, &filter),
-            )?;
+            report::write_audit_json(out, &source, &observation, &filter)?;
             out.write_all(b"\n")
         }
     })?;
@@ -572,7 +575,11 @@ fn write_stdout(s: &str) -> io::Result<()> {
 }
 
 /// Runs `write` on a buffered stdout; a reader that went away (`| head`) is not an error.
-fn write_stdout_with(write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> io::Result<()> {
+/// The writer's type is concrete, not `dyn`: the JSON of a full map is ~45 MB written in
+/// small pieces, each a call the compiler can then inline.
+fn write_stdout_with(
+    write: impl FnOnce(&mut io::BufWriter<io::StdoutLock<'static>>) -> io::Result<()>,
+) -> io::Result<()> {
     let mut out = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     match write(&mut out).and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

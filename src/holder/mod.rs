@@ -122,9 +122,35 @@ impl StaleHolders {
     }
 }
 
+/// The inodes whose holders are searched, given the stale entries' sockets: those a file
+/// refers to (not an accept queue's or an orphan's).
+pub fn wanted(stale: impl IntoIterator<Item = SocketFacts>) -> HashSet<u64> {
+    stale
+        .into_iter()
+        .filter(|f| f.inode != 0 && !f.orphaned)
+        .map(|f| f.inode)
+        .collect()
+}
+
+/// A holder scan made before the verdicts were final: with identity, the iterator's read
+/// already tells which entries are stale, so an observation can scan alongside its lookups
+/// ([`crate::observe::observe_diagnosed`]).
+#[derive(Debug)]
+pub struct EarlyScan {
+    /// The inodes it searched for.
+    pub wanted: HashSet<u64>,
+    pub scan: HolderScan,
+}
+
 /// Names who keeps each stale entry of `o` (in [`Observation::holders`]); does nothing when
 /// it has none. Never fails: what the search could not see is `holder-unknown`.
 pub fn diagnose(o: &mut Observation, source: &mut HolderSource) {
+    diagnose_with(o, source, None);
+}
+
+/// [`diagnose`], with the scan `early` when it searched for every inode wanted now (else a
+/// scan of its own, as [`diagnose`] makes).
+pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Option<EarlyScan>) {
     let stale: Vec<(RawKey, Option<SocketFacts>)> = o
         .entries
         .iter()
@@ -135,12 +161,11 @@ pub fn diagnose(o: &mut Observation, source: &mut HolderSource) {
         o.holders = None;
         return;
     }
-    let wanted: HashSet<u64> = stale
-        .iter()
-        .filter_map(|(_, f)| f.filter(|f| f.inode != 0 && !f.orphaned))
-        .map(|f| f.inode)
-        .collect();
-    let scan = (!wanted.is_empty()).then(|| source.scan(&wanted));
+    let wanted = wanted(stale.iter().filter_map(|(_, f)| *f));
+    let scan = (!wanted.is_empty()).then(|| match early {
+        Some(early) if wanted.is_subset(&early.wanted) => early.scan,
+        _ => source.scan(&wanted),
+    });
     let by_key = stale
         .into_iter()
         .map(|(raw, f)| (raw, Diagnosis::of(f, scan.as_ref())))

@@ -12,6 +12,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::mem;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::{Iter, Object, ObjectBuilder};
@@ -84,6 +85,8 @@ pub struct HolderReader {
 impl HolderReader {
     /// Loads the program; an error is the kernel's (or the permissions') refusal, in words.
     pub fn new() -> Result<HolderReader, String> {
+        // It may load first (preloading): libbpf's messages go to the log, not to stderr.
+        crate::identity::route_libbpf_messages();
         let mut open = ObjectBuilder::default()
             .open_memory(OBJECT)
             .map_err(|e| format!("opening the holder iterator: {e:#}"))?;
@@ -96,8 +99,10 @@ impl HolderReader {
         Ok(HolderReader { object })
     }
 
-    /// Every socket fd of every process this pid namespace shows: (tgid, fd, inode, comm).
-    fn read(&self) -> Result<Vec<HolderRecord>, String> {
+    /// The socket fds whose inode `keep` wants, of every process this pid namespace shows:
+    /// (tgid, fd, inode, comm). Kept as the records are read, so a scan for some inodes never
+    /// holds a node's ~100,000 socket fds as a list (a prefetch keeps them all: 32 bytes each).
+    fn read(&self, keep: impl Fn(u64) -> bool) -> Result<Vec<HolderRecord>, String> {
         let program = self
             .object
             .progs_mut()
@@ -108,33 +113,41 @@ impl HolderReader {
             .map_err(|e| format!("the kernel refused to attach the holder iterator: {e:#}"))?;
         let mut iter =
             Iter::new(&link).map_err(|e| format!("opening the holder iterator: {e:#}"))?;
-        let mut bytes = Vec::new();
+        let mut found = Vec::new();
+        let mut total = 0;
+        // The bytes read and not yet parsed: less than a record once each read is parsed.
+        let mut pending = Vec::with_capacity(READ_CHUNK + mem::size_of::<HolderRecord>());
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             match iter.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Ok(n) => {
+                    total += n;
+                    pending.extend_from_slice(&buf[..n]);
+                    let whole = pending.len() - pending.len() % mem::size_of::<HolderRecord>();
+                    let records = parse_records(&pending[..whole])?;
+                    found.extend(records.into_iter().filter(|r| keep(r.inode)));
+                    pending.drain(..whole);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     return Err(format!(
-                        "reading the holder iterator failed after {} bytes: {e}",
-                        bytes.len()
+                        "reading the holder iterator failed after {total} bytes: {e}"
                     ))
                 }
             }
         }
-        parse_records(&bytes)
+        if !pending.is_empty() {
+            return Err(not_whole_records(total));
+        }
+        Ok(found)
     }
 }
 
 fn parse_records(bytes: &[u8]) -> Result<Vec<HolderRecord>, String> {
     let size = mem::size_of::<HolderRecord>();
     if !bytes.len().is_multiple_of(size) {
-        return Err(format!(
-            "the holder iterator returned {} bytes, no whole number of {size}-byte records; \
-             this binary and its BPF program disagree, rebuild sockmap-gc",
-            bytes.len()
-        ));
+        return Err(not_whole_records(bytes.len()));
     }
     Ok(bytes
         .chunks_exact(size)
@@ -147,10 +160,21 @@ fn parse_records(bytes: &[u8]) -> Result<Vec<HolderRecord>, String> {
         .collect())
 }
 
+fn not_whole_records(bytes: usize) -> String {
+    format!(
+        "the holder iterator returned {bytes} bytes, no whole number of {}-byte records; \
+         this binary and its BPF program disagree, rebuild sockmap-gc",
+        mem::size_of::<HolderRecord>()
+    )
+}
+
 fn comm_of(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
+
+/// The program loaded, every socket fd it read (or why not), and how long the read took.
+type Prefetched = Result<(HolderReader, Result<Vec<HolderRecord>, String>, Duration), String>;
 
 /// Where the holder search runs: `/proc` (or a fake one in tests), and the iterator once it
 /// has loaded; a refusal is remembered and the search falls back to the procfs scan.
@@ -158,6 +182,8 @@ pub struct HolderSource {
     proc_root: PathBuf,
     reader: Option<Result<HolderReader, String>>,
     use_iterator: bool,
+    /// The program being loaded and read on a thread of its own ([`HolderSource::prefetching`]).
+    loading: Option<JoinHandle<Prefetched>>,
 }
 
 impl HolderSource {
@@ -166,6 +192,29 @@ impl HolderSource {
             proc_root: proc_root.into(),
             reader: None,
             use_iterator: true,
+            loading: None,
+        }
+    }
+
+    /// A source that loads the program and reads every socket fd now, on a thread of its own,
+    /// for the next scan, which keeps those it asks for: for a one-shot audit, whose map read
+    /// leaves a core idle. Loading the program (BTF relocations) and walking every fd of every
+    /// process cost more than the audit's lookups; done while the map is read, they are off
+    /// the audit's path, and done for nothing when no entry is stale. The walk then happens
+    /// during the map's read rather than after it: a snapshot of who holds what, as before.
+    pub fn prefetching(proc_root: impl Into<PathBuf>) -> HolderSource {
+        let loading = std::thread::Builder::new()
+            .name("smgc-holders".into())
+            .spawn(|| {
+                let reader = HolderReader::new()?;
+                let started = Instant::now();
+                let records = reader.read(|_| true);
+                Ok((reader, records, started.elapsed()))
+            })
+            .ok();
+        HolderSource {
+            loading,
+            ..HolderSource::new(proc_root)
         }
     }
 
@@ -180,15 +229,39 @@ impl HolderSource {
     /// The holders of `wanted`. Never fails: what could not be looked at makes the scan
     /// incomplete and is said in its notes.
     pub fn scan(&mut self, wanted: &HashSet<u64>) -> HolderScan {
-        let start = Instant::now();
+        let mut prefetched = None;
+        // A prefetch's walk counts in the search's time, not the wait for it.
+        let mut walked = Duration::ZERO;
+        if let Some(thread) = self.loading.take() {
+            let loaded = thread.join().unwrap_or_else(|_| {
+                Err("the thread loading the holder iterator panicked".to_string())
+            });
+            self.reader = Some(loaded.map(|(reader, records, took)| {
+                prefetched = Some(records);
+                walked = took;
+                reader
+            }));
+        }
+        let now = Instant::now();
+        let start = now.checked_sub(walked).unwrap_or(now);
         let mut notes = Vec::new();
         if self.use_iterator {
             let reader = self.reader.get_or_insert_with(HolderReader::new);
-            match reader.as_ref().map_err(Clone::clone).and_then(|r| r.read()) {
+            let read = match prefetched {
+                Some(records) => records.map(|all| {
+                    all.into_iter()
+                        .filter(|r| wanted.contains(&r.inode))
+                        .collect()
+                }),
+                None => reader
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|r| r.read(|inode| wanted.contains(&inode))),
+            };
+            match read {
                 Ok(records) => {
                     let found = records
                         .iter()
-                        .filter(|r| wanted.contains(&r.inode))
                         .map(|r| (r.inode, r.tgid, r.fd, comm_of(&r.comm)));
                     let holders = self.describe(found);
                     return HolderScan {

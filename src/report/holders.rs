@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
+use super::diagnosis;
 use crate::holder::{summarize, Classified, HolderClass, HolderSummary, UnknownHolder};
 use crate::observation::{Judged, Observation};
 
@@ -11,8 +12,8 @@ pub const TOP_HOLDERS: usize = 5;
 
 /// The selected entries' "stale by holder", once the holder pass ran.
 pub fn stale_by_holder(o: &Observation, entries: &[&Judged]) -> Option<HolderSummary> {
-    let holders = o.holders.as_ref()?;
-    let diagnoses = entries.iter().filter_map(|e| holders.of(&e.raw));
+    o.holders.as_ref()?;
+    let diagnoses = entries.iter().filter_map(|e| diagnosis(o, e));
     Some(summarize(diagnoses, TOP_HOLDERS))
 }
 
@@ -39,12 +40,9 @@ pub fn holder_lines(s: &HolderSummary) -> String {
 
 /// The holder classes of the selected stale entries, each once: their facts and fixes.
 pub fn holder_reasons(o: &Observation, entries: &[&Judged]) -> Vec<Classified> {
-    let Some(holders) = o.holders.as_ref() else {
-        return Vec::new();
-    };
     let present: HashSet<Classified> = entries
         .iter()
-        .filter_map(|e| holders.of(&e.raw))
+        .filter_map(|e| diagnosis(o, e))
         .map(|d| d.classified)
         .collect();
     let mut out: Vec<Classified> = present.into_iter().collect();

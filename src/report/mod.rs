@@ -13,13 +13,14 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::holder::Diagnosis;
 use crate::observation::{Filter, Judged, Observation};
 use crate::verdict::Verdict;
 
 pub use holders::{holder_lines, holder_reasons, stale_by_holder, TOP_HOLDERS};
 pub use json::{
-    audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount, JsonHolderSearch,
-    JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
+    audit_json, write_audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount,
+    JsonHolderSearch, JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
 };
 pub use sweep::{
     guard_outcomes, sweep_json, sweep_summary, sweep_text, GuardOutcome, SweepJson, SweepSummary,
@@ -72,14 +73,42 @@ impl Summary {
 
 /// The entries an operator asked about, in a stable order: stale first, then by key.
 pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
-    let mut v: Vec<&Judged> = o.entries.iter().filter(|e| filter.selects(e)).collect();
-    // Keys are unique, so an unstable sort gives the same order, without copying keys.
-    v.sort_unstable_by(|a, b| {
-        verdict_rank(&a.verdict)
-            .cmp(&verdict_rank(&b.verdict))
-            .then_with(|| a.raw.cmp(&b.raw))
-    });
-    v
+    let mut v: Vec<(SortKey, &Judged)> = o
+        .entries
+        .iter()
+        .filter(|e| filter.selects(e))
+        .map(|e| (sort_key(e), e))
+        .collect();
+    // Keys are unique, so an unstable sort gives the same order.
+    v.sort_unstable_by_key(|&(key, _)| key);
+    v.into_iter().map(|(_, e)| e).collect()
+}
+
+/// An entry's place in the report, (verdict rank, key bytes), as big-endian words: they
+/// compare as the bytes do, with no pointer to follow and no byte loop per comparison (a
+/// full map's sort was a twentieth of the audit).
+type SortKey = [u64; 6];
+
+fn sort_key(e: &Judged) -> SortKey {
+    let mut bytes = [0u8; 48];
+    bytes[0] = verdict_rank(&e.verdict);
+    bytes[1..=e.raw.0.len()].copy_from_slice(&e.raw.0);
+    let mut key = [0u64; 6];
+    for (word, chunk) in key.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *word = u64::from_be_bytes(b);
+    }
+    key
+}
+
+/// The holder diagnosis of `e`, once the holder pass ran. Only stale entries have one, so
+/// the others are not looked up: a full map's table would hash 65,535 keys for 7,325.
+pub fn diagnosis<'a>(o: &'a Observation, e: &Judged) -> Option<&'a Diagnosis> {
+    if !e.verdict.is_stale() {
+        return None;
+    }
+    o.holders.as_ref()?.of(&e.raw)
 }
 
 fn verdict_rank(v: &Verdict) -> u8 {
@@ -223,6 +252,40 @@ mod fixtures {
 mod tests {
     use super::fixtures::observation;
     use super::*;
+
+    /// Stale first, then unknown, then live; within each, by the key's bytes (the first
+    /// byte that differs decides, wherever it is).
+    #[test]
+    fn entries_are_selected_stale_first_then_by_key_bytes() {
+        use crate::key::RawKey;
+        use crate::verdict::{LiveReason, UnknownReason};
+        let mut o = observation();
+        let verdicts = [
+            Verdict::Live(LiveReason::HeldIsOwner),
+            Verdict::Stale(crate::verdict::StaleReason::HeldClosed),
+            Verdict::Unknown(UnknownReason::NotJudged),
+        ];
+        for (i, at) in [0, 6, 7, 8, 31, 39, 43].into_iter().enumerate() {
+            for (j, verdict) in verdicts.iter().enumerate() {
+                for byte in [0x01, 0x80, 0xff] {
+                    let mut raw = [0x10u8; 44];
+                    raw[at] = byte;
+                    raw[43 - at] ^= u8::try_from(i * 3 + j).expect("small");
+                    o.entries.push(Judged {
+                        raw: RawKey(raw),
+                        held: None,
+                        verdict: verdict.clone(),
+                    });
+                }
+            }
+        }
+        let order = |v: Vec<&Judged>| v.iter().map(|e| e.raw).collect::<Vec<_>>();
+        let mut want: Vec<&Judged> = o.entries.iter().collect();
+        want.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
+        want.dedup_by_key(|e| e.raw);
+        assert_eq!(want.len(), o.entries.len(), "the test's keys are unique");
+        assert_eq!(order(selected(&o, &Filter::default())), order(want));
+    }
 
     #[test]
     fn summary_counts_and_groups_by_remote_ip() {

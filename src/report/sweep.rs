@@ -110,7 +110,7 @@ pub struct SweepSummary {
 }
 
 #[derive(Debug, Serialize)]
-pub struct SweepJson {
+pub struct SweepJson<'a> {
     pub map: MapSource,
     pub dry_run: bool,
     pub inventory: JsonInventory,
@@ -119,7 +119,7 @@ pub struct SweepJson {
     /// Keys deleted, as 88 hex characters.
     pub deleted: Vec<String>,
     /// Keys the guards allowed: deleted unless it was a dry run.
-    pub planned: Vec<JsonEntry>,
+    pub planned: Vec<JsonEntry<'a>>,
 }
 
 pub fn sweep_summary(r: &SweepReport) -> SweepSummary {
@@ -141,7 +141,7 @@ pub fn sweep_summary(r: &SweepReport) -> SweepSummary {
     }
 }
 
-fn planned_entries(r: &SweepReport) -> Vec<JsonEntry> {
+fn planned_entries(r: &SweepReport) -> Vec<JsonEntry<'_>> {
     let planned: HashSet<&RawKey> = r.plan.delete.iter().collect();
     let by_key: HashMap<RawKey, &Judged> = r
         .second
@@ -154,15 +154,15 @@ fn planned_entries(r: &SweepReport) -> Vec<JsonEntry> {
         .delete
         .iter()
         .filter_map(|k| {
-            by_key.get(k).map(|e| {
-                let holder = r.second.holders.as_ref().and_then(|h| h.of(k));
-                JsonEntry::of(e, holder)
+            by_key.get(k).map(|e| JsonEntry {
+                entry: e,
+                holder: r.second.holders.as_ref().and_then(|h| h.of(k)),
             })
         })
         .collect()
 }
 
-pub fn sweep_json(source: &MapSource, r: &SweepReport) -> SweepJson {
+pub fn sweep_json<'a>(source: &MapSource, r: &'a SweepReport) -> SweepJson<'a> {
     SweepJson {
         map: source.clone(),
         dry_run: r.dry_run,
@@ -187,15 +187,15 @@ pub fn sweep_text(source: &MapSource, r: &SweepReport) -> String {
     } else {
         let _ = writeln!(out, "planned deletions ({}):", planned.len());
     }
-    for e in &planned {
-        let _ = writeln!(
-            out,
-            "  {:<6} {:<45} {:<45} {}",
-            e.family.as_deref().unwrap_or("?"),
-            e.local.as_deref().unwrap_or("-"),
-            e.remote.as_deref().unwrap_or("-"),
-            e.reason
-        );
+    for e in planned.iter().map(|p| p.entry) {
+        let _ = match e.key() {
+            Ok(k) => writeln!(
+                out,
+                "  {:<6} {:<45} {:<45} {}",
+                k.family, k.local, k.remote, e.verdict
+            ),
+            Err(_) => writeln!(out, "  {:<6} {:<45} {:<45} {}", "?", "-", "-", e.verdict),
+        };
     }
     let s = sweep_summary(r);
     out.push('\n');

@@ -1,11 +1,14 @@
 //! The audit as a text table for people: header, one line per entry, summary, the stale keys.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io;
 use std::net::IpAddr;
 
-use super::{holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Summary};
-use crate::holder::{Diagnosis, ScanMethod};
+use super::{
+    diagnosis, holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Summary,
+};
+use crate::holder::ScanMethod;
 use crate::observation::{Filter, Observation};
 
 /// The map and inventory header lines shared by audit and sweep.
@@ -104,8 +107,8 @@ pub fn header(source: &MapSource, o: &Observation) -> String {
 /// The table for people.
 /// Writes the audit table: header, one line per selected entry, summary, the stale keys.
 /// Written as it goes, not built first: a full map makes a table of several megabytes.
-pub fn write_audit_table(
-    out: &mut dyn io::Write,
+pub fn write_audit_table<W: io::Write + ?Sized>(
+    out: &mut W,
     source: &MapSource,
     o: &Observation,
     filter: &Filter,
@@ -129,8 +132,7 @@ pub fn write_audit_table(
     for e in &entries {
         // Written through the formatter, with no String per field: a full map is 65,535 rows
         // (only a stale entry's holder is a String: they are few).
-        let holder = o.holders.as_ref().and_then(|h| h.of(&e.raw));
-        let holder = holder.map_or_else(|| "-".to_string(), Diagnosis::column);
+        let holder = diagnosis(o, e).map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
         match e.key() {
             Ok(k) => writeln!(
                 out,

@@ -995,18 +995,20 @@ fn markdown(results: &[SizeResult]) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| entries | iterator read | process start | audit on, no rows | audit on | (no rows - start) / read | manual find / audit on |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "\n| entries | iterator read | process start | holder pass | audit on, no rows | audit on | output (audit - no rows) | (no rows - start) / read | manual find / audit on |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in results {
         let m = r.medians();
         let _ = writeln!(
             out,
-            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2}× | {:.0}× |",
+            "| {} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.2}× | {:.1}× |",
             r.size.entries,
             m.kernel_iter,
             m.start,
+            m.holders,
             m.audit_quiet,
             m.audit_on,
+            m.audit_on - m.audit_quiet,
             (m.audit_quiet - m.start) / m.kernel_iter,
             m.manual_over_audit,
         );
