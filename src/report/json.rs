@@ -15,7 +15,9 @@ use crate::holder::{
     UnknownHolder,
 };
 use crate::identity::HeldSocket;
+use crate::key::Family;
 use crate::observation::{Filter, Judged, Observation};
+use crate::socket::TcpState;
 use crate::verdict::Verdict;
 
 /// One entry as JSON, serialized straight from the judged entry: a full map writes 65,535
@@ -404,44 +406,65 @@ const INDENT: &[u8; 16] = b"                ";
 /// `core::fmt` and serde_json's escaping, that text was a third of the rows' cost.
 #[derive(Default)]
 struct Repeated<'a> {
-    /// The verdict whose `reason` string `reason` holds (as JSON).
-    reason_of: Option<&'a Verdict>,
-    reason: Vec<u8>,
-    /// The holder class whose `holder` object, up to its `holders` list, `holder_head` holds.
-    holder_head_of: Option<Classified>,
-    holder_head: Vec<u8>,
+    family: Last<Family>,
+    reason: Last<&'a Verdict>,
+    state: Last<TcpState>,
+    /// A stale entry's `holder` object up to its `holders` list, by holder class.
+    holder_head: Last<Classified>,
     scratch: Vec<u8>,
 }
 
-impl<'a> Repeated<'a> {
-    fn reason(&mut self, verdict: &'a Verdict) -> io::Result<&[u8]> {
-        if self.reason_of != Some(verdict) {
-            self.reason.clear();
-            serde_json::to_writer(&mut self.reason, &Displayed(verdict))?;
-            self.reason_of = Some(verdict);
+/// The JSON text of the last value asked for, written again only for another value.
+struct Last<T> {
+    of: Option<T>,
+    json: Vec<u8>,
+}
+
+impl<T> Default for Last<T> {
+    fn default() -> Last<T> {
+        Last {
+            of: None,
+            json: Vec::new(),
         }
-        Ok(&self.reason)
+    }
+}
+
+impl<T: Copy + PartialEq> Last<T> {
+    fn json(
+        &mut self,
+        value: T,
+        write: impl FnOnce(&mut Vec<u8>, T) -> serde_json::Result<()>,
+    ) -> io::Result<&[u8]> {
+        if self.of != Some(value) {
+            self.json.clear();
+            write(&mut self.json, value)?;
+            self.of = Some(value);
+        }
+        Ok(&self.json)
     }
 
-    /// `{`, `class`, `unknown`, `reason` and the `holders` field's name, as [`JsonHolder`]
-    /// is written three levels deep.
-    fn holder_head(&mut self, classified: Classified) -> io::Result<&[u8]> {
-        if self.holder_head_of != Some(classified) {
-            let head = &mut self.holder_head;
-            head.clear();
-            head.extend_from_slice(b"{\n        \"class\": ");
-            serde_json::to_writer(&mut *head, &classified.class)?;
-            if let Some(unknown) = classified.unknown {
-                head.extend_from_slice(b",\n        \"unknown\": ");
-                serde_json::to_writer(&mut *head, &unknown)?;
-            }
-            head.extend_from_slice(b",\n        \"reason\": ");
-            serde_json::to_writer(&mut *head, &classified.reason())?;
-            head.extend_from_slice(b",\n        \"holders\": ");
-            self.holder_head_of = Some(classified);
-        }
-        Ok(&self.holder_head)
+    /// `value` as serde_json writes it.
+    fn serialized(&mut self, value: T) -> io::Result<&[u8]>
+    where
+        T: Serialize,
+    {
+        self.json(value, |out, v| serde_json::to_writer(out, &v))
     }
+}
+
+/// `{`, `class`, `unknown`, `reason` and the `holders` field's name, as [`JsonHolder`] is
+/// written three levels deep.
+fn write_holder_head(head: &mut Vec<u8>, classified: Classified) -> serde_json::Result<()> {
+    head.extend_from_slice(b"{\n        \"class\": ");
+    serde_json::to_writer(&mut *head, &classified.class)?;
+    if let Some(unknown) = classified.unknown {
+        head.extend_from_slice(b",\n        \"unknown\": ");
+        serde_json::to_writer(&mut *head, &unknown)?;
+    }
+    head.extend_from_slice(b",\n        \"reason\": ");
+    serde_json::to_writer(&mut *head, &classified.reason())?;
+    head.extend_from_slice(b",\n        \"holders\": ");
+    Ok(())
 }
 
 /// One [`JsonEntry`] two levels deep, as serde_json pretty-prints it.
@@ -456,7 +479,7 @@ fn write_entry<'a, W: io::Write + ?Sized>(
     out.write_all(e.raw.hex().as_bytes())?;
     out.write_all(b"\",\n      \"family\": ")?;
     match key {
-        Some(k) => serde_json::to_writer(&mut *out, &k.family)?,
+        Some(k) => out.write_all(repeated.family.serialized(k.family)?)?,
         None => out.write_all(b"null")?,
     }
     out.write_all(b",\n      \"local\": ")?;
@@ -466,7 +489,9 @@ fn write_entry<'a, W: io::Write + ?Sized>(
     out.write_all(b",\n      \"verdict\": \"")?;
     out.write_all(e.verdict.label().as_bytes())?;
     out.write_all(b"\",\n      \"reason\": ")?;
-    out.write_all(repeated.reason(&e.verdict)?)?;
+    out.write_all(repeated.reason.json(&e.verdict, |out, v| {
+        serde_json::to_writer(out, &Displayed(v))
+    })?)?;
     out.write_all(b",\n      \"reason_code\": \"")?;
     out.write_all(e.verdict.reason_code().as_bytes())?;
     out.write_all(b"\"")?;
@@ -479,7 +504,7 @@ fn write_entry<'a, W: io::Write + ?Sized>(
         out.write_all(b",\n        \"remote\": ")?;
         write_addr(out, Some(h.remote))?;
         out.write_all(b",\n        \"state\": ")?;
-        serde_json::to_writer(&mut *out, &h.state)?;
+        out.write_all(repeated.state.serialized(h.state)?)?;
         out.write_all(b",\n        \"netns_inode\": ")?;
         out.write_all(digits.format(h.netns_inode).as_bytes())?;
         out.write_all(b",\n        \"inode\": ")?;
@@ -497,7 +522,7 @@ fn write_entry<'a, W: io::Write + ?Sized>(
     }
     if let Some(d) = holder {
         out.write_all(b",\n      \"holder\": ")?;
-        out.write_all(repeated.holder_head(d.classified)?)?;
+        out.write_all(repeated.holder_head.json(d.classified, write_holder_head)?)?;
         if d.holders.is_empty() {
             out.write_all(b"[]")?;
         } else {
