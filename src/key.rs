@@ -60,8 +60,7 @@ impl RawKey {
     pub fn hex(&self) -> KeyHex {
         let mut out = [0u8; KEY_LEN * 2];
         for (pair, b) in out.chunks_exact_mut(2).zip(self.0) {
-            pair[0] = HEX_DIGITS[usize::from(b >> 4)];
-            pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
         }
         KeyHex(out)
     }
@@ -80,7 +79,17 @@ impl RawKey {
     }
 }
 
-const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+/// Each byte's two lowercase hex digits: one lookup per byte, not two per nibble.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0x0f]];
+        b += 1;
+    }
+    pairs
+};
 
 /// A key's lowercase hex digits ([`RawKey::hex`]).
 #[derive(Clone, Copy)]
