@@ -226,9 +226,15 @@ fn daemon_on_events(scratch: &Scratch, lab: &Lab, need: &str) -> Option<Daemon> 
         );
         return None;
     }
+    // An event met while the first pass runs would time the pass as much as the reaction.
+    wait_first_pass(&daemon);
+    Some(daemon)
+}
+
+/// Waits for the daemon's first sweep, then its first continuous pass (overdue once that
+/// sweep ends).
+fn wait_first_pass(daemon: &Daemon) {
     daemon.wait_sweeps(1.0, Duration::from_secs(60));
-    // And its first continuous pass, overdue once that sweep ends: an event met while it runs
-    // would time the pass as much as the reaction.
     assert!(
         sys::wait_until(Duration::from_secs(30), || {
             daemon
@@ -238,7 +244,6 @@ fn daemon_on_events(scratch: &Scratch, lab: &Lab, need: &str) -> Option<Daemon> 
         "no continuous pass:\n{}",
         daemon.log()
     );
-    Some(daemon)
 }
 
 /// The time from the kernel's event to the delete, as the daemon logs it.
@@ -393,4 +398,41 @@ fn daemon_counts_a_collision_and_frees_its_key() {
         .request_from(server.addr(), port, HANG)
         .expect("client runs");
     assert!(again.is_replied(), "port {port} works again: {again}");
+}
+
+#[test]
+fn with_events_off_the_continuous_pass_deletes_a_reset_socket_entry() {
+    let lab = lab("ev-daemon-off", 1);
+    let server = lab.start_server(0, 8080, true).expect("busy server");
+    let scratch = Scratch::new("ev-daemon-off");
+    // The daemon's own pass_interval and confirm_after (1 s, 500 ms); sweeps an hour apart.
+    let config = write_config(
+        &scratch,
+        &lab,
+        "dry_run = false\ninterval_min = \"1h\"\ninterval_max = \"1h\"\nevents = \"off\"",
+    );
+    let daemon = Daemon::start(&config);
+    wait_first_pass(&daemon);
+    let node = sa(lab.node_ip(0), 42300);
+    let stale = SockKey::for_socket(server.addr(), node).expect("v4");
+    let outcome = lab
+        .request(
+            &ClientOpts::to(server.addr())
+                .from_port(node.port())
+                .timeout(HANG)
+                .reset(true),
+        )
+        .expect("client runs");
+    assert!(outcome.is_replied(), "{outcome}");
+    let after = gone_within(&lab, &stale, Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("{stale} stayed:\n{}", daemon.log()));
+    let log = daemon.log();
+    assert!(
+        !log.contains("(kernel event)"),
+        "events are off: no reaction deletes\n{log}"
+    );
+    evidence(&format!(
+        "kernel fact: events off: a reset socket's entry deleted by the continuous pass {} ms after the client returned (pass_interval 1s, confirm_after 500ms)",
+        after.as_millis()
+    ));
 }
