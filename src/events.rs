@@ -18,7 +18,7 @@
 
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,7 +32,7 @@ use crate::clock::monotonic_now;
 use crate::identity::kind_text;
 use crate::key::{RawKey, SockKey, KEY_LEN};
 use crate::label::labels;
-use crate::socket::TcpState;
+use crate::socket::{record_ends, TcpState};
 
 /// The compiled BPF object (build.rs also generates its skeleton; the object is opened
 /// directly so that one or both programs can be left out when the kernel refuses them).
@@ -47,9 +47,6 @@ const CONTROL_LOST: u32 = 1;
 
 const EVENT_CLOSE: u32 = 1;
 const EVENT_COLLISION: u32 = 2;
-
-const AF_INET: u16 = libc::AF_INET as u16;
-const AF_INET6: u16 = libc::AF_INET6 as u16;
 
 /// How long the reader waits for a record before it looks at its stop flag (and calls the
 /// sink with no events).
@@ -498,25 +495,18 @@ fn decode(bytes: &[u8]) -> Result<Event, EventsError> {
     // #[repr(C)] record of plain integers, so every byte pattern is a valid value, and
     // read_unaligned makes no alignment demand on the buffer.
     let r = unsafe { bytes.as_ptr().cast::<EventRecord>().read_unaligned() };
-    let (local, remote) = match r.family {
-        AF_INET => {
-            let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
-            (ip(&r.local_addr), ip(&r.remote_addr))
-        }
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(r.local_addr)),
-            IpAddr::V6(Ipv6Addr::from(r.remote_addr)),
-        ),
-        other => {
-            return Err(EventsError::Malformed {
-                what: format!("a socket of family {other}, not AF_INET or AF_INET6"),
-            })
-        }
-    };
+    let (local, remote) = record_ends(
+        r.family,
+        (r.local_addr, r.local_port),
+        (r.remote_addr, r.remote_port),
+    )
+    .ok_or_else(|| EventsError::Malformed {
+        what: format!("a socket of family {}, not AF_INET or AF_INET6", r.family),
+    })?;
     let socket = EventSocket {
         cookie: r.cookie,
-        local: SocketAddr::new(local, r.local_port),
-        remote: SocketAddr::new(remote, r.remote_port),
+        local,
+        remote,
         netns_inode: u64::from(r.netns_inode),
     };
     let at = Duration::from_nanos(r.ktime_ns);
@@ -541,6 +531,9 @@ fn decode(bytes: &[u8]) -> Result<Event, EventsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const AF_INET: u16 = libc::AF_INET as u16;
+    const AF_INET6: u16 = libc::AF_INET6 as u16;
 
     fn record(kind: u32, family: u16) -> EventRecord {
         let mut local_addr = [0u8; 16];

@@ -1,7 +1,7 @@
 //! The TCP sockets the inventory sees: the kernel's TCP states, a live socket as sock_diag
 //! reports it, a connection tuple, and the one place an IPv4-mapped IPv6 end becomes IPv4.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::netns::NetnsId;
 
@@ -168,6 +168,24 @@ pub fn unmap(addr: SocketAddr) -> SocketAddr {
         },
         SocketAddr::V4(_) => addr,
     }
+}
+
+/// A BPF record's ends, as the programs copy them: IPv4 addresses in the first 4 of 16
+/// bytes, ports in host order. `None` for a family other than AF_INET and AF_INET6.
+pub fn record_ends(
+    family: u16,
+    local: ([u8; 16], u16),
+    remote: ([u8; 16], u16),
+) -> Option<(SocketAddr, SocketAddr)> {
+    let ip = |a: [u8; 16]| match i32::from(family) {
+        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+        libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(a))),
+        _ => None,
+    };
+    Some((
+        SocketAddr::new(ip(local.0)?, local.1),
+        SocketAddr::new(ip(remote.0)?, remote.1),
+    ))
 }
 
 /// A socket address written in a test.

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libbpf_rs::Iter;
 
 use super::{HeldSocket, IdentityError};
 use crate::key::{RawKey, KEY_LEN};
-use crate::socket::TcpState;
+use crate::socket::{record_ends, TcpState};
 
 /// `struct identity_rec` of the BPF program: one per entry.
 #[repr(C)]
@@ -77,9 +76,6 @@ pub(super) trait Record: Copy {}
 impl Record for IdentityRecord {}
 impl Record for CadRecord {}
 impl Record for TargetRecord {}
-
-const AF_INET: u16 = libc::AF_INET as u16;
-const AF_INET6: u16 = libc::AF_INET6 as u16;
 
 /// Bytes asked of the iterator per read(2). The kernel fills a buffer of 8 pages per read and
 /// stops once it holds this much, so with a request well below 8 pages no record overflows
@@ -229,29 +225,23 @@ pub(super) fn record_bytes<T: Record>(value: &T) -> &[u8] {
 }
 
 fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityError> {
-    let (local, remote) = match r.family {
-        AF_INET => {
-            let ip = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
-            (ip(&r.local_addr), ip(&r.remote_addr))
-        }
-        AF_INET6 => (
-            IpAddr::V6(Ipv6Addr::from(r.local_addr)),
-            IpAddr::V6(Ipv6Addr::from(r.remote_addr)),
+    let (local, remote) = record_ends(
+        r.family,
+        (r.local_addr, r.local_port),
+        (r.remote_addr, r.remote_port),
+    )
+    .ok_or_else(|| IdentityError::Malformed {
+        map_id,
+        what: format!(
+            "key {} holds a socket of family {}, not AF_INET or AF_INET6",
+            RawKey(r.key).to_hex(),
+            r.family
         ),
-        other => {
-            return Err(IdentityError::Malformed {
-                map_id,
-                what: format!(
-                    "key {} holds a socket of family {other}, not AF_INET or AF_INET6",
-                    RawKey(r.key).to_hex()
-                ),
-            })
-        }
-    };
+    })?;
     Ok(HeldSocket {
         cookie: r.cookie,
-        local: SocketAddr::new(local, r.local_port),
-        remote: SocketAddr::new(remote, r.remote_port),
+        local,
+        remote,
         state: TcpState::from_kernel(r.state),
         netns_inode: u64::from(r.netns_inode),
         inode: r.inode,
@@ -263,6 +253,10 @@ fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const AF_INET: u16 = libc::AF_INET as u16;
+    const AF_INET6: u16 = libc::AF_INET6 as u16;
+
     fn record(family: u16) -> IdentityRecord {
         let mut local_addr = [0u8; 16];
         let mut remote_addr = [0u8; 16];
