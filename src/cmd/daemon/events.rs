@@ -24,7 +24,7 @@ use sockmap_gc::react::{self, Batch, Budget, Reaction};
 use sockmap_gc::socket::TcpState;
 use sockmap_gc::sweep::{RunError, SweepError, Trail};
 
-use super::{identity_source, Daemon};
+use super::{acted, held_by, identity_source, Daemon};
 use crate::cmd::config::Settings;
 use crate::cmd::metrics::Metrics;
 
@@ -409,26 +409,23 @@ fn react_line(r: &Reaction, map: &Path) -> String {
         r.events,
         r.named
     );
-    if r.dry_run {
-        line += &format!("dry run, {} would be deleted", r.would_delete.len());
-    } else {
-        line += &format!(
-            "deleted {}, already gone {}, spared {}, failed {}",
+    line += &acted(
+        r.dry_run,
+        r.would_delete.len(),
+        [
             r.count(Outcome::Deleted),
             r.count(Outcome::AlreadyGone),
             r.count(Outcome::Spared),
-            r.count(Outcome::Failed)
-        );
-    }
+            r.count(Outcome::Failed),
+        ],
+    );
     if r.over_cap + r.rate_limited > 0 {
         line += &format!(
             "; {} over max_deletes, {} held back by rate_limit (the next sweep takes them)",
             r.over_cap, r.rate_limited
         );
     }
-    if let Some(hold) = &r.hold {
-        line += &format!("; held by {}: {hold}", hold.guard());
-    }
+    line += &held_by(r.hold.as_ref());
     line += &format!("; took {} ms", r.took.as_millis());
     line
 }

@@ -25,6 +25,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 
+use sockmap_gc::guard::Hold;
 use sockmap_gc::holder::HolderSource;
 use sockmap_gc::identity::{IdentityError, IdentityMode, IdentitySource};
 use sockmap_gc::map::{Access, SockMap};
@@ -353,6 +354,25 @@ fn notify(state: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
+}
+
+/// What a sweep, a pass or a reaction did, as their journal lines say it: in a dry run how
+/// many would be deleted, else how many settled each way.
+fn acted(
+    dry_run: bool,
+    would_delete: usize,
+    [deleted, already_gone, spared, failed]: [usize; 4],
+) -> String {
+    if dry_run {
+        format!("dry run, {would_delete} would be deleted")
+    } else {
+        format!("deleted {deleted}, already gone {already_gone}, spared {spared}, failed {failed}")
+    }
+}
+
+/// The journal lines' account of a guard that held the deletes back; empty when none did.
+fn held_by(hold: Option<&Hold>) -> String {
+    hold.map_or_else(String::new, |h| format!("; held by {}: {h}", h.guard()))
 }
 
 /// The map opened afresh for one sweep, pass or reaction (read-write unless a dry run), and

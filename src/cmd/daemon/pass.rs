@@ -13,7 +13,7 @@ use sockmap_gc::pass::{self, PassReport, PassState};
 use sockmap_gc::sweep::RunError;
 
 use super::sweep::Finished;
-use super::{identity_source, notify, open_map_and_trail, Daemon, Done, Running};
+use super::{acted, held_by, identity_source, notify, open_map_and_trail, Daemon, Done, Running};
 use crate::cmd::config::Settings;
 
 /// What a pass thread hands back; `started` is when the pass was due.
@@ -137,17 +137,11 @@ fn pass_line(r: &PassReport, map: &Path) -> String {
         r.entries,
         d.stale
     );
-    if r.dry_run {
-        line += &format!("dry run, {} would be deleted", d.delete.len());
-    } else {
-        line += &format!(
-            "deleted {}, already gone {}, spared {}, failed {}",
-            r.deleted.len(),
-            r.already_gone,
-            r.spared,
-            r.failed
-        );
-    }
+    line += &acted(
+        r.dry_run,
+        d.delete.len(),
+        [r.deleted.len(), r.already_gone, r.spared, r.failed],
+    );
     if d.unconfirmed > 0 {
         line += &format!("; {} await confirmation", d.unconfirmed);
     }
@@ -157,9 +151,7 @@ fn pass_line(r: &PassReport, map: &Path) -> String {
             d.over_cap, d.rate_limited
         );
     }
-    if let Some(hold) = &r.hold {
-        line += &format!("; held by {}: {hold}", hold.guard());
-    }
+    line += &held_by(r.hold.as_ref());
     line += &format!(
         "; took {} ms ({} ms CPU)",
         r.took.as_millis(),

@@ -15,7 +15,9 @@ use sockmap_gc::observe;
 use sockmap_gc::report::{self, Summary};
 use sockmap_gc::sweep::{self, RunError, SweepReport, SweepSettings};
 
-use super::{identity_source, next_wait, notify, open_map_and_trail, Daemon, Done, Running};
+use super::{
+    acted, held_by, identity_source, next_wait, notify, open_map_and_trail, Daemon, Done, Running,
+};
 use crate::cmd::config::Settings;
 use crate::cmd::metrics;
 
@@ -194,27 +196,21 @@ fn summary_line(r: &SweepReport, map: &Path, next: Duration) -> String {
         s.stale,
         s.unknown
     );
-    if r.dry_run {
-        line += &format!(
-            "dry run, {} would be deleted",
-            r.plan.delete.len() + r.plan.over_cap
-        );
-    } else {
-        line += &format!(
-            "deleted {}, already gone {}, spared {}, failed {}",
+    line += &acted(
+        r.dry_run,
+        r.plan.delete.len() + r.plan.over_cap,
+        [
             r.deleted.len(),
             r.already_gone.len(),
             r.spared.len(),
-            r.failed.len()
-        );
-    }
+            r.failed.len(),
+        ],
+    );
     line += &format!("; {} left behind", r.left_behind());
     if r.plan.unconfirmed > 0 {
         line += &format!(" ({} await confirmation)", r.plan.unconfirmed);
     }
-    if let Some(hold) = &r.plan.hold {
-        line += &format!("; held by {}: {hold}", hold.guard());
-    }
+    line += &held_by(r.plan.hold.as_ref());
     line += &format!(
         "; took {:.1}s; next in {}",
         r.took.as_secs_f64(),
