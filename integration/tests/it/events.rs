@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sockmap_gc::events::{Event, EventWatcher, EventsError, EventsMode, Heard, Watching};
 use sockmap_gc::key::SockKey;
-use sockmap_gc_lab::{sys, ClientOpts, Lab};
+use sockmap_gc_lab::{sys, ClientOpts, Lab, Server};
 
 use crate::daemon::{write_config, Daemon};
 use crate::rig::{read_trail, Scratch};
@@ -263,6 +263,22 @@ fn stages(line: &str) -> &str {
         .unwrap_or_else(|| panic!("no stages in {line}"))
 }
 
+/// A request from the node's `port` to `server`, replied and then reset: the busy server
+/// keeps its end, whose entry is stale from then on. Its key.
+fn reset_from(lab: &Lab, server: &Server, port: u16) -> SockKey {
+    let node = sa(lab.node_ip(0), port);
+    let outcome = lab
+        .request(
+            &ClientOpts::to(server.addr())
+                .from_port(port)
+                .timeout(HANG)
+                .reset(true),
+        )
+        .expect("client runs");
+    assert!(outcome.is_replied(), "{outcome}");
+    SockKey::for_socket(server.addr(), node).expect("v4")
+}
+
 /// Polls the map until `key` is gone (every millisecond, at most `timeout`).
 fn gone_within(lab: &Lab, key: &SockKey, timeout: Duration) -> Option<Duration> {
     let start = Instant::now();
@@ -286,17 +302,7 @@ fn daemon_deletes_a_reset_socket_entry_at_once() {
     // Twice: the second reaction reuses what the first left open (the map, the
     // compare-and-delete program and its link).
     for (deleted, port) in [(1, 42200), (2, 42202)] {
-        let node = sa(lab.node_ip(0), port);
-        let stale = SockKey::for_socket(server.addr(), node).expect("v4");
-        let outcome = lab
-            .request(
-                &ClientOpts::to(server.addr())
-                    .from_port(node.port())
-                    .timeout(HANG)
-                    .reset(true),
-            )
-            .expect("client runs");
-        assert!(outcome.is_replied(), "{outcome}");
+        let stale = reset_from(&lab, &server, port);
         // The next sweep is an hour away: only the event can delete it.
         let after = gone_within(&lab, &stale, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("{stale} stayed:\n{}", daemon.log()));
@@ -413,17 +419,7 @@ fn with_events_off_the_continuous_pass_deletes_a_reset_socket_entry() {
     );
     let daemon = Daemon::start(&config);
     wait_first_pass(&daemon);
-    let node = sa(lab.node_ip(0), 42300);
-    let stale = SockKey::for_socket(server.addr(), node).expect("v4");
-    let outcome = lab
-        .request(
-            &ClientOpts::to(server.addr())
-                .from_port(node.port())
-                .timeout(HANG)
-                .reset(true),
-        )
-        .expect("client runs");
-    assert!(outcome.is_replied(), "{outcome}");
+    let stale = reset_from(&lab, &server, 42300);
     let after = gone_within(&lab, &stale, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("{stale} stayed:\n{}", daemon.log()));
     let log = daemon.log();
