@@ -959,14 +959,9 @@ impl SizeResult {
 }
 
 fn markdown(results: &[SizeResult]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| entries | stale | sockets | netns | kernel (iter + diag) | holder pass | audit off | audit on | sweep (delete phase) | peak RSS | manual find | manual delete | audit on / kernel | manual find / audit | manual / sweep |"
-    );
-    let _ = writeln!(
-        out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    let mut out = hung::table_head(
+        "entries | stale | sockets | netns | kernel (iter + diag) | holder pass | audit off | audit on | sweep (delete phase) | peak RSS | manual find | manual delete | audit on / kernel | manual find / audit | manual / sweep",
+        0,
     );
     for r in results {
         let m = r.medians();
@@ -993,9 +988,10 @@ fn markdown(results: &[SizeResult]) -> String {
             m.manual_over_sweep,
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| entries | iterator read | process start | holder pass | audit on, no rows | audit on | output (audit - no rows) | (no rows - start) / read | manual find / audit on |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    out.push('\n');
+    out += &hung::table_head(
+        "entries | iterator read | process start | holder pass | audit on, no rows | audit on | output (audit - no rows) | (no rows - start) / read | manual find / audit on",
+        0,
     );
     for r in results {
         let m = r.medians();
