@@ -37,6 +37,7 @@ use sockmap_gc::socket::unmap;
 use sockmap_gc_lab::peer::bulk::BulkClient;
 use sockmap_gc_lab::peer::child::churn::parse_port_range;
 use sockmap_gc_lab::peer::child::{churn::parse_share, parse_duration};
+use sockmap_gc_lab::sys::output;
 use sockmap_gc_lab::{interrupt, Lab, LabConfig, Server};
 
 /// Cilium's map size (`SOCKOPS_MAP_SIZE`) and the incident's stale entries.
@@ -834,21 +835,6 @@ fn manual_remedy(map_path: &Path) -> Result<(f64, f64, usize)> {
         output(&mut cmd)?;
     }
     Ok((audit, started.elapsed().as_secs_f64(), stale.len()))
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Keys from `bpftool map dump` (plain output): the hex bytes between each `key:` and its
