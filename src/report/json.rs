@@ -353,9 +353,6 @@ pub fn write_audit_json<W: io::Write + ?Sized>(
     out.write_all(b",\n  \"entries\": [")?;
     let mut repeated = Repeated::default();
     for (i, e) in json.entries.0.iter().enumerate() {
-        if let Some(ahead) = json.entries.0.get(i + PREFETCH_AHEAD) {
-            prefetch(ahead);
-        }
         out.write_all(if i == 0 { b"\n    " } else { b",\n    " })?;
         write_entry(out, e, diagnosis(o, e), &mut repeated)?;
     }
@@ -371,26 +368,6 @@ pub fn write_audit_json<W: io::Write + ?Sized>(
         write_nested(out, by_holder, 1)?;
     }
     out.write_all(b"\n}")
-}
-
-/// How many rows ahead of the one being written its entry is fetched ([`prefetch`]).
-const PREFETCH_AHEAD: usize = 8;
-
-/// Starts loading `e` into the CPU's cache. Rows are written in the report's order, not the
-/// entries' order in memory, so each row's first touch of its entry was a cache miss: a
-/// full map's entries are ~15 MB, and those misses were a tenth of the writing.
-#[inline]
-fn prefetch(e: &Judged) {
-    // Elsewhere a miss stays a miss.
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = e;
-    #[cfg(target_arch = "x86_64")]
-    for line in (0..std::mem::size_of::<Judged>()).step_by(64) {
-        let at = std::ptr::from_ref(e).cast::<i8>().wrapping_add(line);
-        // SAFETY: a prefetch is a hint that never faults, whatever the address; `at` is
-        // inside `e`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at) };
-    }
 }
 
 /// `value` as serde_json pretty-prints it `depth` levels deep (two spaces a level). Pretty
