@@ -91,6 +91,8 @@ struct sock {
 	int sk_err;
 	/* A psock (the socket is in a sockmap or sockhash) sets the SK_USER_DATA_NOCOPY bit. */
 	void *sk_user_data;
+	/* Since 6.17 ("net: lockless sock_i_ino()"): SOCK_INODE(sk_socket)->i_ino, cached. */
+	unsigned long sk_ino;
 };
 
 /* Kernels whose flags (SOCK_DEAD ...) still live in struct sock; the ___ suffix names a
