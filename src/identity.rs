@@ -316,10 +316,20 @@ impl IdentitySource {
 
     /// The socket behind every entry, or `None` when identity is not in use.
     pub fn read(&mut self, map: &SockMap) -> Result<Option<Identities>, IdentityError> {
+        self.read_with(map, &mut |_, _| {})
+    }
+
+    /// [`IdentitySource::read`], showing each record to `seen` as it is read (an entry shown
+    /// again after a read boundary is seen twice; the result keeps its last sighting).
+    pub fn read_with(
+        &mut self,
+        map: &SockMap,
+        seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+    ) -> Result<Option<Identities>, IdentityError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(None);
         };
-        match reader.read(map) {
+        match reader.read_with(map, seen) {
             Ok(ids) => Ok(Some(ids)),
             Err(e) if e.is_refusal() && self.mode == IdentityMode::Auto => {
                 warn_fallback(&e);
@@ -436,6 +446,15 @@ impl IdentityReader {
 
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
+        self.read_with(map, &mut |_, _| {})
+    }
+
+    /// [`IdentityReader::read`], showing each record to `seen` as it is read.
+    pub fn read_with(
+        &mut self,
+        map: &SockMap,
+        seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+    ) -> Result<Identities, IdentityError> {
         if !matches!(&self.link, Some((id, _)) if *id == map.id()) {
             // Detached from a replaced map before attaching to the new one.
             self.link = None;
@@ -453,7 +472,7 @@ impl IdentityReader {
                 self.link.insert((map.id(), link))
             }
         };
-        let entries = records::read_entries(map.id(), map.max_entries(), link)?;
+        let entries = records::read_entries(map.id(), map.max_entries(), link, seen)?;
         Ok(Identities {
             map_id: map.id(),
             entries,

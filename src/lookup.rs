@@ -10,13 +10,15 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::mpsc;
 
 use netlink_packet_core::NLMSG_ERROR;
 use netlink_packet_sock_diag::SOCK_DIAG_BY_FAMILY;
+use netlink_sys::Socket;
 
 use crate::diag::{Inventory, Sink};
 use crate::netlink::{self, NetlinkError, EXACT_REQUEST_LEN};
-use crate::netns::{self, discover, Discovery, NetnsError, NetnsId, WalkError};
+use crate::netns::{self, discover, Netns, NetnsError, NetnsId, WalkError};
 use crate::socket::{unmap, LiveSocket, Tuple};
 
 /// Room for one reply datagram: an `inet_diag_msg` with the few attributes the kernel adds
@@ -134,29 +136,10 @@ pub fn lookup_node(
     lookups: &Lookups<'_>,
     sink: &mut Sink<'_>,
 ) -> Result<Looked, NetnsError> {
-    lookup_node_with(root, None, lookups, sink)
-}
-
-/// [`lookup_node`] in the namespaces of `early`, a discovery made beforehand (while the map
-/// was read), unless it misses a held socket's namespace (one made since): then they are
-/// discovered again.
-pub fn lookup_node_with(
-    root: &Path,
-    early: Option<Discovery>,
-    lookups: &Lookups<'_>,
-    sink: &mut Sink<'_>,
-) -> Result<Looked, NetnsError> {
     if lookups.is_empty() {
         return Ok(Looked::default());
     }
-    let complete = |d: &Discovery| {
-        let found: HashSet<u64> = d.namespaces.iter().map(|ns| ns.id.inode).collect();
-        lookups.in_netns.keys().all(|inode| found.contains(inode))
-    };
-    let discovery = match early.filter(complete) {
-        Some(early) => early,
-        None => discover(root)?,
-    };
+    let discovery = discover(root)?;
     let by_address = !lookups.at_local_address.is_empty();
     let namespaces: Vec<_> = discovery
         .namespaces
@@ -212,31 +195,67 @@ fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, Loo
     if tuples.is_empty() {
         return Ok(Vec::new());
     }
-    let socket = netlink::open()?;
-    // As many requests per batch as the receive buffer holds replies.
-    let batch = (netlink::grow_recv_buffer(&socket, RECV_BUFFER) / REPLY_TRUESIZE)
-        .clamp(MIN_BATCH, MAX_BATCH);
-    let mut slots = vec![0u8; batch * SLOT];
+    let mut asker = Asker::here()?;
     let mut found = Vec::with_capacity(tuples.len());
-    let mut seq = 0u32;
-    let mut request = Vec::with_capacity(batch * EXACT_REQUEST_LEN);
-    for chunk in tuples.chunks(batch) {
-        let base = seq.wrapping_add(1);
-        request.clear();
+    for chunk in tuples.chunks(asker.batch) {
+        asker.ask(netns, chunk, &mut found)?;
+    }
+    Ok(found)
+}
+
+/// A sock_diag socket and what its batches of exact requests need. The socket answers for the
+/// namespace it was made in, whichever thread uses it later.
+struct Asker {
+    socket: Socket,
+    /// As many requests per datagram as the receive buffer holds replies.
+    batch: usize,
+    seq: u32,
+    request: Vec<u8>,
+    slots: Vec<u8>,
+}
+
+impl Asker {
+    /// A socket in the calling thread's namespace.
+    fn here() -> Result<Asker, LookupError> {
+        let socket = netlink::open()?;
+        let batch = (netlink::grow_recv_buffer(&socket, RECV_BUFFER) / REPLY_TRUESIZE)
+            .clamp(MIN_BATCH, MAX_BATCH);
+        Ok(Asker {
+            socket,
+            batch,
+            seq: 0,
+            request: Vec::with_capacity(batch * EXACT_REQUEST_LEN),
+            slots: Vec::new(),
+        })
+    }
+
+    /// Asks for `chunk` (at most `batch` tuples) in one datagram; pushes the owners found.
+    fn ask(
+        &mut self,
+        netns: NetnsId,
+        chunk: &[Tuple],
+        found: &mut Vec<LiveSocket>,
+    ) -> Result<(), LookupError> {
+        let base = self.seq.wrapping_add(1);
+        self.request.clear();
         for t in chunk {
-            seq = seq.wrapping_add(1);
-            request.extend_from_slice(&netlink::exact_request(*t, seq));
+            self.seq = self.seq.wrapping_add(1);
+            self.request
+                .extend_from_slice(&netlink::exact_request(*t, self.seq));
         }
         // The kernel handles every request of the datagram in this call, in order.
-        socket.send(&request, 0).map_err(NetlinkError::Send)?;
+        self.socket
+            .send(&self.request, 0)
+            .map_err(NetlinkError::Send)?;
+        self.slots.resize(self.batch * SLOT, 0);
         let mut answers = Answers::new(base, chunk);
         // Each request gets one reply or one error; anything beyond is not for us.
         for _ in 0..chunk.len() * 2 + 8 {
             if answers.left == 0 {
                 break;
             }
-            for datagram in netlink::recv_many(&socket, &mut slots, SLOT)? {
-                answers.feed(datagram, netns, &mut found)?;
+            for datagram in netlink::recv_many(&self.socket, &mut self.slots, SLOT)? {
+                answers.feed(datagram, netns, found)?;
             }
         }
         if answers.left > 0 {
@@ -245,8 +264,161 @@ fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, Loo
             }
             .into());
         }
+        Ok(())
     }
-    Ok(found)
+}
+
+/// A tuple to look up while the map is still being read ([`lookup_streamed`]): in the held
+/// socket's namespace and in every namespace with the tuple's local address, as [`Lookups`]
+/// files it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub tuple: Tuple,
+    pub held_netns: u64,
+}
+
+/// One namespace made ready on a walk thread, then asked from the streaming thread.
+struct Ready {
+    ns: Netns,
+    asker: Asker,
+    pending: Vec<Tuple>,
+    asked: HashSet<Tuple>,
+    found: Vec<LiveSocket>,
+    failed: Option<LookupError>,
+}
+
+impl Ready {
+    /// Sends up to one batch of what is pending; a failure ends the namespace's lookups.
+    fn send(&mut self) {
+        let take = self.pending.len().min(self.asker.batch);
+        let chunk: Vec<Tuple> = self.pending.drain(..take).collect();
+        if let Err(e) = self.asker.ask(self.ns.id, &chunk, &mut self.found) {
+            self.pending.clear();
+            self.failed = Some(e);
+        }
+    }
+}
+
+/// [`lookup_node`] fed while the map is read, so the lookups overlap the read: discovers the
+/// namespaces and makes a sock_diag socket in each (and reads its addresses) on walk threads,
+/// then, on the calling thread, which never changes namespace, files each tuple from `asks`
+/// as it arrives. A namespace's batch goes out when full, or when no tuple is waiting; the
+/// rest once `asks` closes. Each namespace's sockets found go to `sink` at the end.
+pub fn lookup_streamed(
+    root: &Path,
+    asks: &mpsc::Receiver<Vec<Ask>>,
+    sink: &mut Sink<'_>,
+) -> Result<Looked, NetnsError> {
+    let discovery = discover(root)?;
+    let mut ready: Vec<Ready> = Vec::with_capacity(discovery.namespaces.len());
+    let mut at_address: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+    let walked = netns::walk(
+        &discovery.namespaces,
+        |_, _buf| Ok::<_, LookupError>((Asker::here()?, local_addresses()?)),
+        &mut |ns: &Netns, (asker, addresses): (Asker, HashSet<IpAddr>)| {
+            for ip in addresses.into_iter().filter(|ip| !ip.is_loopback()) {
+                at_address.entry(ip).or_default().push(ready.len());
+            }
+            ready.push(Ready {
+                ns: ns.clone(),
+                asker,
+                pending: Vec::new(),
+                asked: HashSet::new(),
+                found: Vec::new(),
+                failed: None,
+            });
+        },
+    );
+    let by_inode: HashMap<u64, usize> = ready
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.ns.id.inode, i))
+        .collect();
+    // Tuples whose held socket's namespace this discovery missed (one made since): looked up
+    // in their namespace by a walk of their own at the end.
+    let mut elsewhere: Vec<Ask> = Vec::new();
+    let mut file = |ask: Ask, ready: &mut [Ready]| {
+        let local = unmap(SocketAddr::new(ask.tuple.local.ip(), 0)).ip();
+        let held = by_inode.get(&ask.held_netns);
+        if held.is_none() {
+            elsewhere.push(ask);
+        }
+        for &i in held
+            .into_iter()
+            .chain(at_address.get(&local).into_iter().flatten())
+        {
+            let Some(r) = ready.get_mut(i).filter(|r| r.failed.is_none()) else {
+                continue;
+            };
+            if r.asked.insert(ask.tuple) {
+                r.pending.push(ask.tuple);
+                if r.pending.len() >= r.asker.batch {
+                    r.send();
+                }
+            }
+        }
+    };
+    loop {
+        let arrived = match asks.try_recv() {
+            Ok(arrived) => arrived,
+            Err(mpsc::TryRecvError::Empty) => {
+                // Nothing waiting: the fullest batch goes out now rather than at the end,
+                // unless it is too small to be worth a datagram of its own yet.
+                if let Some(r) = ready
+                    .iter_mut()
+                    .max_by_key(|r| r.pending.len())
+                    .filter(|r| r.pending.len() >= MIN_BATCH)
+                {
+                    r.send();
+                    continue;
+                }
+                match asks.recv() {
+                    Ok(arrived) => arrived,
+                    Err(mpsc::RecvError) => break,
+                }
+            }
+            Err(mpsc::TryRecvError::Disconnected) => break,
+        };
+        for ask in arrived {
+            file(ask, &mut ready);
+        }
+    }
+    let mut looked = Looked::default();
+    let mut failed = walked.failed;
+    let mut read = 0;
+    for mut r in ready {
+        while !r.pending.is_empty() {
+            r.send();
+        }
+        looked.asked += r.asked.len();
+        match r.failed {
+            Some(e) => failed.push((r.ns, e)),
+            None => {
+                read += 1;
+                sink(&r.ns, r.found);
+            }
+        }
+    }
+    looked.inventory = Inventory {
+        sockets: Vec::new(),
+        read,
+        vanished: walked.vanished,
+        failed,
+        unreadable: discovery.unreadable,
+    };
+    if !elsewhere.is_empty() {
+        let mut lookups = Lookups::new(|id| elsewhere.get(id).map(|a| a.tuple));
+        for (id, ask) in elsewhere.iter().enumerate() {
+            lookups.in_netns(ask.held_netns, id);
+        }
+        let more = lookup_node(root, &lookups, sink)?;
+        looked.asked += more.asked;
+        looked.unreached += more.unreached;
+        looked.inventory.read += more.inventory.read;
+        looked.inventory.vanished.extend(more.inventory.vanished);
+        looked.inventory.failed.extend(more.inventory.failed);
+    }
+    Ok(looked)
 }
 
 /// The answers to one batch of requests, sequence numbers `base..base + tuples.len()`.

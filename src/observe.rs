@@ -4,15 +4,17 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{mpsc, Once};
 use std::time::Instant;
 
 use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
+use crate::identity::HeldSocket;
 use crate::identity::{IdentityError, IdentitySource};
-use crate::lookup::{self, Lookups};
+use crate::key::{RawKey, SockKey};
+use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
-use crate::netns::{self, Discovery, NetnsId};
+use crate::netns::{self, NetnsId};
 use crate::observation::{held_view, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
@@ -140,10 +142,9 @@ impl Gathered {
 /// where a connection with it would live (the held socket's namespace, and every namespace
 /// with the key's local address), to name the live connection the entry wrongs right now.
 /// One exact request per tuple instead of a walk of the node's whole TCP table per namespace.
-/// `stale` holds the indices of the entries judged stale ([`held_stale`]).
+/// `stale` holds the indices of the entries judged stale ([`judge_by_held`]).
 fn gather_owners(
     proc_root: &Path,
-    discovery: Option<Discovery>,
     entries: &[Judged],
     stale: &[usize],
     gateways: &[IpAddr],
@@ -165,17 +166,22 @@ fn gather_owners(
         }
     }
     let mut gathered = Gathered::new(proxy_rules);
-    let looked = lookup::lookup_node_with(proc_root, discovery, &lookups, &mut |ns, sockets| {
+    let looked = lookup::lookup_node(proc_root, &lookups, &mut |ns, sockets| {
         gathered.add(ns.id, sockets);
     })?;
     drop(lookups);
+    Ok(owners_found(gathered, looked))
+}
+
+/// The sockets the lookups found, with their counts.
+fn owners_found(gathered: Gathered, looked: lookup::Looked) -> Sockets {
     let mut sockets = gathered.finish(looked.inventory);
     sockets.per_netns.clear();
     sockets.lookups = Some(LookupCounts {
         asked: looked.asked,
         unreached_namespaces: looked.unreached,
     });
-    Ok(sockets)
+    sockets
 }
 
 /// What became of a namespace path discovery could not examine.
@@ -231,20 +237,22 @@ fn read_denied_netns(e: &netns::NetnsError, read: &mut HashSet<(u64, u64)>) -> D
     }
 }
 
-/// The entries the held socket alone judges stale ([`judge_held`]): with identity, exactly
-/// those [`classify`] will, known before any lookup.
-fn held_stale(entries: &[Judged], gateways: &[IpAddr]) -> Vec<usize> {
-    entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| {
-            let (Ok(key), Some(held)) = (e.key(), e.held.as_ref()) else {
-                return false;
-            };
-            judge_held(&key, &held_view(held), is_proxy_key(&key, gateways)).is_stale()
-        })
-        .map(|(i, _)| i)
-        .collect()
+/// Judges each entry by its held socket alone ([`judge_held`]) and returns those judged stale:
+/// with identity, every verdict [`classify`] gives but the stale ones' (whose evidence may name
+/// the connection they wrong), known before any lookup. Entries without a held socket or a
+/// decodable key are left to [`classify`].
+fn judge_by_held(entries: &mut [Judged], gateways: &[IpAddr]) -> Vec<usize> {
+    let mut stale = Vec::new();
+    for (i, e) in entries.iter_mut().enumerate() {
+        let (Ok(key), Some(held)) = (e.key(), e.held.as_ref()) else {
+            continue;
+        };
+        e.verdict = judge_held(&key, &held_view(held), is_proxy_key(&key, gateways));
+        if e.verdict.is_stale() {
+            stale.push(i);
+        }
+    }
+    stale
 }
 
 /// Observes the node once.
@@ -291,17 +299,34 @@ fn observe_then_diagnose(
         held,
         verdict: Verdict::Unknown(UnknownReason::NotJudged),
     };
-    // With identity the lookups need the node's namespaces. A one-shot audit (`holders`
-    // given) finds them on a thread of their own while the map is read (the lookups look
-    // again if a held socket's namespace is newer); a sweep only when an entry is stale,
-    // which most of the daemon's are not.
-    let (read, discovery) = std::thread::scope(|scope| {
-        let discovery = (holders.is_some() && identity.is_active())
-            .then(|| scope.spawn(|| netns::discover(proc_root)));
-        let read = identity.read(map);
-        (read, discovery.and_then(|d| d.join().ok()?.ok()))
+    // With identity, the iterator's read alone tells which entries are stale, and the lookups
+    // only name the connection each wrongs. A one-shot audit (`holders` given) makes them
+    // while the map is read, on a thread of its own fed each stale record; a sweep makes them
+    // after the read, and only when an entry is stale, which most of the daemon's are not.
+    let streamed = holders.is_some() && identity.is_active();
+    let (read, streamed_owners) = std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<Vec<Ask>>();
+        let owners = streamed
+            .then(|| scope.spawn(move || owners_while_read(proc_root, &rx, !gateways.is_empty())));
+        // Sent a few at a time: a wake-up of the lookup thread per stale record would cost
+        // the read more than the lookups save.
+        let mut asks = Vec::new();
+        let read = identity.read_with(map, &mut |raw, held| {
+            if let Some(ask) = streamed.then(|| stale_ask(raw, held, gateways)).flatten() {
+                asks.push(ask);
+                if asks.len() == ASKS_PER_SEND {
+                    // A closed channel: the lookup thread failed; its error is reported below.
+                    let _ = tx.send(std::mem::take(&mut asks));
+                }
+            }
+        });
+        if !asks.is_empty() {
+            let _ = tx.send(asks);
+        }
+        drop(tx);
+        (read, owners.map(|o| o.join()))
     });
-    let (map_id, entries): (u32, Vec<Judged>) = match read? {
+    let (map_id, mut entries): (u32, Vec<Judged>) = match read? {
         Some(ids) => (
             ids.map_id,
             ids.entries
@@ -328,10 +353,21 @@ fn observe_then_diagnose(
         "map read"
     );
     let stale = if with_identity {
-        held_stale(&entries, gateways)
+        judge_by_held(&mut entries, gateways)
     } else {
         Vec::new()
     };
+    let sockets = match streamed_owners {
+        Some(Ok(owners)) if with_identity => owners?,
+        // A lookup thread that panicked: looked up again, after the read.
+        _ if with_identity => gather_owners(proc_root, &entries, &stale, gateways)?,
+        _ => gather_sockets(proc_root, !gateways.is_empty())?,
+    };
+    tracing::debug!(
+        sockets = sockets.index.len(),
+        ms = started.elapsed().as_millis(),
+        "sockets read"
+    );
     let wanted = holder::wanted(
         stale
             .iter()
@@ -346,50 +382,66 @@ fn observe_then_diagnose(
             })),
             _ => None,
         };
-        let observation = judge(
-            map_id,
-            entries,
-            with_identity.then_some((&stale[..], discovery)),
-            proc_root,
-            gateways,
-            started,
-        );
+        let observation = judge(map_id, entries, with_identity, sockets, gateways, started);
         // A scan that panicked is made again, after the verdicts.
         (observation, early.and_then(|scan| scan.join().ok()))
     });
-    let mut observation = observation?;
+    let mut observation = observation;
     if let Some(source) = holders {
         holder::diagnose_with(&mut observation, source, early);
     }
     Ok(observation)
 }
 
-/// Reads the sockets that judge `entries` and judges each entry: with identity (`owners`:
-/// the entries judged stale and the namespaces found), looks up those of the stale ones; else
-/// inventories every namespace. `started`: when the observation began, for its `took`.
+/// Stale records' lookups handed to the lookup thread at once while the map is read.
+const ASKS_PER_SEND: usize = 64;
+
+/// The lookup a record asks for when its held socket alone judges it stale: its key's tuple,
+/// as [`gather_owners`] files it (not a proxy entry's: its A side is the gateway, so its
+/// tuple names no connection).
+fn stale_ask(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> Option<Ask> {
+    let key = SockKey::decode(raw).ok()?;
+    if is_proxy_key(&key, gateways) || !judge_held(&key, &held_view(held), false).is_stale() {
+        return None;
+    }
+    Some(Ask {
+        tuple: Tuple::new(key.local, key.remote),
+        held_netns: held.netns_inode,
+    })
+}
+
+/// [`gather_owners`] fed while the map is read ([`lookup::lookup_streamed`]).
+fn owners_while_read(
+    proc_root: &Path,
+    asks: &mpsc::Receiver<Vec<Ask>>,
+    proxy_rules: bool,
+) -> Result<Sockets, ObserveError> {
+    let mut gathered = Gathered::new(proxy_rules);
+    let looked = lookup::lookup_streamed(proc_root, asks, &mut |ns, sockets| {
+        gathered.add(ns.id, sockets);
+    })?;
+    Ok(owners_found(gathered, looked))
+}
+
+/// Judges each entry against `sockets`: with identity, only those the held socket did not
+/// already judge live ([`judge_by_held`]). `started`: when the observation began, for its
+/// `took`.
 fn judge(
     map_id: u32,
     mut entries: Vec<Judged>,
-    owners: Option<(&[usize], Option<Discovery>)>,
-    proc_root: &Path,
+    with_identity: bool,
+    sockets: Sockets,
     gateways: &[IpAddr],
     started: Instant,
-) -> Result<Observation, ObserveError> {
-    let with_identity = owners.is_some();
-    let sockets = match owners {
-        Some((stale, discovery)) => gather_owners(proc_root, discovery, &entries, stale, gateways)?,
-        None => gather_sockets(proc_root, !gateways.is_empty())?,
-    };
-    tracing::debug!(
-        sockets = sockets.index.len(),
-        ms = started.elapsed().as_millis(),
-        "sockets read"
-    );
+) -> Observation {
     let evidence = sockets.evidence(gateways);
-    for e in &mut entries {
+    for e in entries
+        .iter_mut()
+        .filter(|e| !with_identity || !matches!(e.verdict, Verdict::Live(_)))
+    {
         e.verdict = classify(&e.key(), e.held_view().as_ref(), &evidence);
     }
-    Ok(Observation {
+    Observation {
         map_id,
         identity: with_identity,
         entries,
@@ -402,7 +454,7 @@ fn judge(
         per_netns: sockets.per_netns,
         took: started.elapsed(),
         holders: None,
-    })
+    }
 }
 
 /// The addresses of Cilium's `cilium_host` interface in this namespace: the A side of

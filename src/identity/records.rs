@@ -1,6 +1,7 @@
 //! The records of the socket-identity programs, read as `#[repr(C)]` structs, and the
 //! iterator's bytes read to their end.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::mem;
@@ -88,6 +89,7 @@ pub(super) fn read_entries(
     map_id: u32,
     max_entries: u32,
     link: &libbpf_rs::Link,
+    seen: &mut dyn FnMut(&RawKey, &HeldSocket),
 ) -> Result<Vec<(RawKey, HeldSocket)>, IdentityError> {
     // Sized for a full map once, rather than grown through copies (capped, as the map's
     // own size is not ours to trust with an allocation).
@@ -109,12 +111,12 @@ pub(super) fn read_entries(
             }
             let whole = std::mem::take(&mut partial);
             for record in parse_records::<IdentityRecord>(map_id, &whole)? {
-                file_entry(map_id, &record, &mut index, &mut entries)?;
+                file_entry(map_id, &record, &mut index, &mut entries, seen)?;
             }
         }
         let whole = rest.len() - rest.len() % mem::size_of::<IdentityRecord>();
         for record in parse_records::<IdentityRecord>(map_id, &rest[..whole])? {
-            file_entry(map_id, &record, &mut index, &mut entries)?;
+            file_entry(map_id, &record, &mut index, &mut entries, seen)?;
         }
         partial.extend_from_slice(&rest[whole..]);
         Ok(())
@@ -139,13 +141,20 @@ fn file_entry(
     record: &IdentityRecord,
     index: &mut HashMap<RawKey, usize>,
     entries: &mut Vec<(RawKey, HeldSocket)>,
+    seen: &mut dyn FnMut(&RawKey, &HeldSocket),
 ) -> Result<(), IdentityError> {
     let key = RawKey(record.key);
     let held = held_socket(map_id, record)?;
-    match index.get(&key).and_then(|&at| entries.get_mut(at)) {
-        Some(entry) => entry.1 = held,
-        None => {
-            index.insert(key, entries.len());
+    seen(&key, &held);
+    // One hash of the key per record: a full map's read files 65,535.
+    match index.entry(key) {
+        Entry::Occupied(at) => {
+            if let Some(entry) = entries.get_mut(*at.get()) {
+                entry.1 = held;
+            }
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(entries.len());
             entries.push((key, held));
         }
     }
