@@ -316,15 +316,16 @@ impl IdentitySource {
 
     /// The socket behind every entry, or `None` when identity is not in use.
     pub fn read(&mut self, map: &SockMap) -> Result<Option<Identities>, IdentityError> {
-        self.read_with(map, &mut |_, _| {})
+        self.read_with(map, &mut |_, _, _| {})
     }
 
-    /// [`IdentitySource::read`], showing each record to `seen` as it is read (an entry shown
-    /// again after a read boundary is seen twice; the result keeps its last sighting).
+    /// [`IdentitySource::read`], showing each record to `seen` as it is read, with its
+    /// entry's place in the result (an entry shown again after a read boundary is seen twice,
+    /// at the same place; the result keeps its last sighting).
     pub fn read_with(
         &mut self,
         map: &SockMap,
-        seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+        seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
     ) -> Result<Option<Identities>, IdentityError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(None);
@@ -446,14 +447,14 @@ impl IdentityReader {
 
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        self.read_with(map, &mut |_, _| {})
+        self.read_with(map, &mut |_, _, _| {})
     }
 
     /// [`IdentityReader::read`], showing each record to `seen` as it is read.
     pub fn read_with(
         &mut self,
         map: &SockMap,
-        seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+        seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
     ) -> Result<Identities, IdentityError> {
         if !matches!(&self.link, Some((id, _)) if *id == map.id()) {
             // Detached from a replaced map before attaching to the new one.

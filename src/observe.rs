@@ -142,7 +142,7 @@ impl Gathered {
 /// where a connection with it would live (the held socket's namespace, and every namespace
 /// with the key's local address), to name the live connection the entry wrongs right now.
 /// One exact request per tuple instead of a walk of the node's whole TCP table per namespace.
-/// `stale` holds the indices of the entries judged stale ([`judge_by_held`]).
+/// `stale` holds the indices of the entries judged stale ([`judge_record`]).
 fn gather_owners(
     proc_root: &Path,
     entries: &[Judged],
@@ -237,24 +237,6 @@ fn read_denied_netns(e: &netns::NetnsError, read: &mut HashSet<(u64, u64)>) -> D
     }
 }
 
-/// Judges each entry by its held socket alone ([`judge_held`]) and returns those judged stale:
-/// with identity, every verdict [`classify`] gives but the stale ones' (whose evidence may name
-/// the connection they wrong), known before any lookup. Entries without a held socket or a
-/// decodable key are left to [`classify`].
-fn judge_by_held(entries: &mut [Judged], gateways: &[IpAddr]) -> Vec<usize> {
-    let mut stale = Vec::new();
-    for (i, e) in entries.iter_mut().enumerate() {
-        let (Ok(key), Some(held)) = (e.key(), e.held.as_ref()) else {
-            continue;
-        };
-        e.verdict = judge_held(&key, &held_view(held), is_proxy_key(&key, gateways));
-        if e.verdict.is_stale() {
-            stale.push(i);
-        }
-    }
-    stale
-}
-
 /// Observes the node once.
 ///
 /// The map is snapshotted *before* the sockets: a connection whose entry is in the snapshot
@@ -304,6 +286,8 @@ fn observe_then_diagnose(
     // while the map is read, on a thread of its own fed each stale record; a sweep makes them
     // after the read, and only when an entry is stale, which most of the daemon's are not.
     let streamed = holders.is_some() && identity.is_active();
+    // Each entry's verdict by its held socket alone, judged as its record is read.
+    let mut held_verdicts: Vec<Verdict> = Vec::new();
     let (read, streamed_owners) = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Vec<Ask>>();
         let owners = streamed
@@ -311,8 +295,13 @@ fn observe_then_diagnose(
         // Sent a few at a time: a wake-up of the lookup thread per stale record would cost
         // the read more than the lookups save.
         let mut asks = Vec::new();
-        let read = identity.read_with(map, &mut |raw, held| {
-            if let Some(ask) = streamed.then(|| stale_ask(raw, held, gateways)).flatten() {
+        let read = identity.read_with(map, &mut |at, raw, held| {
+            let (verdict, ask) = judge_record(raw, held, gateways);
+            match held_verdicts.get_mut(at) {
+                Some(v) => *v = verdict,
+                None => held_verdicts.push(verdict),
+            }
+            if let Some(ask) = ask.filter(|_| streamed) {
                 asks.push(ask);
                 if asks.len() == ASKS_PER_SEND {
                     // A closed channel: the lookup thread failed; its error is reported below.
@@ -326,12 +315,17 @@ fn observe_then_diagnose(
         drop(tx);
         (read, owners.map(|o| o.join()))
     });
-    let (map_id, mut entries): (u32, Vec<Judged>) = match read? {
+    let (map_id, entries): (u32, Vec<Judged>) = match read? {
         Some(ids) => (
             ids.map_id,
             ids.entries
                 .into_iter()
-                .map(|(k, h)| pending(k, Some(h)))
+                .zip(held_verdicts)
+                .map(|((raw, held), verdict)| Judged {
+                    raw,
+                    held: Some(held),
+                    verdict,
+                })
                 .collect(),
         ),
         None => {
@@ -352,11 +346,12 @@ fn observe_then_diagnose(
         ms = started.elapsed().as_millis(),
         "map read"
     );
-    let stale = if with_identity {
-        judge_by_held(&mut entries, gateways)
-    } else {
-        Vec::new()
-    };
+    let stale: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.verdict.is_stale())
+        .map(|(i, _)| i)
+        .collect();
     let sockets = match streamed_owners {
         Some(Ok(owners)) if with_identity => owners?,
         // A lookup thread that panicked: looked up again, after the read.
@@ -396,18 +391,22 @@ fn observe_then_diagnose(
 /// Stale records' lookups handed to the lookup thread at once while the map is read.
 const ASKS_PER_SEND: usize = 64;
 
-/// The lookup a record asks for when its held socket alone judges it stale: its key's tuple,
-/// as [`gather_owners`] files it (not a proxy entry's: its A side is the gateway, so its
-/// tuple names no connection).
-fn stale_ask(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> Option<Ask> {
-    let key = SockKey::decode(raw).ok()?;
-    if is_proxy_key(&key, gateways) || !judge_held(&key, &held_view(held), false).is_stale() {
-        return None;
-    }
-    Some(Ask {
+/// A record's verdict by its held socket alone ([`judge_held`]): with identity, every verdict
+/// [`classify`] gives but the stale ones' (whose evidence may name the connection they
+/// wrong), known before any lookup; not judged when the key does not decode. With it, the
+/// lookup a stale record asks for, as [`gather_owners`] files it (none for a proxy entry:
+/// its A side is the gateway, so its tuple names no connection).
+fn judge_record(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> (Verdict, Option<Ask>) {
+    let Ok(key) = SockKey::decode(raw) else {
+        return (Verdict::Unknown(UnknownReason::NotJudged), None);
+    };
+    let proxy = is_proxy_key(&key, gateways);
+    let verdict = judge_held(&key, &held_view(held), proxy);
+    let ask = (verdict.is_stale() && !proxy).then(|| Ask {
         tuple: Tuple::new(key.local, key.remote),
         held_netns: held.netns_inode,
-    })
+    });
+    (verdict, ask)
 }
 
 /// [`gather_owners`] fed while the map is read ([`lookup::lookup_streamed`]).
@@ -424,7 +423,7 @@ fn owners_while_read(
 }
 
 /// Judges each entry against `sockets`: with identity, only those the held socket did not
-/// already judge live ([`judge_by_held`]). `started`: when the observation began, for its
+/// already judge live ([`judge_record`]). `started`: when the observation began, for its
 /// `took`.
 fn judge(
     map_id: u32,

@@ -89,7 +89,7 @@ pub(super) fn read_entries(
     map_id: u32,
     max_entries: u32,
     link: &libbpf_rs::Link,
-    seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+    seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
 ) -> Result<Vec<(RawKey, HeldSocket)>, IdentityError> {
     // Sized for a full map once, rather than grown through copies (capped, as the map's
     // own size is not ours to trust with an allocation).
@@ -141,19 +141,21 @@ fn file_entry(
     record: &IdentityRecord,
     index: &mut HashMap<RawKey, usize>,
     entries: &mut Vec<(RawKey, HeldSocket)>,
-    seen: &mut dyn FnMut(&RawKey, &HeldSocket),
+    seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
 ) -> Result<(), IdentityError> {
     let key = RawKey(record.key);
     let held = held_socket(map_id, record)?;
-    seen(&key, &held);
     // One hash of the key per record: a full map's read files 65,535.
     match index.entry(key) {
         Entry::Occupied(at) => {
-            if let Some(entry) = entries.get_mut(*at.get()) {
+            let at = *at.get();
+            seen(at, &key, &held);
+            if let Some(entry) = entries.get_mut(at) {
                 entry.1 = held;
             }
         }
         Entry::Vacant(slot) => {
+            seen(entries.len(), &key, &held);
             slot.insert(entries.len());
             entries.push((key, held));
         }
