@@ -173,7 +173,8 @@ fn comm_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// The program loaded, every socket fd it read (or why not), and how long the read took.
+/// The program loaded, every socket fd it read (sorted by inode; or why not), and how long
+/// the read took.
 type Prefetched = Result<(HolderReader, Result<Vec<HolderRecord>, String>, Duration), String>;
 
 /// Where the holder search runs: `/proc` (or a fake one in tests), and the iterator once it
@@ -208,7 +209,12 @@ impl HolderSource {
             .spawn(|| {
                 let reader = HolderReader::new()?;
                 let started = Instant::now();
-                let records = reader.read(|_| true);
+                // Sorted by inode here, off the audit's path: the scan then finds the stale
+                // sockets' holders by search rather than by a pass over every socket fd.
+                let records = reader.read(|_| true).map(|mut all| {
+                    all.sort_unstable_by_key(|r| r.inode);
+                    all
+                });
                 Ok((reader, records, started.elapsed()))
             })
             .ok();
@@ -248,9 +254,18 @@ impl HolderSource {
         if self.use_iterator {
             let reader = self.reader.get_or_insert_with(HolderReader::new);
             let read = match prefetched {
-                Some(records) => records.map(|all| {
-                    all.into_iter()
-                        .filter(|r| wanted.contains(&r.inode))
+                Some(records) => records.map(|by_inode| {
+                    wanted
+                        .iter()
+                        .flat_map(|&inode| {
+                            let from = by_inode.partition_point(|r| r.inode < inode);
+                            by_inode
+                                .get(from..)
+                                .unwrap_or_default()
+                                .iter()
+                                .take_while(move |r| r.inode == inode)
+                                .copied()
+                        })
                         .collect()
                 }),
                 None => reader
