@@ -3,8 +3,8 @@
  * The few kernel types bpf/sockmap_identity.bpf.c, bpf/sockmap_holders.bpf.c and
  * bpf/sockmap_events.bpf.c read, declared for CO-RE instead of a
  * generated vmlinux.h, so the product builds on a machine without /sys/kernel/btf/vmlinux
- * (a Debian build host). Only the fields read are declared; every struct carries
- * preserve_access_index, so libbpf relocates each field offset at load time against the
+ * (a Debian build host). Only the fields read are declared; every struct but the
+ * iterators' contexts carries preserve_access_index, so libbpf relocates each field offset at load time against the
  * running kernel's BTF, matching fields by name (also through the kernel's anonymous unions:
  * skc_addrpair, skc_portpair, ...). Layouts here need not match any kernel.
  */
@@ -13,28 +13,42 @@
 
 #include <linux/types.h>
 
-#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
-
 struct seq_file;
+struct sock;
+struct task_struct;
+struct file;
 
-struct bpf_map {
-	__u32 key_size;
-	__u32 id;
-};
-
+/* The iterators' contexts, without preserve_access_index: their layouts are fixed (the
+ * verifier checks a context's offsets), and each relocated type costs a search of the
+ * kernel's BTF at every load (about a millisecond). Pointers are 8 bytes on the BPF target,
+ * as the kernel's __bpf_md_ptr makes them. */
 struct bpf_iter_meta {
 	struct seq_file *seq;
 	__u64 session_id;
 	__u64 seq_num;
 };
 
-/* net/core/sock_map.c: the context of an iter/sockmap program. Pointers are 8 bytes on
- * the BPF target, as the kernel's __bpf_md_ptr makes them. */
+/* net/core/sock_map.c: the context of an iter/sockmap program. */
 struct bpf_iter__sockmap {
 	struct bpf_iter_meta *meta;
-	struct bpf_map *map;
+	void *map;
 	void *key;
 	struct sock *sk;
+};
+
+/* kernel/bpf/task_iter.c: the context of an iter/task_file program. */
+struct bpf_iter__task_file {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+	__u32 fd;
+	struct file *file;
+};
+
+#pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
+
+struct bpf_map {
+	__u32 key_size;
+	__u32 id;
 };
 
 struct in6_addr {
@@ -107,12 +121,6 @@ struct task_struct {
 };
 
 /* kernel/bpf/task_iter.c: the context of an iter/task_file program. */
-struct bpf_iter__task_file {
-	struct bpf_iter_meta *meta;
-	struct task_struct *task;
-	__u32 fd;
-	struct file *file;
-};
 
 /* inet_sport keeps the local port after the kernel zeroes skc_num on unhash (TCP_CLOSE).
  * A program reaches it through bpf_skc_to_tcp_sock: the verifier allows no read past
