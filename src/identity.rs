@@ -45,6 +45,8 @@ use skel::{OpenSockmapIdentitySkel, SockmapIdentitySkel, SockmapIdentitySkelBuil
 mod cad;
 mod records;
 
+pub use records::{file_at, EntrySink};
+
 /// The compiled BPF object (the skeleton embeds the same bytes).
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap_identity.bpf.o"));
 
@@ -316,22 +318,34 @@ impl IdentitySource {
 
     /// The socket behind every entry, or `None` when identity is not in use.
     pub fn read(&mut self, map: &SockMap) -> Result<Option<Identities>, IdentityError> {
-        self.read_with(map, &mut |_, _, _| {})
-    }
-
-    /// [`IdentitySource::read`], showing each record to `seen` as it is read, with its
-    /// entry's place in the result (an entry shown again after a read boundary is seen twice,
-    /// at the same place; the result keeps its last sighting).
-    pub fn read_with(
-        &mut self,
-        map: &SockMap,
-        seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
-    ) -> Result<Option<Identities>, IdentityError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(None);
         };
-        match reader.read_with(map, seen) {
-            Ok(ids) => Ok(Some(ids)),
+        let read = reader.read(map);
+        self.unless_refused(read)
+    }
+
+    /// [`IdentitySource::read`], each entry filed into `sink` as it is read rather than
+    /// collected; the number of entries, or `None` when identity is not in use.
+    pub fn read_into(
+        &mut self,
+        map: &SockMap,
+        sink: &mut EntrySink<'_>,
+    ) -> Result<Option<usize>, IdentityError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(None);
+        };
+        let read = reader.read_into(map, sink);
+        self.unless_refused(read)
+    }
+
+    /// A read's result; with `auto`, a refusal warns once and turns identity off.
+    fn unless_refused<T>(
+        &mut self,
+        read: Result<T, IdentityError>,
+    ) -> Result<Option<T>, IdentityError> {
+        match read {
+            Ok(read) => Ok(Some(read)),
             Err(e) if e.is_refusal() && self.mode == IdentityMode::Auto => {
                 warn_fallback(&e);
                 self.reader = None;
@@ -447,15 +461,25 @@ impl IdentityReader {
 
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        self.read_with(map, &mut |_, _, _| {})
+        let capacity =
+            usize::try_from(map.max_entries()).map_or(0, |n| n.min(records::MAX_CAPACITY));
+        let mut entries = Vec::with_capacity(capacity);
+        self.read_into(map, &mut |at, key, held| {
+            records::file_at(&mut entries, at, (key, held));
+        })?;
+        Ok(Identities {
+            map_id: map.id(),
+            entries,
+        })
     }
 
-    /// [`IdentityReader::read`], showing each record to `seen` as it is read.
-    pub fn read_with(
+    /// [`IdentityReader::read`], each entry filed into `sink` as it is read; returns how many
+    /// entries were filed.
+    pub fn read_into(
         &mut self,
         map: &SockMap,
-        seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
-    ) -> Result<Identities, IdentityError> {
+        sink: &mut EntrySink<'_>,
+    ) -> Result<usize, IdentityError> {
         if !matches!(&self.link, Some((id, _)) if *id == map.id()) {
             // Detached from a replaced map before attaching to the new one.
             self.link = None;
@@ -473,11 +497,7 @@ impl IdentityReader {
                 self.link.insert((map.id(), link))
             }
         };
-        let entries = records::read_entries(map.id(), map.max_entries(), link, seen)?;
-        Ok(Identities {
-            map_id: map.id(),
-            entries,
-        })
+        records::read_entries(map.id(), map.max_entries(), link, sink)
     }
 }
 

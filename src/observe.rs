@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::HeldSocket;
-use crate::identity::{IdentityError, IdentitySource};
+use crate::identity::{file_at, IdentityError, IdentitySource};
 use crate::key::{RawKey, SockKey};
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
@@ -276,18 +276,13 @@ fn observe_then_diagnose(
     // One iterator pass gives the keys and their sockets; without it, walk the keys. The
     // entries are judged in place once the sockets are in: a full map's entries are the
     // largest thing an observation holds, so they exist once.
-    let pending = |raw, held| Judged {
-        raw,
-        held,
-        verdict: Verdict::Unknown(UnknownReason::NotJudged),
-    };
     // With identity, the iterator's read alone tells which entries are stale, and the lookups
     // only name the connection each wrongs. A one-shot audit (`holders` given) makes them
     // while the map is read, on a thread of its own fed each stale record; a sweep makes them
     // after the read, and only when an entry is stale, which most of the daemon's are not.
     let streamed = holders.is_some() && identity.is_active();
-    // Each entry's verdict by its held socket alone, judged as its record is read.
-    let mut held_verdicts: Vec<Verdict> = Vec::new();
+    // Each entry filed as its record is read, already judged by its held socket alone.
+    let mut entries: Vec<Judged> = Vec::with_capacity(map.max_entries().min(1 << 20) as usize);
     let (read, streamed_owners) = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Vec<Ask>>();
         let owners = streamed
@@ -295,12 +290,8 @@ fn observe_then_diagnose(
         // Sent a few at a time: a wake-up of the lookup thread per stale record would cost
         // the read more than the lookups save.
         let mut asks = Vec::new();
-        let read = identity.read_with(map, &mut |at, raw, held| {
-            let (verdict, ask) = judge_record(raw, held, gateways);
-            match held_verdicts.get_mut(at) {
-                Some(v) => *v = verdict,
-                None => held_verdicts.push(verdict),
-            }
+        let read = identity.read_into(map, &mut |at, raw, held| {
+            let (verdict, ask) = judge_record(&raw, &held, gateways);
             if let Some(ask) = ask.filter(|_| streamed) {
                 asks.push(ask);
                 if asks.len() == ASKS_PER_SEND {
@@ -308,6 +299,8 @@ fn observe_then_diagnose(
                     let _ = tx.send(std::mem::take(&mut asks));
                 }
             }
+            let held = Some(held);
+            file_at(&mut entries, at, Judged { raw, held, verdict });
         });
         if !asks.is_empty() {
             let _ = tx.send(asks);
@@ -315,29 +308,20 @@ fn observe_then_diagnose(
         drop(tx);
         (read, owners.map(|o| o.join()))
     });
-    let (map_id, entries): (u32, Vec<Judged>) = match read? {
-        Some(ids) => (
-            ids.map_id,
-            ids.entries
-                .into_iter()
-                .zip(held_verdicts)
-                .map(|((raw, held), verdict)| Judged {
-                    raw,
-                    held: Some(held),
-                    verdict,
-                })
-                .collect(),
-        ),
+    let map_id = match read? {
+        Some(_) => map.id(),
         None => {
             let snapshot = map.snapshot()?;
-            (
-                snapshot.map_id,
-                snapshot
-                    .keys
-                    .into_iter()
-                    .map(|k| pending(k, None))
-                    .collect(),
-            )
+            entries = snapshot
+                .keys
+                .into_iter()
+                .map(|raw| Judged {
+                    raw,
+                    held: None,
+                    verdict: Verdict::Unknown(UnknownReason::NotJudged),
+                })
+                .collect();
+            snapshot.map_id
         }
     };
     let with_identity = identity.is_active();

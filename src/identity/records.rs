@@ -1,7 +1,6 @@
 //! The records of the socket-identity programs, read as `#[repr(C)]` structs, and the
 //! iterator's bytes read to their end.
 
-use std::collections::hash_map::Entry;
 use std::io::{self, Read};
 use std::mem;
 
@@ -83,21 +82,35 @@ impl Record for TargetRecord {}
 /// its buffer and has to be shown again.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Where the read files each entry: its place (the number of entries filed so far for a new
+/// one; an earlier place for an entry shown again after a read boundary, whose newer sighting
+/// replaces the older), its key and its socket.
+pub type EntrySink<'a> = dyn FnMut(usize, RawKey, HeldSocket) + 'a;
+
 /// Reads the identity iterator behind `link` to its end: the socket behind every entry, one
-/// per key, in the iterator's order. `max_entries` is the map's, to size the result once.
+/// place per key, in the iterator's order, filed into `sink`. `max_entries` is the map's, to
+/// size the index once. Returns how many entries were filed.
 pub(super) fn read_entries(
     map_id: u32,
     max_entries: u32,
     link: &libbpf_rs::Link,
-    seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
-) -> Result<Vec<(RawKey, HeldSocket)>, IdentityError> {
+    sink: &mut EntrySink<'_>,
+) -> Result<usize, IdentityError> {
     // foldhash (seeded per process): SipHash over 65,535 keys of 44 bytes showed in the
     // profile of a full map's read.
     // Sized for a full map once, rather than grown through copies (capped, as the map's
     // own size is not ours to trust with an allocation).
-    let capacity = usize::try_from(max_entries).map_or(0, |n| n.min(1 << 20));
+    let capacity = usize::try_from(max_entries).map_or(0, |n| n.min(MAX_CAPACITY));
     let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
-    let mut entries: Vec<(RawKey, HeldSocket)> = Vec::with_capacity(capacity);
+    let mut file = |record: &IdentityRecord| -> Result<(), IdentityError> {
+        let key = RawKey(record.key);
+        let held = held_socket(map_id, record)?;
+        // One hash of the key per record.
+        let filed = index.len();
+        let at = *index.entry(key).or_insert(filed);
+        sink(at, key, held);
+        Ok(())
+    };
     // Parsed as the bytes come: a full map's records as a buffer and again as a list
     // would double what the read costs in memory.
     let mut partial: Vec<u8> = Vec::with_capacity(mem::size_of::<IdentityRecord>());
@@ -113,12 +126,12 @@ pub(super) fn read_entries(
             }
             let whole = std::mem::take(&mut partial);
             for record in parse_records::<IdentityRecord>(map_id, &whole)? {
-                file_entry(map_id, &record, &mut index, &mut entries, seen)?;
+                file(&record)?;
             }
         }
         let whole = rest.len() - rest.len() % mem::size_of::<IdentityRecord>();
         for record in parse_records::<IdentityRecord>(map_id, &rest[..whole])? {
-            file_entry(map_id, &record, &mut index, &mut entries, seen)?;
+            file(&record)?;
         }
         partial.extend_from_slice(&rest[whole..]);
         Ok(())
@@ -133,36 +146,19 @@ pub(super) fn read_entries(
             ),
         });
     }
-    Ok(entries)
+    Ok(index.len())
 }
 
-/// Files one record's entry; a bucket shown again after a read boundary replaces the earlier
-/// sighting, which is older.
-fn file_entry(
-    map_id: u32,
-    record: &IdentityRecord,
-    index: &mut HashMap<RawKey, usize>,
-    entries: &mut Vec<(RawKey, HeldSocket)>,
-    seen: &mut dyn FnMut(usize, &RawKey, &HeldSocket),
-) -> Result<(), IdentityError> {
-    let key = RawKey(record.key);
-    let held = held_socket(map_id, record)?;
-    // One hash of the key per record: a full map's read files 65,535.
-    match index.entry(key) {
-        Entry::Occupied(at) => {
-            let at = *at.get();
-            seen(at, &key, &held);
-            if let Some(entry) = entries.get_mut(at) {
-                entry.1 = held;
-            }
-        }
-        Entry::Vacant(slot) => {
-            seen(entries.len(), &key, &held);
-            slot.insert(entries.len());
-            entries.push((key, held));
-        }
+/// The most entries a read sizes its tables for at once: the map's own size is not ours to
+/// trust with an allocation.
+pub(super) const MAX_CAPACITY: usize = 1 << 20;
+
+/// Files `entry` at `at` in `entries` ([`EntrySink`]).
+pub fn file_at<T>(entries: &mut Vec<T>, at: usize, entry: T) {
+    match entries.get_mut(at) {
+        Some(earlier) => *earlier = entry,
+        None => entries.push(entry),
     }
-    Ok(())
 }
 
 /// Reads the iterator to its end.
@@ -290,6 +286,15 @@ mod tests {
             error: 0,
             flags: 0,
         }
+    }
+
+    #[test]
+    fn an_entry_shown_again_replaces_its_earlier_sighting_in_place() {
+        let mut entries = Vec::new();
+        for (at, sighting) in [(0, "a"), (1, "b"), (0, "a again"), (2, "c")] {
+            file_at(&mut entries, at, sighting);
+        }
+        assert_eq!(entries, ["a again", "b", "c"]);
     }
 
     #[test]
