@@ -47,6 +47,12 @@ mod records;
 
 pub use records::{file_at, EntrySink};
 
+/// How many entries to size a table for, to hold a read of `map` without growing: its
+/// max_entries, capped, as the map's own size is not ours to trust with an allocation.
+pub fn entries_capacity(map: &SockMap) -> usize {
+    usize::try_from(map.max_entries()).map_or(0, |n| n.min(records::MAX_CAPACITY))
+}
+
 /// The compiled BPF object (the skeleton embeds the same bytes).
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sockmap_identity.bpf.o"));
 
@@ -461,9 +467,7 @@ impl IdentityReader {
 
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        let capacity =
-            usize::try_from(map.max_entries()).map_or(0, |n| n.min(records::MAX_CAPACITY));
-        let mut entries = Vec::with_capacity(capacity);
+        let mut entries = Vec::with_capacity(entries_capacity(map));
         self.read_into(map, &mut |at, key, held| {
             records::file_at(&mut entries, at, (key, held));
         })?;
@@ -497,7 +501,7 @@ impl IdentityReader {
                 self.link.insert((map.id(), link))
             }
         };
-        records::read_entries(map.id(), map.max_entries(), link, sink)
+        records::read_entries(map.id(), entries_capacity(map), link, sink)
     }
 }
 

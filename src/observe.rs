@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::HeldSocket;
-use crate::identity::{file_at, IdentityError, IdentitySource};
+use crate::identity::{entries_capacity, file_at, IdentityError, IdentitySource};
 use crate::key::{RawKey, SockKey};
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
@@ -282,7 +282,7 @@ fn observe_then_diagnose(
     // after the read, and only when an entry is stale, which most of the daemon's are not.
     let streamed = holders.is_some() && identity.is_active();
     // Each entry filed as its record is read, already judged by its held socket alone.
-    let mut entries: Vec<Judged> = Vec::with_capacity(map.max_entries().min(1 << 20) as usize);
+    let mut entries: Vec<Judged> = Vec::with_capacity(entries_capacity(map));
     let (read, streamed_owners) = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Vec<Ask>>();
         let owners = streamed

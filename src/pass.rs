@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::clock::thread_cpu_time;
 use crate::deletion::{self, Settled};
 use crate::guard::{GuardSettings, Hold};
-use crate::identity::{IdentitySource, Target};
+use crate::identity::{entries_capacity, file_at, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::SockMap;
 use crate::observation::held_view;
@@ -209,31 +209,29 @@ pub fn pass(
     started: Instant,
 ) -> Result<PassReport, RunError> {
     let cpu_started = thread_cpu_time();
-    let ids = identity
-        .read(map)?
-        .ok_or(RunError::NoIdentity(Worker::Pass))?;
-    let entries: Vec<PassEntry> = ids
-        .entries
-        .iter()
-        .filter_map(|(raw, held)| {
-            // An entry whose key does not decode is never stale.
-            let key = SockKey::decode(raw).ok()?;
+    // Judged as they are read: the pass keeps no (key, socket) table of its own.
+    let mut judged: Vec<Option<PassEntry>> = Vec::with_capacity(entries_capacity(map));
+    let read = identity.read_into(map, &mut |at, raw, held| {
+        // An entry whose key does not decode is never stale.
+        let entry = SockKey::decode(&raw).ok().map(|key| {
             let proxy = is_proxy_key(&key, gateways);
-            Some(PassEntry {
-                raw: *raw,
+            PassEntry {
+                raw,
                 cookie: held.cookie,
                 proxy,
-                verdict: judge_held(&key, &held_view(held), proxy),
-            })
-        })
-        .collect();
+                verdict: judge_held(&key, &held_view(&held), proxy),
+            }
+        });
+        file_at(&mut judged, at, entry);
+    })?;
+    let count = read.ok_or(RunError::NoIdentity(Worker::Pass))?;
+    let entries: Vec<PassEntry> = judged.into_iter().flatten().collect();
     let mut report = PassReport {
-        map_id: ids.map_id,
-        entries: ids.entries.len(),
+        map_id: map.id(),
+        entries: count,
         dry_run: guards.dry_run,
         ..PassReport::default()
     };
-    drop(ids);
     report.decision = state.decide(report.map_id, &entries, started, guards);
     drop(entries);
     if !guards.dry_run && !report.decision.delete.is_empty() {

@@ -88,19 +88,17 @@ const READ_CHUNK: usize = 16 * 1024;
 pub type EntrySink<'a> = dyn FnMut(usize, RawKey, HeldSocket) + 'a;
 
 /// Reads the identity iterator behind `link` to its end: the socket behind every entry, one
-/// place per key, in the iterator's order, filed into `sink`. `max_entries` is the map's, to
-/// size the index once. Returns how many entries were filed.
+/// place per key, in the iterator's order, filed into `sink`. `capacity`: the entries to size
+/// the index for ([`super::entries_capacity`]). Returns how many entries were filed.
 pub(super) fn read_entries(
     map_id: u32,
-    max_entries: u32,
+    capacity: usize,
     link: &libbpf_rs::Link,
     sink: &mut EntrySink<'_>,
 ) -> Result<usize, IdentityError> {
     // foldhash (seeded per process): SipHash over 65,535 keys of 44 bytes showed in the
-    // profile of a full map's read.
-    // Sized for a full map once, rather than grown through copies (capped, as the map's
-    // own size is not ours to trust with an allocation).
-    let capacity = usize::try_from(max_entries).map_or(0, |n| n.min(MAX_CAPACITY));
+    // profile of a full map's read. Sized for a full map once, rather than grown through
+    // copies.
     let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
     let mut file = |record: &IdentityRecord| -> Result<(), IdentityError> {
         let key = RawKey(record.key);
@@ -149,8 +147,7 @@ pub(super) fn read_entries(
     Ok(index.len())
 }
 
-/// The most entries a read sizes its tables for at once: the map's own size is not ours to
-/// trust with an allocation.
+/// The most entries a read sizes its tables for at once ([`super::entries_capacity`]).
 pub(super) const MAX_CAPACITY: usize = 1 << 20;
 
 /// Files `entry` at `at` in `entries` ([`EntrySink`]).
