@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use libbpf_rs::{Iter, Object, ObjectBuilder};
 
-use super::kubepods;
+use super::kubepods::{self, PodCgroup};
 use super::Holder;
 
 /// The compiled BPF object.
@@ -326,7 +326,8 @@ impl HolderSource {
         &self,
         found: impl IntoIterator<Item = (u64, u32, u32, String)>,
     ) -> HashMap<u64, Vec<Holder>> {
-        let mut cgroups: HashMap<u32, Option<String>> = HashMap::new();
+        // A process's cgroup read and parsed once, however many stale sockets it holds.
+        let mut cgroups: HashMap<u32, (Option<String>, Option<PodCgroup>)> = HashMap::new();
         let mut seen: HashSet<(u32, u32)> = HashSet::new();
         let mut out: HashMap<u64, Vec<Holder>> = HashMap::new();
         for (inode, pid, fd, comm) in found {
@@ -334,11 +335,14 @@ impl HolderSource {
             if !seen.insert((pid, fd)) {
                 continue;
             }
-            let cgroup = cgroups
+            let (cgroup, pod) = cgroups
                 .entry(pid)
-                .or_insert_with(|| read_cgroup(&self.proc_root, pid))
+                .or_insert_with(|| {
+                    let cgroup = read_cgroup(&self.proc_root, pid);
+                    let pod = cgroup.as_deref().and_then(kubepods::parse);
+                    (cgroup, pod)
+                })
                 .clone();
-            let pod = cgroup.as_deref().and_then(kubepods::parse);
             out.entry(inode).or_default().push(Holder {
                 pid,
                 fd,
