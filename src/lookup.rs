@@ -197,8 +197,9 @@ fn look_up_here(netns: NetnsId, tuples: &[Tuple]) -> Result<Vec<LiveSocket>, Loo
     }
     let mut asker = Asker::here()?;
     let mut found = Vec::with_capacity(tuples.len());
+    let mut slots = Vec::new();
     for chunk in tuples.chunks(asker.batch) {
-        asker.ask(netns, chunk, &mut found)?;
+        asker.ask(netns, chunk, &mut found, &mut slots)?;
     }
     Ok(found)
 }
@@ -211,7 +212,6 @@ struct Asker {
     batch: usize,
     seq: u32,
     request: Vec<u8>,
-    slots: Vec<u8>,
 }
 
 impl Asker {
@@ -225,16 +225,17 @@ impl Asker {
             batch,
             seq: 0,
             request: Vec::with_capacity(batch * EXACT_REQUEST_LEN),
-            slots: Vec::new(),
         })
     }
 
     /// Asks for `chunk` (at most `batch` tuples) in one datagram; pushes the owners found.
+    /// `slots`: room for the replies, shared by the askers of one thread.
     fn ask(
         &mut self,
         netns: NetnsId,
         chunk: &[Tuple],
         found: &mut Vec<LiveSocket>,
+        slots: &mut Vec<u8>,
     ) -> Result<(), LookupError> {
         let base = self.seq.wrapping_add(1);
         self.request.clear();
@@ -247,14 +248,16 @@ impl Asker {
         self.socket
             .send(&self.request, 0)
             .map_err(NetlinkError::Send)?;
-        self.slots.resize(self.batch * SLOT, 0);
+        if slots.len() < self.batch * SLOT {
+            slots.resize(self.batch * SLOT, 0);
+        }
         let mut answers = Answers::new(base, chunk);
         // Each request gets one reply or one error; anything beyond is not for us.
         for _ in 0..chunk.len() * 2 + 8 {
             if answers.left == 0 {
                 break;
             }
-            for datagram in netlink::recv_many(&self.socket, &mut self.slots, SLOT)? {
+            for datagram in netlink::recv_many(&self.socket, slots, SLOT)? {
                 answers.feed(datagram, netns, found)?;
             }
         }
@@ -282,17 +285,18 @@ struct Ready {
     ns: Netns,
     asker: Asker,
     pending: Vec<Tuple>,
-    asked: HashSet<Tuple>,
+    /// foldhash: a full map's stale tuples are hashed here once or twice each.
+    asked: foldhash::HashSet<Tuple>,
     found: Vec<LiveSocket>,
     failed: Option<LookupError>,
 }
 
 impl Ready {
     /// Sends up to one batch of what is pending; a failure ends the namespace's lookups.
-    fn send(&mut self) {
+    fn send(&mut self, slots: &mut Vec<u8>) {
         let take = self.pending.len().min(self.asker.batch);
         let chunk: Vec<Tuple> = self.pending.drain(..take).collect();
-        if let Err(e) = self.asker.ask(self.ns.id, &chunk, &mut self.found) {
+        if let Err(e) = self.asker.ask(self.ns.id, &chunk, &mut self.found, slots) {
             self.pending.clear();
             self.failed = Some(e);
         }
@@ -323,7 +327,7 @@ pub fn lookup_streamed(
                 ns: ns.clone(),
                 asker,
                 pending: Vec::new(),
-                asked: HashSet::new(),
+                asked: foldhash::HashSet::default(),
                 found: Vec::new(),
                 failed: None,
             });
@@ -334,10 +338,12 @@ pub fn lookup_streamed(
         .enumerate()
         .map(|(i, r)| (r.ns.id.inode, i))
         .collect();
+    // Room for one batch's replies, for every namespace's batches in turn.
+    let mut slots = Vec::new();
     // Tuples whose held socket's namespace this discovery missed (one made since): looked up
     // in their namespace by a walk of their own at the end.
     let mut elsewhere: Vec<Ask> = Vec::new();
-    let mut file = |ask: Ask, ready: &mut [Ready]| {
+    let mut file = |ask: Ask, ready: &mut [Ready], slots: &mut Vec<u8>| {
         let local = unmap(SocketAddr::new(ask.tuple.local.ip(), 0)).ip();
         let held = by_inode.get(&ask.held_netns);
         if held.is_none() {
@@ -353,7 +359,7 @@ pub fn lookup_streamed(
             if r.asked.insert(ask.tuple) {
                 r.pending.push(ask.tuple);
                 if r.pending.len() >= r.asker.batch {
-                    r.send();
+                    r.send(slots);
                 }
             }
         }
@@ -369,7 +375,7 @@ pub fn lookup_streamed(
                     .max_by_key(|r| r.pending.len())
                     .filter(|r| r.pending.len() >= MIN_BATCH)
                 {
-                    r.send();
+                    r.send(&mut slots);
                     continue;
                 }
                 match asks.recv() {
@@ -380,7 +386,7 @@ pub fn lookup_streamed(
             Err(mpsc::TryRecvError::Disconnected) => break,
         };
         for ask in arrived {
-            file(ask, &mut ready);
+            file(ask, &mut ready, &mut slots);
         }
     }
     let mut looked = Looked::default();
@@ -388,7 +394,7 @@ pub fn lookup_streamed(
     let mut read = 0;
     for mut r in ready {
         while !r.pending.is_empty() {
-            r.send();
+            r.send(&mut slots);
         }
         looked.asked += r.asked.len();
         match r.failed {
