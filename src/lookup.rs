@@ -280,6 +280,10 @@ pub struct Ask {
     pub held_netns: u64,
 }
 
+/// The most namespaces [`lookup_streamed`] keeps a socket open in at once (each an open file,
+/// under a soft limit of 1,024): a node with more is looked up after the read.
+pub const MAX_READY: usize = 256;
+
 /// One namespace made ready on a walk thread, then asked from the streaming thread.
 struct Ready {
     ns: Netns,
@@ -313,7 +317,28 @@ pub fn lookup_streamed(
     asks: &mpsc::Receiver<Vec<Ask>>,
     sink: &mut Sink<'_>,
 ) -> Result<Looked, NetnsError> {
+    lookup_streamed_within(root, asks, sink, MAX_READY)
+}
+
+/// [`lookup_streamed`] keeping a socket open in at most `max_ready` namespaces.
+pub fn lookup_streamed_within(
+    root: &Path,
+    asks: &mpsc::Receiver<Vec<Ask>>,
+    sink: &mut Sink<'_>,
+    max_ready: usize,
+) -> Result<Looked, NetnsError> {
     let discovery = discover(root)?;
+    if discovery.namespaces.len() > max_ready {
+        // A socket per namespace would be too many open files: the tuples are looked up
+        // once they are all in, a namespace at a time.
+        let asked: Vec<Ask> = asks.iter().flatten().collect();
+        let mut lookups = Lookups::new(|id| asked.get(id).map(|a| a.tuple));
+        for (id, ask) in asked.iter().enumerate() {
+            lookups.in_netns(ask.held_netns, id);
+            lookups.at_local_address(ask.tuple.local.ip(), id);
+        }
+        return lookup_node(root, &lookups, sink);
+    }
     let mut ready: Vec<Ready> = Vec::with_capacity(discovery.namespaces.len());
     let mut at_address: HashMap<IpAddr, Vec<usize>> = HashMap::new();
     let walked = netns::walk(

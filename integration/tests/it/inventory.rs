@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sockmap_gc::diag::{dump_current_netns, inventory, inventory_node, DiagError};
-use sockmap_gc::lookup::{lookup_node, Lookups};
+use sockmap_gc::lookup::{self, lookup_node, Ask, Lookups};
 use sockmap_gc::netns::{discover, Netns, NetnsId, WalkError};
 use sockmap_gc::socket::{LiveSocket, TcpState, Tuple};
 
@@ -393,5 +393,44 @@ fn exact_lookups_find_each_tuples_owner_and_nothing_else() {
         !found.iter().any(|s| s.state == TcpState::Listen),
         "a listener answering a miss is no owner"
     );
+
+    // The same tuples fed as the map is read, a socket kept in each namespace, and with no
+    // namespace kept (the fallback of a node with too many): the same owners. The tuple by
+    // address names an unreachable held namespace.
+    let cookies = |sockets: &[LiveSocket]| {
+        let mut c: Vec<_> = sockets.iter().map(|s| (s.cookie, s.netns)).collect();
+        c.sort_unstable();
+        c
+    };
+    for max_ready in [lookup::MAX_READY, 0] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asks: Vec<Ask> = tuples
+            .iter()
+            .enumerate()
+            .map(|(id, &tuple)| Ask {
+                tuple,
+                held_netns: if id == by_address { 1 } else { ns.id().inode },
+            })
+            .collect();
+        // In two sends, as the read hands them over.
+        let (first, rest) = asks.split_at(asks.len() / 2);
+        tx.send(first.to_vec()).expect("send");
+        tx.send(rest.to_vec()).expect("send");
+        drop(tx);
+        let mut streamed: Vec<LiveSocket> = Vec::new();
+        let looked = lookup::lookup_streamed_within(
+            Path::new("/"),
+            &rx,
+            &mut |_, s| streamed.extend(s),
+            max_ready,
+        )
+        .expect("streamed lookups on the node");
+        assert!(
+            looked.inventory.failed.is_empty(),
+            "{max_ready}: {looked:?}"
+        );
+        assert_eq!(looked.unreached, 1, "{max_ready}");
+        assert_eq!(cookies(&streamed), cookies(&found), "{max_ready}");
+    }
     drop((lab, own));
 }
