@@ -327,7 +327,16 @@ pub fn lookup_streamed_within(
     sink: &mut Sink<'_>,
     max_ready: usize,
 ) -> Result<Looked, NetnsError> {
-    let discovery = discover(root)?;
+    let discovery = match discover(root) {
+        Ok(discovery) => discovery,
+        // As after a read: a node with nothing to look up needs no namespaces.
+        Err(e) => {
+            return match asks.iter().flatten().next() {
+                Some(_) => Err(e),
+                None => Ok(Looked::default()),
+            }
+        }
+    };
     if discovery.namespaces.len() > max_ready {
         // A socket per namespace would be too many open files: the tuples are looked up
         // once they are all in, a namespace at a time.
