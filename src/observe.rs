@@ -9,8 +9,7 @@ use std::time::Instant;
 
 use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
-use crate::identity::HeldSocket;
-use crate::identity::{entries_capacity, file_at, IdentityError, IdentitySource};
+use crate::identity::{entries_capacity, file_at, HeldSocket, IdentityError, IdentitySource};
 use crate::key::{RawKey, SockKey};
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
@@ -273,9 +272,10 @@ fn observe_then_diagnose(
     mut holders: Option<&mut HolderSource>,
 ) -> Result<Observation, ObserveError> {
     let started = Instant::now();
-    // One iterator pass gives the keys and their sockets; without it, walk the keys. The
-    // entries are judged in place once the sockets are in: a full map's entries are the
-    // largest thing an observation holds, so they exist once.
+    // One iterator pass gives the keys and their sockets, each judged by its socket as it is
+    // read; without it, walk the keys. The entries are judged again in place once the sockets
+    // are in: a full map's entries are the largest thing an observation holds, so they exist
+    // once.
     // With identity, the iterator's read alone tells which entries are stale, and the lookups
     // only name the connection each wrongs. A one-shot audit (`holders` given) makes them
     // while the map is read, on a thread of its own fed each stale record; a sweep makes them
@@ -338,7 +338,7 @@ fn observe_then_diagnose(
         .collect();
     let sockets = match streamed_owners {
         Some(Ok(owners)) if with_identity => owners?,
-        // A lookup thread that panicked: looked up again, after the read.
+        // A sweep, or a lookup thread that panicked: looked up after the read.
         _ if with_identity => gather_owners(proc_root, &entries, &stale, gateways)?,
         _ => gather_sockets(proc_root, !gateways.is_empty())?,
     };
