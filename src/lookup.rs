@@ -377,8 +377,15 @@ pub fn lookup_streamed_within(
     // Tuples whose held socket's namespace this discovery missed (one made since): looked up
     // in their namespace by a walk of their own at the end.
     let mut elsewhere: Vec<Ask> = Vec::new();
+    // Which namespaces the lookups needed, as [`lookup_node`] enters them: every one once a
+    // tuple is looked up by address, else the held sockets' own. Only those count as read,
+    // or as failed, in the inventory.
+    let mut by_address = false;
+    let mut held_namespaces: HashSet<u64> = HashSet::new();
     let mut file = |ask: Ask, ready: &mut [Ready], slots: &mut Vec<u8>| {
         let local = unmap(SocketAddr::new(ask.tuple.local.ip(), 0)).ip();
+        by_address |= !local.is_loopback();
+        held_namespaces.insert(ask.held_netns);
         let held = by_inode.get(&ask.held_netns);
         if held.is_none() {
             elsewhere.push(ask);
@@ -423,10 +430,19 @@ pub fn lookup_streamed_within(
             file(ask, &mut ready, &mut slots);
         }
     }
+    let needed = |ns: &Netns| by_address || held_namespaces.contains(&ns.id.inode);
     let mut looked = Looked::default();
-    let mut failed = walked.failed;
+    if !by_address && held_namespaces.is_empty() {
+        // Nothing was asked: as after a read with nothing stale, no namespace counts.
+        return Ok(looked);
+    }
+    let mut failed: Vec<_> = walked
+        .failed
+        .into_iter()
+        .filter(|(ns, _)| needed(ns))
+        .collect();
     let mut read = 0;
-    for mut r in ready {
+    for mut r in ready.into_iter().filter(|r| needed(&r.ns)) {
         while !r.pending.is_empty() {
             r.send(&mut slots);
         }
@@ -442,7 +458,11 @@ pub fn lookup_streamed_within(
     looked.inventory = Inventory {
         sockets: Vec::new(),
         read,
-        vanished: walked.vanished,
+        vanished: walked
+            .vanished
+            .into_iter()
+            .filter(|ns| needed(ns))
+            .collect(),
         failed,
         unreadable: discovery.unreadable,
     };
