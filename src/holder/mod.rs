@@ -17,7 +17,6 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::identity::HeldSocket;
-use crate::key::RawKey;
 use crate::observation::Observation;
 
 pub use class::{classify, Classified, HolderClass, Search, SocketFacts, UnknownHolder};
@@ -109,16 +108,29 @@ pub fn facts(h: &HeldSocket) -> SocketFacts {
 /// Who keeps each stale entry of one observation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaleHolders {
-    /// One per stale entry.
-    pub by_key: HashMap<RawKey, Diagnosis>,
+    /// One per stale entry, as (the entry's index in [`Observation::entries`], its
+    /// diagnosis), in that order; [`diagnose`] runs on entries that stay as they are. By
+    /// index, not by key: a report finds each stale row's as it selects the rows, with no
+    /// 44-byte key hashed (it was, three times per stale row).
+    pub diagnosed: Vec<(usize, Diagnosis)>,
     /// How the holders were searched; `None` when no stale socket had a file to search for
     /// (identity off, or only accept-queue and orphaned sockets).
     pub scan: Option<ScanInfo>,
 }
 
 impl StaleHolders {
-    pub fn of(&self, raw: &RawKey) -> Option<&Diagnosis> {
-        self.by_key.get(raw)
+    /// The diagnosis of the entry at `index` in the observation's entries.
+    pub fn at(&self, index: usize) -> Option<&Diagnosis> {
+        let i = self
+            .diagnosed
+            .binary_search_by_key(&index, |&(at, _)| at)
+            .ok()?;
+        Some(&self.diagnosed[i].1)
+    }
+
+    /// Every stale entry's diagnosis.
+    pub fn diagnoses(&self) -> impl Iterator<Item = &Diagnosis> {
+        self.diagnosed.iter().map(|(_, d)| d)
     }
 }
 
@@ -151,11 +163,12 @@ pub fn diagnose(o: &mut Observation, source: &mut HolderSource) {
 /// [`diagnose`], with the scan `early` when it searched for every inode wanted now (else a
 /// scan of its own, as [`diagnose`] makes).
 pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Option<EarlyScan>) {
-    let stale: Vec<(RawKey, Option<SocketFacts>)> = o
+    let stale: Vec<(usize, Option<SocketFacts>)> = o
         .entries
         .iter()
-        .filter(|e| e.verdict.is_stale())
-        .map(|e| (e.raw, e.held.as_ref().map(facts)))
+        .enumerate()
+        .filter(|(_, e)| e.verdict.is_stale())
+        .map(|(at, e)| (at, e.held.as_ref().map(facts)))
         .collect();
     if stale.is_empty() {
         o.holders = None;
@@ -166,9 +179,9 @@ pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Opti
         Some(early) if wanted.is_subset(&early.wanted) => early.scan,
         _ => source.scan(&wanted),
     });
-    let by_key = stale
+    let diagnosed = stale
         .into_iter()
-        .map(|(raw, f)| (raw, Diagnosis::of(f, scan.as_ref())))
+        .map(|(at, f)| (at, Diagnosis::of(f, scan.as_ref())))
         .collect();
     if let Some(info) = scan.as_ref().map(|s| &s.info) {
         tracing::debug!(
@@ -180,7 +193,7 @@ pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Opti
         );
     }
     o.holders = Some(StaleHolders {
-        by_key,
+        diagnosed,
         scan: scan.map(|s| s.info),
     });
 }

@@ -21,7 +21,7 @@ use crate::verdict::Verdict;
 
 pub use holders::{holder_lines, holder_reasons, stale_by_holder, TOP_HOLDERS};
 pub use json::{
-    audit_json, write_audit_json, AuditJson, JsonEntries, JsonEntry, JsonHolder, JsonHolderCount,
+    audit_json, write_audit_json, AuditJson, JsonEntries, JsonHolder, JsonHolderCount,
     JsonHolderSearch, JsonInventory, JsonPodCount, JsonSocket, JsonStaleByHolder, JsonUnreadable,
 };
 pub use sweep::{
@@ -77,24 +77,46 @@ impl Summary {
     }
 }
 
+/// One row of a report: an entry, with its holder diagnosis when it has one (a stale entry,
+/// once the holder pass ran). Looked up once per row, as the rows are selected.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    pub entry: &'a Judged,
+    pub holder: Option<&'a Diagnosis>,
+}
+
 /// The entries an operator asked about, in a stable order: stale first, then by key.
-pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<&'a Judged> {
-    let chosen: Vec<&Judged> = o.entries.iter().filter(|e| filter.selects(e)).collect();
-    let varying = varying_bytes(&chosen);
-    let mut v: Vec<(SortKey, &Judged)> = chosen
+pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<Row<'a>> {
+    let chosen: Vec<(usize, &Judged)> = o
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| filter.selects(e))
+        .collect();
+    let varying = varying_bytes(chosen.iter().map(|&(_, e)| e));
+    let mut v: Vec<(SortKey, usize)> = chosen
         .into_iter()
-        .map(|e| (sort_key(e, &varying), e))
+        .map(|(at, e)| (sort_key(e, &varying), at))
         .collect();
     // Keys are unique, so an unstable sort gives the same order.
     v.sort_unstable_by_key(|&(key, _)| key);
-    v.into_iter().map(|(_, e)| e).collect()
+    let holders = o.holders.as_ref();
+    v.into_iter()
+        .map(|(key, at)| Row {
+            entry: &o.entries[at],
+            // Only stale entries have one, so the others are not looked up.
+            holder: holders
+                .filter(|_| rank(&key) == STALE_RANK)
+                .and_then(|h| h.at(at)),
+        })
+        .collect()
 }
 
 /// The positions, in order, at which the keys of `entries` differ. A byte every key shares
 /// cannot decide their order; left out of the sort keys, the first word decides most
 /// comparisons (an IPv4 key is mostly zeros, and a node's keys share most address bytes).
-fn varying_bytes(entries: &[&Judged]) -> Vec<usize> {
-    let Some(first) = entries.first() else {
+fn varying_bytes<'a>(mut entries: impl Iterator<Item = &'a Judged>) -> Vec<usize> {
+    let Some(first) = entries.next() else {
         return Vec::new();
     };
     let mut differs = [0u8; KEY_LEN];
@@ -126,18 +148,16 @@ fn sort_key(e: &Judged, varying: &[usize]) -> SortKey {
     key
 }
 
-/// The holder diagnosis of `e`, once the holder pass ran. Only stale entries have one, so
-/// the others are not looked up: a full map's table would hash 65,535 keys for 7,325.
-pub fn diagnosis<'a>(o: &'a Observation, e: &Judged) -> Option<&'a Diagnosis> {
-    if !e.verdict.is_stale() {
-        return None;
-    }
-    o.holders.as_ref()?.of(&e.raw)
+/// The verdict rank a sort key starts with.
+fn rank(key: &SortKey) -> u8 {
+    key[0].to_be_bytes()[0]
 }
+
+const STALE_RANK: u8 = 0;
 
 fn verdict_rank(v: &Verdict) -> u8 {
     match v {
-        Verdict::Stale(_) => 0,
+        Verdict::Stale(_) => STALE_RANK,
         Verdict::Unknown(_) => 1,
         Verdict::Live(_) => 2,
     }
@@ -237,13 +257,10 @@ mod fixtures {
             },
             holders,
         };
-        let stale: Vec<RawKey> = o
-            .entries
-            .iter()
-            .filter(|e| e.verdict.is_stale())
-            .map(|e| e.raw)
+        let stale: Vec<usize> = (0..o.entries.len())
+            .filter(|&at| o.entries[at].verdict.is_stale())
             .collect();
-        let by_key = [
+        let diagnosed = vec![
             (stale[0], kept(vec![nginx.clone()])),
             (stale[1], kept(vec![nginx])),
             (
@@ -256,11 +273,9 @@ mod fixtures {
                     holders: vec![],
                 },
             ),
-        ]
-        .into_iter()
-        .collect();
+        ];
         o.holders = Some(StaleHolders {
-            by_key,
+            diagnosed,
             scan: Some(ScanInfo {
                 method: ScanMethod::Iterator,
                 complete: true,
@@ -303,12 +318,19 @@ mod tests {
                 }
             }
         }
-        let order = |v: Vec<&Judged>| v.iter().map(|e| e.raw).collect::<Vec<_>>();
+        let order = |v: Vec<Row>| v.iter().map(|r| r.entry.raw).collect::<Vec<_>>();
         let mut want: Vec<&Judged> = o.entries.iter().collect();
         want.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
         want.dedup_by_key(|e| e.raw);
         assert_eq!(want.len(), o.entries.len(), "the test's keys are unique");
-        assert_eq!(order(selected(&o, &Filter::default())), order(want));
+        let want = want.into_iter().map(|entry| Row {
+            entry,
+            holder: None,
+        });
+        assert_eq!(
+            order(selected(&o, &Filter::default())),
+            order(want.collect())
+        );
     }
 
     #[test]

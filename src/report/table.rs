@@ -5,9 +5,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::IpAddr;
 
-use super::{
-    diagnosis, holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Summary,
-};
+use super::{holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Row, Summary};
 use crate::holder::ScanMethod;
 use crate::observation::{Filter, Observation};
 
@@ -113,7 +111,7 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
     o: &Observation,
     filter: &Filter,
 ) -> io::Result<()> {
-    let entries = selected(o, filter);
+    let rows = selected(o, filter);
     out.write_all(header(source, o).as_bytes())?;
     if !filter.is_empty() {
         writeln!(
@@ -129,10 +127,10 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} REASON",
         "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE", "HOLDER"
     )?;
-    for e in &entries {
+    for &Row { entry: e, holder } in &rows {
         // Written through the formatter, with no String per field: a full map is 65,535 rows
         // (only a stale entry's holder is a String: they are few).
-        let holder = diagnosis(o, e).map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
+        let holder = holder.map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
         match e.key() {
             Ok(k) => writeln!(
                 out,
@@ -156,17 +154,21 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
             )?,
         }
     }
-    let summary = Summary::of(entries.iter().copied());
+    let summary = Summary::of(rows.iter().map(|r| r.entry));
     writeln!(out)?;
     out.write_all(summary_lines(&summary).as_bytes())?;
-    if let Some(by_holder) = stale_by_holder(o, &entries) {
+    if let Some(by_holder) = stale_by_holder(o, &rows) {
         out.write_all(holder_lines(&by_holder).as_bytes())?;
         writeln!(out, "why, and what to do:")?;
-        for c in holder_reasons(o, &entries) {
+        for c in holder_reasons(&rows) {
             writeln!(out, "  {}", c.reason())?;
         }
     }
-    let mut stale = entries.iter().filter(|e| e.verdict.is_stale()).peekable();
+    let mut stale = rows
+        .iter()
+        .map(|r| r.entry)
+        .filter(|e| e.verdict.is_stale())
+        .peekable();
     if stale.peek().is_some() {
         writeln!(
             out,
