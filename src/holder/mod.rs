@@ -59,17 +59,16 @@ pub struct Diagnosis {
 
 impl Diagnosis {
     /// The entry whose socket the kernel described as `socket` (`None` without identity),
-    /// given the holder scan (`None` when it did not run).
-    pub fn of(socket: Option<SocketFacts>, scan: Option<&HolderScan>) -> Diagnosis {
-        let holders = match (socket, scan) {
-            (Some(s), Some(scan)) if s.inode != 0 => {
-                scan.holders.get(&s.inode).cloned().unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
+    /// given how the holder scan went (`None`: it did not run) and the holders it found for
+    /// the socket's inode.
+    pub fn of(
+        socket: Option<SocketFacts>,
+        scan: Option<&ScanInfo>,
+        holders: Vec<Holder>,
+    ) -> Diagnosis {
         let search = match scan {
             _ if !holders.is_empty() => Search::Found,
-            Some(scan) if scan.info.complete => Search::NoneFound,
+            Some(scan) if scan.complete => Search::NoneFound,
             _ => Search::Incomplete,
         };
         let classified = classify(socket, search);
@@ -139,9 +138,15 @@ impl StaleHolders {
 pub fn wanted(stale: impl IntoIterator<Item = SocketFacts>) -> HashSet<u64> {
     stale
         .into_iter()
-        .filter(|f| f.inode != 0 && !f.orphaned)
+        .filter(searched)
         .map(|f| f.inode)
         .collect()
+}
+
+/// Whether the holders of the socket described by `f` are searched: a file refers to it, and
+/// its application did not close it.
+fn searched(f: &SocketFacts) -> bool {
+    f.inode != 0 && !f.orphaned
 }
 
 /// A holder scan made before the verdicts were final: with identity, the iterator's read
@@ -175,13 +180,28 @@ pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Opti
         return;
     }
     let wanted = wanted(stale.iter().filter_map(|(_, f)| *f));
-    let scan = (!wanted.is_empty()).then(|| match early {
+    let mut scan = (!wanted.is_empty()).then(|| match early {
         Some(early) if wanted.is_subset(&early.wanted) => early.scan,
         _ => source.scan(&wanted),
     });
+    // An inode is usually one stale entry's: its holders then move into that entry's
+    // diagnosis instead of being copied (on a full map, copying was most of this step).
+    let one_each = stale
+        .iter()
+        .filter(|(_, f)| f.is_some_and(|f| searched(&f)))
+        .count()
+        == wanted.len();
     let diagnosed = stale
         .into_iter()
-        .map(|(at, f)| (at, Diagnosis::of(f, scan.as_ref())))
+        .map(|(at, f)| {
+            let holders = match (f, scan.as_mut()) {
+                (Some(f), Some(scan)) if searched(&f) && one_each => scan.holders.remove(&f.inode),
+                (Some(f), Some(scan)) if searched(&f) => scan.holders.get(&f.inode).cloned(),
+                _ => None,
+            };
+            let info = scan.as_ref().map(|s| &s.info);
+            (at, Diagnosis::of(f, info, holders.unwrap_or_default()))
+        })
         .collect();
     if let Some(info) = scan.as_ref().map(|s| &s.info) {
         tracing::debug!(
@@ -361,20 +381,27 @@ mod tests {
             (facts(0, true), None, KernelOrphan, None, 0),
             (None, Some(&full), HolderUnknown, Some(NoIdentity), 0),
         ];
+        let of = |socket: Option<SocketFacts>, scan: Option<&HolderScan>| {
+            let found = socket
+                .zip(scan)
+                .and_then(|(s, scan)| scan.holders.get(&s.inode));
+            Diagnosis::of(
+                socket,
+                scan.map(|s| &s.info),
+                found.cloned().unwrap_or_default(),
+            )
+        };
         for (socket, scan, class, unknown, holders) in table {
-            let d = Diagnosis::of(socket, scan);
+            let d = of(socket, scan);
             assert_eq!(
                 (d.classified, d.holders.len()),
                 (Classified { class, unknown }, holders),
                 "{socket:?}"
             );
         }
-        let d = Diagnosis::of(facts(10, false), Some(&full));
+        let d = of(facts(10, false), Some(&full));
         assert_eq!(d.column(), "pid 4242 nginx, pod 7c1e3f4a…");
-        assert_eq!(
-            Diagnosis::of(facts(0, false), None).column(),
-            "accept-queue"
-        );
+        assert_eq!(of(facts(0, false), None).column(), "accept-queue");
     }
 
     #[test]
