@@ -9,7 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use serde::ser::SerializeStruct;
 use serde::Serialize;
 
-use super::{selected, stale_by_holder, MapSource, Row, Summary};
+use super::{selected, stale_by_holder, warm, write_rows, MapSource, Row, Summary, ROWS_PER_CHUNK};
 use crate::holder::{
     Classified, Diagnosis, Holder, HolderClass, HolderProcess, HolderSummary, ScanInfo, ScanMethod,
     UnknownHolder,
@@ -336,17 +336,37 @@ pub fn write_audit_json<W: io::Write + ?Sized>(
     o: &Observation,
     filter: &Filter,
 ) -> io::Result<()> {
+    write_audit_json_chunked(out, source, o, filter, ROWS_PER_CHUNK)
+}
+
+/// [`write_audit_json`], the entries written `per_chunk` at a time ([`write_rows`]).
+fn write_audit_json_chunked<W: io::Write + ?Sized>(
+    out: &mut W,
+    source: &MapSource,
+    o: &Observation,
+    filter: &Filter,
+    per_chunk: usize,
+) -> io::Result<()> {
     let json = audit_json(source, o, filter);
     out.write_all(b"{\n  \"map\": ")?;
     write_nested(out, &json.map, 1)?;
     out.write_all(b",\n  \"inventory\": ")?;
     write_nested(out, &json.inventory, 1)?;
     out.write_all(b",\n  \"entries\": [")?;
-    let mut repeated = Repeated::default();
-    for (i, row) in json.entries.0.iter().enumerate() {
-        out.write_all(if i == 0 { b"\n    " } else { b",\n    " })?;
-        write_entry(out, row, &mut repeated)?;
-    }
+    write_rows(out, &json.entries.0, per_chunk, |out, first, rows| {
+        warm(rows);
+        // Each chunk keeps its own: they are written apart.
+        let mut repeated = Repeated::default();
+        for (i, row) in rows.iter().enumerate() {
+            out.extend_from_slice(if first + i == 0 {
+                b"\n    "
+            } else {
+                b",\n    "
+            });
+            write_entry(out, row, &mut repeated)?;
+        }
+        Ok(())
+    })?;
     out.write_all(if json.entries.is_empty() {
         b"]"
     } else {
@@ -639,9 +659,13 @@ mod tests {
         ] {
             let want = serde_json::to_string_pretty(&audit_json(&source(), &o, &filter))
                 .expect("serialises");
-            let mut got = Vec::new();
-            write_audit_json(&mut got, &source(), &o, &filter).expect("writes");
-            assert_eq!(String::from_utf8(got).expect("utf-8"), want);
+            // In one chunk, and in chunks of one to three rows written on two threads.
+            for per_chunk in [ROWS_PER_CHUNK, 1, 2, 3] {
+                let mut got = Vec::new();
+                write_audit_json_chunked(&mut got, &source(), &o, &filter, per_chunk)
+                    .expect("writes");
+                assert_eq!(String::from_utf8(got).expect("utf-8"), want, "{per_chunk}");
+            }
         }
     }
 

@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::IpAddr;
 
-use super::{holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Row, Summary};
+use super::{
+    holder_lines, holder_reasons, selected, stale_by_holder, warm, write_rows, MapSource, Row,
+    Summary, ROWS_PER_CHUNK,
+};
 use crate::holder::ScanMethod;
 use crate::observation::{Filter, Observation};
 
@@ -127,33 +130,13 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} REASON",
         "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE", "HOLDER"
     )?;
-    for &Row { entry: e, holder } in &rows {
-        // Written through the formatter, with no String per field: a full map is 65,535 rows
-        // (only a stale entry's holder is a String: they are few).
-        let holder = holder.map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
-        match e.key() {
-            Ok(k) => writeln!(
-                out,
-                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
-                e.verdict.label(),
-                k.family,
-                k.local,
-                k.remote,
-                holder,
-                e.verdict
-            )?,
-            Err(_) => writeln!(
-                out,
-                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
-                e.verdict.label(),
-                "?",
-                "-",
-                "-",
-                holder,
-                e.verdict
-            )?,
+    write_rows(out, &rows, ROWS_PER_CHUNK, |out, _, rows| {
+        warm(rows);
+        for row in rows {
+            write_row(out, row)?;
         }
-    }
+        Ok(())
+    })?;
     let summary = Summary::of(rows.iter().map(|r| r.entry));
     writeln!(out)?;
     out.write_all(summary_lines(&summary).as_bytes())?;
@@ -179,6 +162,37 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// One row of the table. Written through the formatter, with no String per field: a full
+/// map is 65,535 rows (only a stale entry's holder is a String: they are few).
+fn write_row<W: io::Write + ?Sized>(out: &mut W, row: &Row) -> io::Result<()> {
+    let e = row.entry;
+    let holder = row
+        .holder
+        .map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
+    match e.key() {
+        Ok(k) => writeln!(
+            out,
+            "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
+            e.verdict.label(),
+            k.family,
+            k.local,
+            k.remote,
+            holder,
+            e.verdict
+        ),
+        Err(_) => writeln!(
+            out,
+            "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
+            e.verdict.label(),
+            "?",
+            "-",
+            "-",
+            holder,
+            e.verdict
+        ),
+    }
 }
 
 /// The holder column's width: `pid 4242 nginx, pod 7c1e3f4a… ctr 0123456789ab…` fits.
