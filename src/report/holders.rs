@@ -5,15 +5,21 @@ use std::fmt::Write as _;
 
 use super::Row;
 use crate::holder::{summarize, Classified, HolderClass, HolderSummary, UnknownHolder};
-use crate::observation::Observation;
+use crate::observation::{Filter, Observation};
 
 /// How many processes and pods "stale by holder" names.
 pub const TOP_HOLDERS: usize = 5;
 
-/// The selected rows' "stale by holder", once the holder pass ran.
-pub fn stale_by_holder(o: &Observation, rows: &[Row]) -> Option<HolderSummary> {
-    o.holders.as_ref()?;
-    Some(summarize(rows.iter().filter_map(|r| r.holder), TOP_HOLDERS))
+/// The selected stale entries' "stale by holder", once the holder pass ran.
+pub fn stale_by_holder(o: &Observation, filter: &Filter) -> Option<HolderSummary> {
+    let selected = o
+        .holders
+        .as_ref()?
+        .diagnosed
+        .iter()
+        .filter(|&&(at, _)| o.entries.get(at).is_some_and(|e| filter.selects(e)))
+        .map(|(_, d)| d);
+    Some(summarize(selected, TOP_HOLDERS))
 }
 
 /// "Stale by holder": counts per class, the top processes and pods.

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use serde::ser::SerializeStruct;
 use serde::Serialize;
 
-use super::{selected, stale_by_holder, warm, write_rows, MapSource, Row, Summary, ROWS_PER_CHUNK};
+use super::{select, warm, write_rows, MapSource, Row, Selection, Summary, ROWS_PER_CHUNK};
 use crate::holder::{
     Classified, Diagnosis, Holder, HolderClass, HolderProcess, HolderSummary, ScanInfo, ScanMethod,
     UnknownHolder,
@@ -315,13 +315,17 @@ impl Serialize for JsonEntries<'_> {
 }
 
 pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -> AuditJson<'a> {
-    let rows = selected(o, filter);
+    let Selection {
+        rows,
+        summary,
+        by_holder,
+    } = select(o, filter);
     let search = o.holders.as_ref().and_then(|h| h.scan.as_ref());
     AuditJson {
         map: source.clone(),
         inventory: JsonInventory::of(o),
-        summary: Summary::of(rows.iter().map(|r| r.entry)),
-        stale_by_holder: stale_by_holder(o, &rows).map(|s| JsonStaleByHolder::of(s, search)),
+        summary,
+        stale_by_holder: by_holder.map(|s| JsonStaleByHolder::of(s, search)),
         entries: JsonEntries(rows),
     }
 }
@@ -762,8 +766,8 @@ mod tests {
     }
 
     #[test]
-    fn filter_narrows_entries_and_summary() {
-        let o = observation();
+    fn filter_narrows_entries_summary_and_holders() {
+        let o = diagnosed();
         let filter = Filter {
             local: Some("10.0.2.2".parse().expect("ip")),
             remote: None,
@@ -771,6 +775,12 @@ mod tests {
         let j = audit_json(&source(), &o, &filter);
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.summary.stale, 1);
+        let by_holder = j.stale_by_holder.expect("diagnosed");
+        assert_eq!(
+            by_holder.by_class.into_iter().collect::<Vec<_>>(),
+            [("app-keeps-fd", 1)]
+        );
+        assert_eq!(by_holder.top_processes[0].entries, 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 
 use serde::Serialize;
 
-use crate::holder::Diagnosis;
+use crate::holder::{Diagnosis, HolderSummary};
 use crate::key::KEY_LEN;
 use crate::observation::{Filter, Judged, Observation};
 use crate::verdict::Verdict;
@@ -87,8 +87,40 @@ pub struct Row<'a> {
     pub holder: Option<&'a Diagnosis>,
 }
 
+/// What a report shows of an observation: the selected rows, their summary and "stale by
+/// holder".
+#[derive(Debug)]
+pub struct Selection<'a> {
+    /// In the report's order ([`selected`]).
+    pub rows: Vec<Row<'a>>,
+    pub summary: Summary,
+    /// Once the holder pass ran.
+    pub by_holder: Option<HolderSummary>,
+}
+
+/// The entries an operator asked about ([`Filter`]), with their counts. These are counted on
+/// a second thread while this one puts the rows in order: neither needs the other, and on a
+/// full map the counts took ~5 ms and the order ~8 ms, one core idle.
+pub fn select<'a>(o: &'a Observation, filter: &Filter) -> Selection<'a> {
+    std::thread::scope(|scope| {
+        let counts = scope.spawn(|| {
+            let summary = Summary::of(o.entries.iter().filter(|e| filter.selects(e)));
+            (summary, stale_by_holder(o, filter))
+        });
+        let rows = selected(o, filter);
+        let (summary, by_holder) = counts
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Selection {
+            rows,
+            summary,
+            by_holder,
+        }
+    })
+}
+
 /// The entries an operator asked about, in a stable order: stale first, then by key.
-pub fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<Row<'a>> {
+fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<Row<'a>> {
     let chosen: Vec<(usize, &Judged)> = o
         .entries
         .iter()

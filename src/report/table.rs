@@ -6,8 +6,8 @@ use std::io;
 use std::net::IpAddr;
 
 use super::{
-    holder_lines, holder_reasons, selected, stale_by_holder, warm, write_rows, MapSource, Row,
-    Summary, ROWS_PER_CHUNK,
+    holder_lines, holder_reasons, select, warm, write_rows, MapSource, Row, Selection, Summary,
+    ROWS_PER_CHUNK,
 };
 use crate::holder::ScanMethod;
 use crate::observation::{Filter, Observation};
@@ -114,7 +114,11 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
     o: &Observation,
     filter: &Filter,
 ) -> io::Result<()> {
-    let rows = selected(o, filter);
+    let Selection {
+        rows,
+        summary,
+        by_holder,
+    } = select(o, filter);
     out.write_all(header(source, o).as_bytes())?;
     if !filter.is_empty() {
         writeln!(
@@ -137,10 +141,9 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         }
         Ok(())
     })?;
-    let summary = Summary::of(rows.iter().map(|r| r.entry));
     writeln!(out)?;
     out.write_all(summary_lines(&summary).as_bytes())?;
-    if let Some(by_holder) = stale_by_holder(o, &rows) {
+    if let Some(by_holder) = by_holder {
         out.write_all(holder_lines(&by_holder).as_bytes())?;
         writeln!(out, "why, and what to do:")?;
         for c in holder_reasons(&rows) {
