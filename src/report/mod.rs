@@ -128,9 +128,25 @@ fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<Row<'a>> {
         .filter(|(_, e)| filter.selects(e))
         .collect();
     let varying = varying_bytes(chosen.iter().map(|&(_, e)| e));
-    let mut v: Vec<(SortKey, usize)> = chosen
+    // The fewer words a key takes, the less the sort moves: a node's keys differ in a few
+    // address bytes and the ports (a full map of the bench's: 8 bytes, two words).
+    match (1 + varying.len()).div_ceil(8) {
+        0 | 1 => in_order::<1>(o, chosen, &varying),
+        2 => in_order::<2>(o, chosen, &varying),
+        3 => in_order::<3>(o, chosen, &varying),
+        _ => in_order::<6>(o, chosen, &varying),
+    }
+}
+
+/// `chosen` as rows, sorted on `WORDS`-word keys ([`sort_key`]).
+fn in_order<'a, const WORDS: usize>(
+    o: &'a Observation,
+    chosen: Vec<(usize, &'a Judged)>,
+    varying: &[usize],
+) -> Vec<Row<'a>> {
+    let mut v: Vec<([u64; WORDS], usize)> = chosen
         .into_iter()
-        .map(|(at, e)| (sort_key(e, &varying), at))
+        .map(|(at, e)| (sort_key(e, varying), at))
         .collect();
     // Keys are unique, so an unstable sort gives the same order.
     v.sort_unstable_by_key(|&(key, _)| key);
@@ -140,7 +156,7 @@ fn selected<'a>(o: &'a Observation, filter: &Filter) -> Vec<Row<'a>> {
             entry: &o.entries[at],
             // Only stale entries have one, so the others are not looked up.
             holder: holders
-                .filter(|_| rank(&key) == STALE_RANK)
+                .filter(|_| rank(key[0]) == STALE_RANK)
                 .and_then(|h| h.at(at)),
         })
         .collect()
@@ -244,27 +260,21 @@ fn warm(rows: &[Row]) {
 
 /// An entry's place in the report, (verdict rank, the key's `varying` bytes), as big-endian
 /// words: they compare as the bytes do, with no pointer to follow and no byte loop per
-/// comparison (a full map's sort was a twentieth of the audit).
-type SortKey = [u64; 6];
-
-fn sort_key(e: &Judged, varying: &[usize]) -> SortKey {
-    let mut bytes = [0u8; 48];
-    bytes[0] = verdict_rank(&e.verdict);
-    for (slot, &at) in bytes[1..].iter_mut().zip(varying) {
-        *slot = e.raw.0[at];
-    }
-    let mut key = [0u64; 6];
-    for (word, chunk) in key.iter_mut().zip(bytes.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        *word = u64::from_be_bytes(b);
+/// comparison (a full map's sort was a twentieth of the audit). The bytes that do not fit
+/// `WORDS` words are left out: the caller gives enough.
+fn sort_key<const WORDS: usize>(e: &Judged, varying: &[usize]) -> [u64; WORDS] {
+    let mut key = [0u64; WORDS];
+    let bytes =
+        std::iter::once(verdict_rank(&e.verdict)).chain(varying.iter().map(|&at| e.raw.0[at]));
+    for (n, byte) in bytes.take(WORDS * 8).enumerate() {
+        key[n / 8] |= u64::from(byte) << (8 * (7 - n % 8));
     }
     key
 }
 
-/// The verdict rank a sort key starts with.
-fn rank(key: &SortKey) -> u8 {
-    key[0].to_be_bytes()[0]
+/// The verdict rank a sort key's first word starts with.
+fn rank(first: u64) -> u8 {
+    first.to_be_bytes()[0]
 }
 
 const STALE_RANK: u8 = 0;
@@ -412,39 +422,56 @@ mod tests {
     fn entries_are_selected_stale_first_then_by_key_bytes() {
         use crate::key::RawKey;
         use crate::verdict::{LiveReason, UnknownReason};
-        let mut o = observation();
         let verdicts = [
             Verdict::Live(LiveReason::HeldIsOwner),
             Verdict::Stale(crate::verdict::StaleReason::HeldClosed),
             Verdict::Unknown(UnknownReason::NotJudged),
         ];
-        for (i, at) in [0, 6, 7, 8, 31, 39, 43].into_iter().enumerate() {
-            for (j, verdict) in verdicts.iter().enumerate() {
-                for byte in [0x01, 0x80, 0xff] {
-                    let mut raw = [0x10u8; 44];
-                    raw[at] = byte;
-                    raw[43 - at] ^= u8::try_from(i * 3 + j).expect("small");
-                    o.entries.push(Judged {
-                        raw: RawKey(raw),
-                        held: None,
-                        verdict: verdict.clone(),
-                    });
+        // Keys that differ in 2, 12, 20 and 44 bytes: sort keys of one, two, three and six
+        // words; the last with the fixture's entries too.
+        let positions: [(Vec<usize>, bool); 5] = [
+            (vec![43], false),
+            ((0..6).collect(), false),
+            ((0..10).collect(), false),
+            ((0..22).collect(), false),
+            (vec![0, 6, 7, 8, 31, 39, 43], true),
+        ];
+        for (positions, with_fixture) in positions {
+            let mut o = observation();
+            if !with_fixture {
+                o.entries.clear();
+            }
+            for (i, &at) in positions.iter().enumerate() {
+                for (j, verdict) in verdicts.iter().enumerate() {
+                    // Twins that differ only in the mirrored byte, the key's last ones.
+                    let bytes = [0x01, 0x80, 0xff].into_iter();
+                    for (byte, twin) in bytes.flat_map(|b| [(b, 0), (b, 0x40)]) {
+                        let mut raw = [0x10u8; 44];
+                        raw[at] = byte;
+                        raw[43 - at] ^= u8::try_from(i * 3 + j).expect("small") ^ twin;
+                        o.entries.push(Judged {
+                            raw: RawKey(raw),
+                            held: None,
+                            verdict: verdict.clone(),
+                        });
+                    }
                 }
             }
+            let order = |v: Vec<Row>| v.iter().map(|r| r.entry.raw).collect::<Vec<_>>();
+            let mut want: Vec<&Judged> = o.entries.iter().collect();
+            want.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
+            want.dedup_by_key(|e| e.raw);
+            assert_eq!(want.len(), o.entries.len(), "the test's keys are unique");
+            let want = want.into_iter().map(|entry| Row {
+                entry,
+                holder: None,
+            });
+            assert_eq!(
+                order(selected(&o, &Filter::default())),
+                order(want.collect()),
+                "{positions:?}"
+            );
         }
-        let order = |v: Vec<Row>| v.iter().map(|r| r.entry.raw).collect::<Vec<_>>();
-        let mut want: Vec<&Judged> = o.entries.iter().collect();
-        want.sort_by_key(|e| (verdict_rank(&e.verdict), e.raw));
-        want.dedup_by_key(|e| e.raw);
-        assert_eq!(want.len(), o.entries.len(), "the test's keys are unique");
-        let want = want.into_iter().map(|entry| Row {
-            entry,
-            holder: None,
-        });
-        assert_eq!(
-            order(selected(&o, &Filter::default())),
-            order(want.collect())
-        );
     }
 
     #[test]
