@@ -337,10 +337,10 @@ impl Metrics {
         // not see (it did not run) count as holder-unknown.
         let mut held_by: HashMap<HolderClass, i64> = HashMap::new();
         let diagnosed = r.second.holders.as_ref().map_or(0, |h| {
-            for d in h.by_key.values() {
+            for d in h.diagnoses() {
                 *held_by.entry(d.class()).or_default() += 1;
             }
-            h.by_key.len()
+            h.diagnosed.len()
         });
         *held_by.entry(HolderClass::HolderUnknown).or_default() +=
             summary.stale.saturating_sub(diagnosed) as i64;

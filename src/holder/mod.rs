@@ -17,7 +17,6 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::identity::HeldSocket;
-use crate::key::RawKey;
 use crate::observation::Observation;
 
 pub use class::{classify, Classified, HolderClass, Search, SocketFacts, UnknownHolder};
@@ -60,17 +59,16 @@ pub struct Diagnosis {
 
 impl Diagnosis {
     /// The entry whose socket the kernel described as `socket` (`None` without identity),
-    /// given the holder scan (`None` when it did not run).
-    pub fn of(socket: Option<SocketFacts>, scan: Option<&HolderScan>) -> Diagnosis {
-        let holders = match (socket, scan) {
-            (Some(s), Some(scan)) if s.inode != 0 => {
-                scan.holders.get(&s.inode).cloned().unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
+    /// given how the holder scan went (`None`: it did not run) and the holders it found for
+    /// the socket's inode.
+    pub fn of(
+        socket: Option<SocketFacts>,
+        scan: Option<&ScanInfo>,
+        holders: Vec<Holder>,
+    ) -> Diagnosis {
         let search = match scan {
             _ if !holders.is_empty() => Search::Found,
-            Some(scan) if scan.info.complete => Search::NoneFound,
+            Some(scan) if scan.complete => Search::NoneFound,
             _ => Search::Incomplete,
         };
         let classified = classify(socket, search);
@@ -109,16 +107,29 @@ pub fn facts(h: &HeldSocket) -> SocketFacts {
 /// Who keeps each stale entry of one observation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaleHolders {
-    /// One per stale entry.
-    pub by_key: HashMap<RawKey, Diagnosis>,
+    /// One per stale entry, as (the entry's index in [`Observation::entries`], its
+    /// diagnosis), in that order; [`diagnose`] runs on entries that stay as they are. By
+    /// index, not by key: a report finds each stale row's as it selects the rows, with no
+    /// 44-byte key hashed (it was, three times per stale row).
+    pub diagnosed: Vec<(usize, Diagnosis)>,
     /// How the holders were searched; `None` when no stale socket had a file to search for
     /// (identity off, or only accept-queue and orphaned sockets).
     pub scan: Option<ScanInfo>,
 }
 
 impl StaleHolders {
-    pub fn of(&self, raw: &RawKey) -> Option<&Diagnosis> {
-        self.by_key.get(raw)
+    /// The diagnosis of the entry at `index` in the observation's entries.
+    pub fn at(&self, index: usize) -> Option<&Diagnosis> {
+        let i = self
+            .diagnosed
+            .binary_search_by_key(&index, |&(at, _)| at)
+            .ok()?;
+        Some(&self.diagnosed[i].1)
+    }
+
+    /// Every stale entry's diagnosis.
+    pub fn diagnoses(&self) -> impl Iterator<Item = &Diagnosis> {
+        self.diagnosed.iter().map(|(_, d)| d)
     }
 }
 
@@ -127,9 +138,15 @@ impl StaleHolders {
 pub fn wanted(stale: impl IntoIterator<Item = SocketFacts>) -> HashSet<u64> {
     stale
         .into_iter()
-        .filter(|f| f.inode != 0 && !f.orphaned)
+        .filter(searched)
         .map(|f| f.inode)
         .collect()
+}
+
+/// Whether the holders of the socket described by `f` are searched: a file refers to it, and
+/// its application did not close it.
+fn searched(f: &SocketFacts) -> bool {
+    f.inode != 0 && !f.orphaned
 }
 
 /// A holder scan made before the verdicts were final: with identity, the iterator's read
@@ -151,24 +168,40 @@ pub fn diagnose(o: &mut Observation, source: &mut HolderSource) {
 /// [`diagnose`], with the scan `early` when it searched for every inode wanted now (else a
 /// scan of its own, as [`diagnose`] makes).
 pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Option<EarlyScan>) {
-    let stale: Vec<(RawKey, Option<SocketFacts>)> = o
+    let stale: Vec<(usize, Option<SocketFacts>)> = o
         .entries
         .iter()
-        .filter(|e| e.verdict.is_stale())
-        .map(|e| (e.raw, e.held.as_ref().map(facts)))
+        .enumerate()
+        .filter(|(_, e)| e.verdict.is_stale())
+        .map(|(at, e)| (at, e.held.as_ref().map(facts)))
         .collect();
     if stale.is_empty() {
         o.holders = None;
         return;
     }
     let wanted = wanted(stale.iter().filter_map(|(_, f)| *f));
-    let scan = (!wanted.is_empty()).then(|| match early {
+    let mut scan = (!wanted.is_empty()).then(|| match early {
         Some(early) if wanted.is_subset(&early.wanted) => early.scan,
         _ => source.scan(&wanted),
     });
-    let by_key = stale
+    // An inode is usually one stale entry's: its holders then move into that entry's
+    // diagnosis instead of being copied (on a full map, copying was most of this step).
+    let one_each = stale
+        .iter()
+        .filter(|(_, f)| f.is_some_and(|f| searched(&f)))
+        .count()
+        == wanted.len();
+    let diagnosed = stale
         .into_iter()
-        .map(|(raw, f)| (raw, Diagnosis::of(f, scan.as_ref())))
+        .map(|(at, f)| {
+            let holders = match (f, scan.as_mut()) {
+                (Some(f), Some(scan)) if searched(&f) && one_each => scan.holders.remove(&f.inode),
+                (Some(f), Some(scan)) if searched(&f) => scan.holders.get(&f.inode).cloned(),
+                _ => None,
+            };
+            let info = scan.as_ref().map(|s| &s.info);
+            (at, Diagnosis::of(f, info, holders.unwrap_or_default()))
+        })
         .collect();
     if let Some(info) = scan.as_ref().map(|s| &s.info) {
         tracing::debug!(
@@ -180,7 +213,7 @@ pub fn diagnose_with(o: &mut Observation, source: &mut HolderSource, early: Opti
         );
     }
     o.holders = Some(StaleHolders {
-        by_key,
+        diagnosed,
         scan: scan.map(|s| s.info),
     });
 }
@@ -348,20 +381,27 @@ mod tests {
             (facts(0, true), None, KernelOrphan, None, 0),
             (None, Some(&full), HolderUnknown, Some(NoIdentity), 0),
         ];
+        let of = |socket: Option<SocketFacts>, scan: Option<&HolderScan>| {
+            let found = socket
+                .zip(scan)
+                .and_then(|(s, scan)| scan.holders.get(&s.inode));
+            Diagnosis::of(
+                socket,
+                scan.map(|s| &s.info),
+                found.cloned().unwrap_or_default(),
+            )
+        };
         for (socket, scan, class, unknown, holders) in table {
-            let d = Diagnosis::of(socket, scan);
+            let d = of(socket, scan);
             assert_eq!(
                 (d.classified, d.holders.len()),
                 (Classified { class, unknown }, holders),
                 "{socket:?}"
             );
         }
-        let d = Diagnosis::of(facts(10, false), Some(&full));
+        let d = of(facts(10, false), Some(&full));
         assert_eq!(d.column(), "pid 4242 nginx, pod 7c1e3f4a…");
-        assert_eq!(
-            Diagnosis::of(facts(0, false), None).column(),
-            "accept-queue"
-        );
+        assert_eq!(of(facts(0, false), None).column(), "accept-queue");
     }
 
     #[test]

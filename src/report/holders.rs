@@ -3,18 +3,23 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 
-use super::diagnosis;
+use super::Row;
 use crate::holder::{summarize, Classified, HolderClass, HolderSummary, UnknownHolder};
-use crate::observation::{Judged, Observation};
+use crate::observation::{Filter, Observation};
 
 /// How many processes and pods "stale by holder" names.
 pub const TOP_HOLDERS: usize = 5;
 
-/// The selected entries' "stale by holder", once the holder pass ran.
-pub fn stale_by_holder(o: &Observation, entries: &[&Judged]) -> Option<HolderSummary> {
-    o.holders.as_ref()?;
-    let diagnoses = entries.iter().filter_map(|e| diagnosis(o, e));
-    Some(summarize(diagnoses, TOP_HOLDERS))
+/// The selected stale entries' "stale by holder", once the holder pass ran.
+pub fn stale_by_holder(o: &Observation, filter: &Filter) -> Option<HolderSummary> {
+    let selected = o
+        .holders
+        .as_ref()?
+        .diagnosed
+        .iter()
+        .filter(|&&(at, _)| o.entries.get(at).is_some_and(|e| filter.selects(e)))
+        .map(|(_, d)| d);
+    Some(summarize(selected, TOP_HOLDERS))
 }
 
 /// "Stale by holder": counts per class, the top processes and pods.
@@ -38,11 +43,11 @@ pub fn holder_lines(s: &HolderSummary) -> String {
     out
 }
 
-/// The holder classes of the selected stale entries, each once: their facts and fixes.
-pub fn holder_reasons(o: &Observation, entries: &[&Judged]) -> Vec<Classified> {
-    let present: HashSet<Classified> = entries
+/// The holder classes of the selected stale rows, each once: their facts and fixes.
+pub fn holder_reasons(rows: &[Row]) -> Vec<Classified> {
+    let present: HashSet<Classified> = rows
         .iter()
-        .filter_map(|e| diagnosis(o, e))
+        .filter_map(|r| r.holder)
         .map(|d| d.classified)
         .collect();
     let mut out: Vec<Classified> = present.into_iter().collect();

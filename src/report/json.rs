@@ -9,33 +9,27 @@ use std::net::{SocketAddr, SocketAddrV4};
 use serde::ser::SerializeStruct;
 use serde::Serialize;
 
-use super::{diagnosis, selected, stale_by_holder, MapSource, Summary};
+use super::{select, warm, write_rows, MapSource, Row, Selection, Summary, ROWS_PER_CHUNK};
 use crate::holder::{
     Classified, Diagnosis, Holder, HolderClass, HolderProcess, HolderSummary, ScanInfo, ScanMethod,
     UnknownHolder,
 };
 use crate::identity::HeldSocket;
 use crate::key::Family;
-use crate::observation::{Filter, Judged, Observation};
+use crate::observation::{Filter, Observation};
 use crate::socket::TcpState;
 use crate::verdict::Verdict;
 
-/// One entry as JSON, serialized straight from the judged entry: a full map writes 65,535
-/// of them, and a String per field made that a third of the audit. Its fields, in order:
+/// A row as one entry of the JSON, serialized straight from the judged entry: a full map
+/// writes 65,535 of them, and a String per field made that a third of the audit. Its
+/// fields, in order:
 ///
 /// - `key`: the raw 44 bytes as 88 lowercase hex characters;
 /// - `family`, `local`, `remote`: the decoded key (`null` when it does not decode);
 /// - `verdict`, `reason`, `reason_code`;
 /// - `socket`: the socket the entry holds, when identity is on ([`JsonSocket`]);
 /// - `holder`: who keeps the socket of a stale entry ([`JsonHolder`]).
-#[derive(Debug, Clone, Copy)]
-pub struct JsonEntry<'a> {
-    pub entry: &'a Judged,
-    /// Its holder diagnosis, when it has one (stale entries, after the holder pass).
-    pub holder: Option<&'a Diagnosis>,
-}
-
-impl Serialize for JsonEntry<'_> {
+impl Serialize for Row<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let e = self.entry;
         let key = e.key().ok();
@@ -299,10 +293,10 @@ impl JsonStaleByHolder {
     }
 }
 
-/// The selected entries, each turned into a [`JsonEntry`] only as it is written: a full
-/// map's entries as JSON values would take several times the memory of the entries.
+/// The selected rows, each serialized only as it is written: a full map's entries as JSON
+/// values would take several times the memory of the entries.
 #[derive(Debug)]
-pub struct JsonEntries<'a>(Vec<&'a Judged>, &'a Observation);
+pub struct JsonEntries<'a>(Vec<Row<'a>>);
 
 impl JsonEntries<'_> {
     pub fn len(&self) -> usize {
@@ -316,22 +310,23 @@ impl JsonEntries<'_> {
 
 impl Serialize for JsonEntries<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|e| JsonEntry {
-            entry: e,
-            holder: diagnosis(self.1, e),
-        }))
+        serializer.collect_seq(&self.0)
     }
 }
 
 pub fn audit_json<'a>(source: &MapSource, o: &'a Observation, filter: &Filter) -> AuditJson<'a> {
-    let entries = selected(o, filter);
+    let Selection {
+        rows,
+        summary,
+        by_holder,
+    } = select(o, filter);
     let search = o.holders.as_ref().and_then(|h| h.scan.as_ref());
     AuditJson {
         map: source.clone(),
         inventory: JsonInventory::of(o),
-        summary: Summary::of(entries.iter().copied()),
-        stale_by_holder: stale_by_holder(o, &entries).map(|s| JsonStaleByHolder::of(s, search)),
-        entries: JsonEntries(entries, o),
+        summary,
+        stale_by_holder: by_holder.map(|s| JsonStaleByHolder::of(s, search)),
+        entries: JsonEntries(rows),
     }
 }
 
@@ -345,17 +340,37 @@ pub fn write_audit_json<W: io::Write + ?Sized>(
     o: &Observation,
     filter: &Filter,
 ) -> io::Result<()> {
+    write_audit_json_chunked(out, source, o, filter, ROWS_PER_CHUNK)
+}
+
+/// [`write_audit_json`], the entries written `per_chunk` at a time ([`write_rows`]).
+fn write_audit_json_chunked<W: io::Write + ?Sized>(
+    out: &mut W,
+    source: &MapSource,
+    o: &Observation,
+    filter: &Filter,
+    per_chunk: usize,
+) -> io::Result<()> {
     let json = audit_json(source, o, filter);
     out.write_all(b"{\n  \"map\": ")?;
     write_nested(out, &json.map, 1)?;
     out.write_all(b",\n  \"inventory\": ")?;
     write_nested(out, &json.inventory, 1)?;
     out.write_all(b",\n  \"entries\": [")?;
-    let mut repeated = Repeated::default();
-    for (i, e) in json.entries.0.iter().enumerate() {
-        out.write_all(if i == 0 { b"\n    " } else { b",\n    " })?;
-        write_entry(out, e, diagnosis(o, e), &mut repeated)?;
-    }
+    write_rows(out, &json.entries.0, per_chunk, |out, first, rows| {
+        warm(rows);
+        // Each chunk keeps its own: they are written apart.
+        let mut repeated = Repeated::default();
+        for (i, row) in rows.iter().enumerate() {
+            out.extend_from_slice(if first + i == 0 {
+                b"\n    "
+            } else {
+                b",\n    "
+            });
+            write_entry(out, row, &mut repeated)?;
+        }
+        Ok(())
+    })?;
     out.write_all(if json.entries.is_empty() {
         b"]"
     } else {
@@ -467,13 +482,13 @@ fn write_holder_head(head: &mut Vec<u8>, classified: Classified) -> serde_json::
     Ok(())
 }
 
-/// One [`JsonEntry`] two levels deep, as serde_json pretty-prints it.
+/// One [`Row`] two levels deep, as serde_json pretty-prints it.
 fn write_entry<'a, W: io::Write + ?Sized>(
     out: &mut W,
-    e: &'a Judged,
-    holder: Option<&Diagnosis>,
+    row: &Row<'a>,
     repeated: &mut Repeated<'a>,
 ) -> io::Result<()> {
+    let e = row.entry;
     let key = e.key().ok();
     out.write_all(b"{\n      \"key\": \"")?;
     out.write_all(e.raw.hex().as_bytes())?;
@@ -520,7 +535,7 @@ fn write_entry<'a, W: io::Write + ?Sized>(
         }
         out.write_all(b"\n      }")?;
     }
-    if let Some(d) = holder {
+    if let Some(d) = row.holder {
         out.write_all(b",\n      \"holder\": ")?;
         out.write_all(repeated.holder_head.json(d.classified, write_holder_head)?)?;
         if d.holders.is_empty() {
@@ -556,6 +571,7 @@ fn write_addr<W: io::Write + ?Sized>(out: &mut W, addr: Option<SocketAddr>) -> i
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observation::Judged;
     use crate::report::fixtures::{diagnosed, observation, source};
     use crate::verdict::{StaleReason, Verdict};
 
@@ -612,18 +628,19 @@ mod tests {
         with_sockets.entries[4].verdict = Verdict::Unknown(UnknownReason::NotJudged);
         // Holders kept between rows must not leak into the next: one entry held by two
         // processes, the next of another class, with why it is unknown.
-        let by_key = &mut with_sockets.holders.as_mut().expect("diagnosed").by_key;
-        let (first, third) = (with_sockets.entries[0].raw, with_sockets.entries[3].raw);
-        let mut two = by_key[&first].holders.clone();
-        two.push(crate::holder::Holder {
+        let holders = &mut with_sockets.holders.as_mut().expect("diagnosed").diagnosed;
+        let [first, _, third] = &mut holders[..] else {
+            panic!("three stale entries");
+        };
+        assert_eq!((first.0, third.0), (0, 3), "entries 0 and 3 are stale");
+        first.1.holders.push(crate::holder::Holder {
             pid: 1,
             fd: 3,
             comm: "init \"x\"".into(),
             cgroup: None,
             pod: None,
         });
-        by_key.get_mut(&first).expect("stale").holders = two;
-        by_key.get_mut(&third).expect("stale").classified = Classified {
+        third.1.classified = Classified {
             class: crate::holder::HolderClass::HolderUnknown,
             unknown: Some(crate::holder::UnknownHolder::SearchIncomplete),
         };
@@ -646,9 +663,13 @@ mod tests {
         ] {
             let want = serde_json::to_string_pretty(&audit_json(&source(), &o, &filter))
                 .expect("serialises");
-            let mut got = Vec::new();
-            write_audit_json(&mut got, &source(), &o, &filter).expect("writes");
-            assert_eq!(String::from_utf8(got).expect("utf-8"), want);
+            // In one chunk, and in chunks of one to three rows written on two threads.
+            for per_chunk in [ROWS_PER_CHUNK, 1, 2, 3] {
+                let mut got = Vec::new();
+                write_audit_json_chunked(&mut got, &source(), &o, &filter, per_chunk)
+                    .expect("writes");
+                assert_eq!(String::from_utf8(got).expect("utf-8"), want, "{per_chunk}");
+            }
         }
     }
 
@@ -694,7 +715,7 @@ mod tests {
             }),
             verdict: Verdict::Stale(StaleReason::HeldClosed),
         };
-        let json = serde_json::to_string(&JsonEntry {
+        let json = serde_json::to_string(&Row {
             entry: &entry,
             holder: None,
         })
@@ -745,8 +766,8 @@ mod tests {
     }
 
     #[test]
-    fn filter_narrows_entries_and_summary() {
-        let o = observation();
+    fn filter_narrows_entries_summary_and_holders() {
+        let o = diagnosed();
         let filter = Filter {
             local: Some("10.0.2.2".parse().expect("ip")),
             remote: None,
@@ -754,6 +775,12 @@ mod tests {
         let j = audit_json(&source(), &o, &filter);
         assert_eq!(j.entries.len(), 1);
         assert_eq!(j.summary.stale, 1);
+        let by_holder = j.stale_by_holder.expect("diagnosed");
+        assert_eq!(
+            by_holder.by_class.into_iter().collect::<Vec<_>>(),
+            [("app-keeps-fd", 1)]
+        );
+        assert_eq!(by_holder.top_processes[0].entries, 1);
     }
 
     #[test]

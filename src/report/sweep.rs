@@ -5,10 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{header, JsonEntry, JsonInventory, MapSource};
+use super::{header, JsonInventory, MapSource, Row};
 use crate::guard::Guard;
 use crate::key::RawKey;
-use crate::observation::Judged;
 use crate::sweep::{Interrupted, SweepReport};
 
 /// One guard's line in a sweep's summary.
@@ -119,7 +118,7 @@ pub struct SweepJson<'a> {
     /// Keys deleted, as 88 hex characters.
     pub deleted: Vec<String>,
     /// Keys the guards allowed: deleted unless it was a dry run.
-    pub planned: Vec<JsonEntry<'a>>,
+    pub planned: Vec<Row<'a>>,
 }
 
 pub fn sweep_summary(r: &SweepReport) -> SweepSummary {
@@ -141,22 +140,23 @@ pub fn sweep_summary(r: &SweepReport) -> SweepSummary {
     }
 }
 
-fn planned_entries(r: &SweepReport) -> Vec<JsonEntry<'_>> {
+fn planned_entries(r: &SweepReport) -> Vec<Row<'_>> {
     let planned: HashSet<&RawKey> = r.plan.delete.iter().collect();
-    let by_key: HashMap<RawKey, &Judged> = r
+    let by_key: HashMap<RawKey, usize> = r
         .second
         .entries
         .iter()
-        .filter(|e| planned.contains(&e.raw))
-        .map(|e| (e.raw, e))
+        .enumerate()
+        .filter(|(_, e)| planned.contains(&e.raw))
+        .map(|(at, e)| (e.raw, at))
         .collect();
     r.plan
         .delete
         .iter()
         .filter_map(|k| {
-            by_key.get(k).map(|e| JsonEntry {
-                entry: e,
-                holder: r.second.holders.as_ref().and_then(|h| h.of(k)),
+            by_key.get(k).map(|&at| Row {
+                entry: &r.second.entries[at],
+                holder: r.second.holders.as_ref().and_then(|h| h.at(at)),
             })
         })
         .collect()

@@ -6,7 +6,8 @@ use std::io;
 use std::net::IpAddr;
 
 use super::{
-    diagnosis, holder_lines, holder_reasons, selected, stale_by_holder, MapSource, Summary,
+    holder_lines, holder_reasons, select, warm, write_rows, MapSource, Row, Selection, Summary,
+    ROWS_PER_CHUNK,
 };
 use crate::holder::ScanMethod;
 use crate::observation::{Filter, Observation};
@@ -113,7 +114,11 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
     o: &Observation,
     filter: &Filter,
 ) -> io::Result<()> {
-    let entries = selected(o, filter);
+    let Selection {
+        rows,
+        summary,
+        by_holder,
+    } = select(o, filter);
     out.write_all(header(source, o).as_bytes())?;
     if !filter.is_empty() {
         writeln!(
@@ -129,44 +134,27 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} REASON",
         "VERDICT", "FAMILY", "LOCAL (held socket)", "REMOTE", "HOLDER"
     )?;
-    for e in &entries {
-        // Written through the formatter, with no String per field: a full map is 65,535 rows
-        // (only a stale entry's holder is a String: they are few).
-        let holder = diagnosis(o, e).map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
-        match e.key() {
-            Ok(k) => writeln!(
-                out,
-                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
-                e.verdict.label(),
-                k.family,
-                k.local,
-                k.remote,
-                holder,
-                e.verdict
-            )?,
-            Err(_) => writeln!(
-                out,
-                "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
-                e.verdict.label(),
-                "?",
-                "-",
-                "-",
-                holder,
-                e.verdict
-            )?,
+    write_rows(out, &rows, ROWS_PER_CHUNK, |out, _, rows| {
+        warm(rows);
+        for row in rows {
+            write_row(out, row)?;
         }
-    }
-    let summary = Summary::of(entries.iter().copied());
+        Ok(())
+    })?;
     writeln!(out)?;
     out.write_all(summary_lines(&summary).as_bytes())?;
-    if let Some(by_holder) = stale_by_holder(o, &entries) {
+    if let Some(by_holder) = by_holder {
         out.write_all(holder_lines(&by_holder).as_bytes())?;
         writeln!(out, "why, and what to do:")?;
-        for c in holder_reasons(o, &entries) {
+        for c in holder_reasons(&rows) {
             writeln!(out, "  {}", c.reason())?;
         }
     }
-    let mut stale = entries.iter().filter(|e| e.verdict.is_stale()).peekable();
+    let mut stale = rows
+        .iter()
+        .map(|r| r.entry)
+        .filter(|e| e.verdict.is_stale())
+        .peekable();
     if stale.peek().is_some() {
         writeln!(
             out,
@@ -177,6 +165,37 @@ pub fn write_audit_table<W: io::Write + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// One row of the table. Written through the formatter, with no String per field: a full
+/// map is 65,535 rows (only a stale entry's holder is a String: they are few).
+fn write_row<W: io::Write + ?Sized>(out: &mut W, row: &Row) -> io::Result<()> {
+    let e = row.entry;
+    let holder = row
+        .holder
+        .map_or(Cow::Borrowed("-"), |d| Cow::Owned(d.column()));
+    match e.key() {
+        Ok(k) => writeln!(
+            out,
+            "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
+            e.verdict.label(),
+            k.family,
+            k.local,
+            k.remote,
+            holder,
+            e.verdict
+        ),
+        Err(_) => writeln!(
+            out,
+            "{:<8} {:<6} {:<45} {:<45} {:<HOLDER_WIDTH$} {}",
+            e.verdict.label(),
+            "?",
+            "-",
+            "-",
+            holder,
+            e.verdict
+        ),
+    }
 }
 
 /// The holder column's width: `pid 4242 nginx, pod 7c1e3f4a… ctr 0123456789ab…` fits.

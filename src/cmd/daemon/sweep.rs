@@ -10,7 +10,7 @@ use sd_notify::NotifyState;
 
 use sockmap_gc::holder::{self, HolderSource};
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
-use sockmap_gc::observation::{Filter, Judged};
+use sockmap_gc::observation::Filter;
 use sockmap_gc::observe;
 use sockmap_gc::report::{self, Summary};
 use sockmap_gc::sweep::{self, RunError, SweepReport, SweepSettings};
@@ -164,8 +164,7 @@ fn sweep_once(
 /// One log line per sweep with stale entries naming who keeps them: the counts per holder
 /// class and the top processes and pods.
 fn holders_line(r: &SweepReport) -> Option<String> {
-    let stale: Vec<&Judged> = r.second.stale().collect();
-    let s = report::stale_by_holder(&r.second, &stale)?;
+    let s = holder::summarize(r.second.holders.as_ref()?.diagnoses(), report::TOP_HOLDERS);
     let classes: Vec<String> = s.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
     let mut line = format!("stale by holder: {}", classes.join(", "));
     if !s.top_processes.is_empty() {
