@@ -118,7 +118,7 @@ static __always_inline int sock_dead(struct sock *sk)
 {
 	if (bpf_core_field_exists(sk->__sk_common.skc_flags))
 		return (sk->__sk_common.skc_flags >> SOCK_DEAD) & 1;
-	return (((struct sock___old *)sk)->sk_flags >> SOCK_DEAD) & 1;
+	return (sk->sk_flags >> SOCK_DEAD) & 1;
 }
 
 /* The inode of the file that refers to the socket; 0 when no struct socket or no file does.

@@ -94,7 +94,7 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
-	/* Moved here from struct sock in recent kernels (6.18 has it here); see sock___old. */
+	/* Moved here from struct sock's sk_flags in recent kernels (6.18 has it here). */
 	unsigned long skc_flags;
 };
 
@@ -107,11 +107,8 @@ struct sock {
 	void *sk_user_data;
 	/* Since 6.17 ("net: lockless sock_i_ino()"): SOCK_INODE(sk_socket)->i_ino, cached. */
 	unsigned long sk_ino;
-};
-
-/* Kernels whose flags (SOCK_DEAD ...) still live in struct sock; the ___ suffix names a
- * flavour of struct sock for CO-RE, matched by the part before it. */
-struct sock___old {
+	/* Before skc_flags: the flags were struct sock's own. A field of struct sock, not of a
+	 * flavour type, so that libbpf searches the kernel's BTF for one type less. */
 	unsigned long sk_flags;
 };
 
