@@ -160,14 +160,15 @@ fn parse_records(bytes: &[u8]) -> Result<Vec<HolderRecord>, String> {
         .collect())
 }
 
-/// Lowers the calling thread's priority (nice 10) so that it runs on what the map's read
-/// leaves of the cores. Best effort: a refusal only leaves it as it was.
+/// Lowers the calling thread's priority by 10 nice levels (at most to 19) so that it runs on
+/// what the map's read leaves of the cores. Best effort: a refusal only leaves it as it was.
 fn yield_to_the_read() {
-    // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and the caller's own
-    // thread id changes only that thread's nice value.
+    // SAFETY: gettid has no preconditions; getpriority and setpriority with PRIO_PROCESS and
+    // the caller's own thread id read and change only that thread's nice value.
     unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid.unsigned_abs(), 10);
+        let tid = libc::gettid().unsigned_abs();
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice.saturating_add(10).min(19));
     }
 }
 
