@@ -23,6 +23,7 @@ pub mod events;
 pub mod guard;
 pub mod holder;
 pub mod identity;
+pub mod ifaddr;
 pub mod key;
 pub mod lookup;
 pub mod map;

@@ -17,6 +17,7 @@ use netlink_packet_sock_diag::SOCK_DIAG_BY_FAMILY;
 use netlink_sys::Socket;
 
 use crate::diag::{Inventory, Sink};
+use crate::ifaddr;
 use crate::netlink::{self, NetlinkError, EXACT_REQUEST_LEN};
 use crate::netns::{self, discover, Netns, NetnsError, NetnsId, WalkError};
 use crate::socket::{unmap, LiveSocket, Tuple};
@@ -46,8 +47,6 @@ pub enum LookupError {
         remote: SocketAddr,
         errno: i32,
     },
-    #[error("cannot list the namespace's addresses (getifaddrs): {0}")]
-    Addresses(nix::Error),
 }
 
 /// Which tuples to look up, and where. Tuples are filed by id and produced by the caller's
@@ -177,17 +176,7 @@ pub fn lookup_node(
 
 /// The addresses on the calling thread's namespace's interfaces.
 fn local_addresses() -> Result<HashSet<IpAddr>, LookupError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(LookupError::Addresses)?;
-    Ok(addrs
-        .filter_map(|a| {
-            let addr = a.address?;
-            match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
-                (None, Some(v6)) => Some(IpAddr::V6(v6.ip())),
-                _ => None,
-            }
-        })
-        .collect())
+    Ok(ifaddr::ips()?)
 }
 
 /// Looks up `tuples` in the calling thread's namespace; returns the sockets found.

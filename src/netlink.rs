@@ -58,8 +58,13 @@ pub enum NetlinkError {
 /// A sock_diag socket of the calling thread's namespace, connected to the kernel, whose
 /// receives time out after [`RECV_TIMEOUT`].
 pub(crate) fn open() -> Result<Socket, NetlinkError> {
+    open_protocol(NETLINK_SOCK_DIAG)
+}
+
+/// [`open`] for another netlink protocol (`NETLINK_ROUTE` for [`crate::ifaddr`]).
+pub(crate) fn open_protocol(protocol: isize) -> Result<Socket, NetlinkError> {
     // Created after any setns: a netlink socket belongs to the namespace it was created in.
-    let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(NetlinkError::Socket)?;
+    let socket = Socket::new(protocol).map_err(NetlinkError::Socket)?;
     // Connected to the kernel (port 0), the socket accepts datagrams from the kernel only.
     socket
         .connect(&netlink_sys::SocketAddr::new(0, 0))

@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::{entries_capacity, file_at, HeldSocket, IdentityError, IdentitySource};
+use crate::ifaddr;
 use crate::key::{RawKey, SockKey};
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
@@ -443,20 +444,7 @@ fn judge(
 /// The addresses of Cilium's `cilium_host` interface in this namespace: the A side of
 /// its L7-proxy entries. Empty when there is no such interface.
 fn cilium_host_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter(|a| a.interface_name == "cilium_host")
-        .filter_map(|a| {
-            let addr = a.address?;
-            if let Some(v4) = addr.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect()
+    ifaddr::of_interface("cilium_host").unwrap_or_default()
 }
 
 /// The gateways to judge with: `given` (`--gateway`, the config's `gateways`) when set, else

@@ -6,7 +6,7 @@
 //! thread that entered the namespace, and talks only over that namespace's loopback.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use sockmap_gc::diag::{dump_current_netns, inventory, inventory_node, DiagError};
 use sockmap_gc::lookup::{self, lookup_node, Ask, Lookups};
 use sockmap_gc::netns::{discover, Netns, NetnsId, WalkError};
+use sockmap_gc::observe;
 use sockmap_gc::socket::{LiveSocket, TcpState, Tuple};
 
 /// Runs a command that must succeed.
@@ -433,4 +434,50 @@ fn exact_lookups_find_each_tuples_owner_and_nothing_else() {
         assert_eq!(cookies(&streamed), cookies(&found), "{max_ready}");
     }
     drop((lab, own));
+}
+
+#[test]
+fn the_gateways_are_cilium_hosts_addresses_and_only_its() {
+    let ns = TestNetns::new("gateways");
+    // Without a cilium_host interface: no gateway.
+    assert_eq!(ns.enter(|| observe::gateways(&[])), Vec::<IpAddr>::new());
+    // As Cilium makes them: a veth pair, cilium_host with the gateway's addresses.
+    let n = ns.name.as_str();
+    run(&[
+        "ip",
+        "-n",
+        n,
+        "link",
+        "add",
+        "cilium_host",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "cilium_net",
+    ]);
+    for (dev, addr) in [
+        ("cilium_host", "10.213.9.1/32"),
+        ("cilium_host", "fd00:213:9::1/128"),
+        ("cilium_net", "10.213.9.2/32"),
+    ] {
+        run(&["ip", "-n", n, "link", "set", dev, "up"]);
+        run(&["ip", "-n", n, "addr", "add", "nodad", addr, "dev", dev]);
+    }
+    let found = ns.enter(|| observe::gateways(&[]));
+    let want: Vec<IpAddr> = ["10.213.9.1", "fd00:213:9::1"]
+        .iter()
+        .map(|ip| ip.parse().expect("ip"))
+        .collect();
+    // cilium_host's own, and its link-local address, as getifaddrs listed them before.
+    let link_local =
+        |ip: &IpAddr| matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    assert!(want.iter().all(|ip| found.contains(ip)), "{found:?}");
+    assert!(
+        found.iter().all(|ip| want.contains(ip) || link_local(ip)),
+        "{found:?}"
+    );
+    // Given ones win.
+    let given: Vec<IpAddr> = vec!["192.0.2.7".parse().expect("ip")];
+    assert_eq!(ns.enter(|| observe::gateways(&given)), given);
 }

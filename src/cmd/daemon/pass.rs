@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
+use sockmap_gc::clock::thread_cpu_time;
 use sockmap_gc::identity::{IdentityMode, IdentitySource};
 use sockmap_gc::observe;
 use sockmap_gc::pass::{self, PassReport, PassState};
@@ -114,7 +115,7 @@ fn pass_once(
     let mut held = identity.lock().unwrap_or_else(|e| e.into_inner());
     let source = identity_source(settings, &mut held)?;
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
-    let report = pass::pass(
+    let mut report = pass::pass(
         &map,
         source,
         &mut state,
@@ -123,6 +124,9 @@ fn pass_once(
         trail.as_mut(),
         started,
     )?;
+    // The thread is the pass's own: all its CPU, opening the map and the trail included,
+    // counts against the budget.
+    report.cpu = report.cpu.max(thread_cpu_time());
     Ok((report, map.path().to_path_buf()))
 }
 
