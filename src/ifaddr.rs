@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{NLMSG_DONE, NLMSG_ERROR};
 use netlink_sys::protocols::NETLINK_ROUTE;
 
 use crate::netlink::{self, NetlinkError};
@@ -83,13 +83,7 @@ pub fn ips() -> Result<HashSet<IpAddr>, NetlinkError> {
 
 /// The dump request: `nlmsghdr` and a zeroed `ifaddrmsg` (every family, every interface).
 fn request(seq: u32) -> Vec<u8> {
-    let len = 16 + IFADDRMSG_LEN;
-    let mut bytes = Vec::with_capacity(len);
-    bytes.extend_from_slice(&(len as u32).to_ne_bytes());
-    bytes.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
-    bytes.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    bytes.extend_from_slice(&seq.to_ne_bytes());
-    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    let mut bytes = netlink::dump_header(RTM_GETADDR, IFADDRMSG_LEN, seq);
     bytes.extend_from_slice(&[0u8; IFADDRMSG_LEN]);
     bytes
 }

@@ -278,21 +278,27 @@ pub(crate) fn read_i32(payload: &[u8]) -> Option<i32> {
 /// address lengths, extensions, a zero socket id, the state mask, `idiag_dbs`), which the
 /// kernel answers with the TCP sockets of both families.
 pub(crate) fn dump_request_both(seq: u32) -> Vec<u8> {
-    const HEADER_LEN: usize = 16;
     const REQ_LEN: usize = 4 + 48 + 4 + 4;
-    let len = HEADER_LEN + REQ_LEN;
-    let mut bytes = Vec::with_capacity(len);
-    bytes.extend_from_slice(&(len as u32).to_ne_bytes());
-    bytes.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
-    bytes.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    bytes.extend_from_slice(&seq.to_ne_bytes());
-    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    let mut bytes = dump_header(TCPDIAG_GETSOCK, REQ_LEN, seq);
     // idiag_family (ignored for a dump: the kernel uses AF_UNSPEC), src_len, dst_len, ext.
     bytes.extend_from_slice(&[AF_INET, 0, 0, 0]);
     // inet_diag_sockid: ports, addresses, interface and cookie all zero (no filter).
     bytes.extend_from_slice(&[0u8; 48]);
     // Every state bit, as below.
     bytes.extend_from_slice(&u32::MAX.to_ne_bytes());
+    bytes.extend_from_slice(&0u32.to_ne_bytes());
+    bytes
+}
+
+/// The `nlmsghdr` of a dump request of `kind` whose body, `body_len` bytes, follows it.
+pub(crate) fn dump_header(kind: u16, body_len: usize, seq: u32) -> Vec<u8> {
+    const HEADER_LEN: usize = 16;
+    let len = HEADER_LEN + body_len;
+    let mut bytes = Vec::with_capacity(len);
+    bytes.extend_from_slice(&(len as u32).to_ne_bytes());
+    bytes.extend_from_slice(&kind.to_ne_bytes());
+    bytes.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    bytes.extend_from_slice(&seq.to_ne_bytes());
     bytes.extend_from_slice(&0u32.to_ne_bytes());
     bytes
 }
