@@ -12,7 +12,7 @@ use crate::identity::HeldSocket;
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::netns::NetnsId;
 use crate::socket::TcpState;
-use crate::verdict::{HeldView, Verdict};
+use crate::verdict::{is_proxy_key, judge_held, HeldView, Verdict};
 
 /// One map entry with its decoding and verdict.
 #[derive(Debug, Clone)]
@@ -34,6 +34,20 @@ impl Judged {
     pub fn held_view(&self) -> Option<HeldView> {
         self.held.as_ref().map(held_view)
     }
+}
+
+/// An entry judged by the socket it holds alone ([`judge_held`]): its decoded key, whether it
+/// is an L7-proxy entry (its A side is one of `gateways`), and the verdict; `None` when the key
+/// does not decode. The observation and the continuous pass judge each record read so.
+pub fn judge_by_held(
+    raw: &RawKey,
+    held: &HeldSocket,
+    gateways: &[IpAddr],
+) -> Option<(SockKey, bool, Verdict)> {
+    let key = SockKey::decode(raw).ok()?;
+    let proxy = is_proxy_key(&key, gateways);
+    let verdict = judge_held(&key, &held_view(held), proxy);
+    Some((key, proxy, verdict))
 }
 
 pub fn held_view(h: &HeldSocket) -> HeldView {

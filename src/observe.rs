@@ -11,15 +11,15 @@ use crate::diag;
 use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::{entries_capacity, file_at, HeldSocket, IdentityError, IdentitySource};
 use crate::ifaddr;
-use crate::key::{RawKey, SockKey};
+use crate::key::RawKey;
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
-use crate::observation::{held_view, Judged, LookupCounts, Observation, Unreadable};
+use crate::observation::{judge_by_held, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
 use crate::verdict::{
-    classify, is_proxy_key, judge_held, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict,
+    classify, is_proxy_key, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -376,17 +376,15 @@ fn observe_then_diagnose(
 /// Stale records' lookups handed to the lookup thread at once while the map is read.
 const ASKS_PER_SEND: usize = 64;
 
-/// A record's verdict by its held socket alone ([`judge_held`]): with identity, every verdict
+/// A record's verdict by its held socket alone ([`judge_by_held`]): with identity, every verdict
 /// [`classify`] gives but the stale ones' (whose evidence may name the connection they
 /// wrong), known before any lookup; not judged when the key does not decode. With it, the
 /// lookup a stale record asks for, as [`gather_owners`] files it (none for a proxy entry:
 /// its A side is the gateway, so its tuple names no connection).
 fn judge_record(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> (Verdict, Option<Ask>) {
-    let Ok(key) = SockKey::decode(raw) else {
+    let Some((key, proxy, verdict)) = judge_by_held(raw, held, gateways) else {
         return (Verdict::Unknown(UnknownReason::NotJudged), None);
     };
-    let proxy = is_proxy_key(&key, gateways);
-    let verdict = judge_held(&key, &held_view(held), proxy);
     let ask = (verdict.is_stale() && !proxy).then(|| Ask {
         tuple: Tuple::new(key.local, key.remote),
         held_netns: held.netns_inode,

@@ -1,6 +1,6 @@
 //! The continuous pass: with identity, one read of the sockmap iterator is the whole
-//! observation. Each entry is judged on the socket it holds alone ([`judge_held`], no
-//! sock_diag), and the entries judged stale in consecutive passes at least `confirm_after`
+//! observation. Each entry is judged on the socket it holds alone
+//! ([`crate::verdict::judge_held`], no sock_diag), and the entries judged stale in consecutive passes at least `confirm_after`
 //! apart are deleted through in-kernel compare-and-delete, which re-checks the verdict. Every
 //! guard of a sweep applies: dry run, the rate limit, a cap per pass, and the map's id checked
 //! each pass.
@@ -15,11 +15,11 @@ use crate::clock::thread_cpu_time;
 use crate::deletion::{self, Settled};
 use crate::guard::{GuardSettings, Hold};
 use crate::identity::{entries_capacity, file_at, IdentitySource, Target};
-use crate::key::{RawKey, SockKey};
+use crate::key::RawKey;
 use crate::map::SockMap;
-use crate::observation::held_view;
+use crate::observation::judge_by_held;
 use crate::sweep::{log_settled, RunError, Trail, Worker};
-use crate::verdict::{is_proxy_key, judge_held, Verdict};
+use crate::verdict::Verdict;
 
 /// One entry as a pass judged it.
 #[derive(Debug, Clone)]
@@ -213,14 +213,11 @@ pub fn pass(
     let mut judged: Vec<Option<PassEntry>> = Vec::with_capacity(entries_capacity(map));
     let read = identity.read_into(map, &mut |at, raw, held| {
         // An entry whose key does not decode is never stale.
-        let entry = SockKey::decode(&raw).ok().map(|key| {
-            let proxy = is_proxy_key(&key, gateways);
-            PassEntry {
-                raw,
-                cookie: held.cookie,
-                proxy,
-                verdict: judge_held(&key, &held_view(&held), proxy),
-            }
+        let entry = judge_by_held(&raw, &held, gateways).map(|(_, proxy, verdict)| PassEntry {
+            raw,
+            cookie: held.cookie,
+            proxy,
+            verdict,
         });
         file_at(&mut judged, at, entry);
     })?;
@@ -281,6 +278,7 @@ fn delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::SockKey;
     use crate::verdict::{LiveReason, StaleReason};
     use std::num::NonZeroU32;
 
