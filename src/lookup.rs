@@ -88,6 +88,13 @@ impl<'a> Lookups<'a> {
         self.at_local_address.entry(local).or_default().push(id);
     }
 
+    /// Files `id`, whose lookup is `ask`: in the held socket's namespace and at its tuple's
+    /// local address.
+    pub fn ask(&mut self, ask: &Ask, id: usize) {
+        self.in_netns(ask.held_netns, id);
+        self.at_local_address(ask.tuple.local.ip(), id);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.in_netns.is_empty() && self.at_local_address.is_empty()
     }
@@ -335,8 +342,7 @@ pub fn lookup_streamed_within(
         let asked: Vec<Ask> = asks.iter().flatten().collect();
         let mut lookups = Lookups::new(|id| asked.get(id).map(|a| a.tuple));
         for (id, ask) in asked.iter().enumerate() {
-            lookups.in_netns(ask.held_netns, id);
-            lookups.at_local_address(ask.tuple.local.ip(), id);
+            lookups.ask(ask, id);
         }
         return lookup_node(root, &lookups, sink);
     }

@@ -18,9 +18,7 @@ use crate::netns::{self, NetnsId};
 use crate::observation::{judge_by_held, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
-use crate::verdict::{
-    classify, is_proxy_key, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict,
-};
+use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -156,13 +154,13 @@ fn gather_owners(
     };
     let mut lookups = Lookups::new(tuple_of);
     for (i, e) in stale.iter().filter_map(|&i| Some((i, entries.get(i)?))) {
-        let (Ok(key), Some(held)) = (e.key(), e.held) else {
-            continue;
-        };
-        // A proxy entry's tuple names no connection (its A side is the gateway).
-        if !is_proxy_key(&key, gateways) {
-            lookups.in_netns(held.netns_inode, i);
-            lookups.at_local_address(key.local.ip(), i);
+        // Filed as the streamed lookups are asked (none for a proxy entry).
+        if let Some(ask) = e
+            .held
+            .as_ref()
+            .and_then(|h| judge_record(&e.raw, h, gateways).1)
+        {
+            lookups.ask(&ask, i);
         }
     }
     let mut gathered = Gathered::new(proxy_rules);
@@ -379,7 +377,7 @@ const ASKS_PER_SEND: usize = 64;
 /// A record's verdict by its held socket alone ([`judge_by_held`]): with identity, every verdict
 /// [`classify`] gives but the stale ones' (whose evidence may name the connection they
 /// wrong), known before any lookup; not judged when the key does not decode. With it, the
-/// lookup a stale record asks for, as [`gather_owners`] files it (none for a proxy entry:
+/// lookup a stale record asks for, streamed or filed by [`gather_owners`] (none for a proxy entry:
 /// its A side is the gateway, so its tuple names no connection).
 fn judge_record(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> (Verdict, Option<Ask>) {
     let Some((key, proxy, verdict)) = judge_by_held(raw, held, gateways) else {
