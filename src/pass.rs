@@ -1,7 +1,8 @@
 //! The continuous pass: with identity, one read of the sockmap iterator is the whole
 //! observation. Each entry is judged on the socket it holds alone
-//! ([`crate::verdict::judge_held`], no sock_diag), and the entries judged stale in consecutive passes at least `confirm_after`
-//! apart are deleted through in-kernel compare-and-delete, which re-checks the verdict. Every
+//! ([`crate::verdict::judge_held`], no sock_diag), and the entries judged stale in
+//! consecutive passes at least `confirm_after` apart are deleted through in-kernel
+//! compare-and-delete, which re-checks the verdict. Every
 //! guard of a sweep applies: dry run, the rate limit, a cap per pass, and the map's id checked
 //! each pass.
 //!
