@@ -164,7 +164,7 @@ pub fn lookup_node(
         &namespaces,
         |ns, _buf| {
             let addresses = if by_address {
-                local_addresses()?
+                ifaddr::ips()?
             } else {
                 HashSet::new()
             };
@@ -179,11 +179,6 @@ pub fn lookup_node(
         asked: asked.into_inner(),
         unreached,
     })
-}
-
-/// The addresses on the calling thread's namespace's interfaces.
-fn local_addresses() -> Result<HashSet<IpAddr>, LookupError> {
-    Ok(ifaddr::ips()?)
 }
 
 /// Looks up `tuples` in the calling thread's namespace; returns the sockets found.
@@ -350,7 +345,7 @@ pub fn lookup_streamed_within(
     let mut at_address: HashMap<IpAddr, Vec<usize>> = HashMap::new();
     let walked = netns::walk(
         &discovery.namespaces,
-        |_, _buf| Ok::<_, LookupError>((Asker::here()?, local_addresses()?)),
+        |_, _buf| Ok::<_, LookupError>((Asker::here()?, ifaddr::ips()?)),
         &mut |ns: &Netns, (asker, addresses): (Asker, HashSet<IpAddr>)| {
             for ip in addresses.into_iter().filter(|ip| !ip.is_loopback()) {
                 at_address.entry(ip).or_default().push(ready.len());
