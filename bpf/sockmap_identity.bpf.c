@@ -8,7 +8,8 @@
  *    the cookie, family, own local and remote end, TCP state, network namespace inode, and
  *    what says who keeps it: the inode of the file that refers to it (0 when none does: a
  *    connection in a listener's accept queue, or an orphan), whether it is orphaned
- *    (SOCK_DEAD), and its last error (sk_err: ECONNRESET after a reset).
+ *    (SOCK_DEAD), and its last error (sk_err: ECONNRESET after a reset). With `ends_only`
+ *    set, the cookie, family, ends and state alone (the continuous pass).
  *    Only direct BTF reads and bpf_get_socket_cookie: no fentry, no bpf_probe_read_kernel,
  *    so it loads under lockdown's confidentiality mode.
  *  - compare_and_delete: for each entry whose key is in `targets`, re-checks the verdict and
@@ -143,19 +144,11 @@ static __always_inline __u64 file_inode(struct sock *sk)
 	return inode ? inode->i_ino : 0;
 }
 
-/* The entry's key and what it holds; rec must be zeroed. */
-static __always_inline void fill_identity(struct identity_rec *rec, struct sock *sk)
+/* The held socket's cookie, family, ends and state: what judges an entry. */
+static __always_inline void fill_ends(struct identity_rec *rec, struct sock *sk)
 {
-	struct net *net;
-	__u16 family;
+	__u16 family = sk->__sk_common.skc_family;
 
-	/* First what lies furthest: the inode's chain of loads, and struct sock's lines past
-	 * sock_common, so that their cache misses overlap the rest rather than follow it. */
-	rec->inode = file_inode(sk);
-	rec->error = sk->sk_err;
-	if (sock_dead(sk))
-		rec->flags |= IDENTITY_ORPHANED;
-	family = sk->__sk_common.skc_family;
 	rec->family = family;
 	rec->state = sk->__sk_common.skc_state;
 	rec->cookie = bpf_get_socket_cookie(sk);
@@ -167,10 +160,30 @@ static __always_inline void fill_identity(struct identity_rec *rec, struct sock 
 	}
 	rec->local_port = sk->__sk_common.skc_num;
 	rec->remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+}
+
+/* The entry's key and what it holds; rec must be zeroed. */
+static __always_inline void fill_identity(struct identity_rec *rec, struct sock *sk)
+{
+	struct net *net;
+
+	/* First what lies furthest: the inode's chain of loads, and struct sock's lines past
+	 * sock_common, so that their cache misses overlap the rest rather than follow it. */
+	rec->inode = file_inode(sk);
+	rec->error = sk->sk_err;
+	if (sock_dead(sk))
+		rec->flags |= IDENTITY_ORPHANED;
+	fill_ends(rec, sk);
 	net = sk->__sk_common.skc_net.net;
 	if (net)
 		rec->netns_inode = net->ns.inum;
 }
+
+/* Set by userspace before each read (the object's .bss): nonzero for the ends alone
+ * (fill_ends), with inode, error, flags and netns_inode left 0. The continuous pass judges by
+ * the ends alone, and the rest reaches struct sock's far lines, its file and its namespace:
+ * most of the program's cache misses. */
+__u32 ends_only = 0;
 
 SEC("iter/sockmap")
 int identity(struct bpf_iter__sockmap *ctx)
@@ -185,7 +198,10 @@ int identity(struct bpf_iter__sockmap *ctx)
 	__builtin_memset(&rec, 0, sizeof(rec));
 	/* The key sits after pointers in the map's element: word loads, not 44 byte loads. */
 	__builtin_memcpy(&rec.key, __builtin_assume_aligned(key, 4), sizeof(rec.key));
-	fill_identity(&rec, sk);
+	if (ends_only)
+		fill_ends(&rec, sk);
+	else
+		fill_identity(&rec, sk);
 	bpf_seq_write(seq, &rec, sizeof(rec));
 	return 0;
 }

@@ -45,7 +45,7 @@ use skel::{OpenSockmapIdentitySkel, SockmapIdentitySkel, SockmapIdentitySkelBuil
 mod cad;
 mod records;
 
-pub use records::{file_at, EntrySink};
+pub use records::{file_at, EntrySink, ViewSink};
 
 /// How many entries to size a table for, to hold a read of `map` without growing: its
 /// max_entries, capped, as the map's own size is not ours to trust with an allocation.
@@ -345,6 +345,28 @@ impl IdentitySource {
         self.unless_refused(read)
     }
 
+    /// [`IdentitySource::read_into`], each held socket read only as far as a verdict weighs it
+    /// ([`IdentityReader::read_views_into`]).
+    pub fn read_views_into(
+        &mut self,
+        map: &SockMap,
+        sink: &mut ViewSink<'_>,
+    ) -> Result<Option<usize>, IdentityError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(None);
+        };
+        let read = reader.read_views_into(map, sink);
+        self.unless_refused(read)
+    }
+
+    /// How many entries to size a table for, to hold the next read of `map`
+    /// ([`IdentityReader::capacity`]; [`entries_capacity`] when identity is not in use).
+    pub fn capacity(&self, map: &SockMap) -> usize {
+        self.reader
+            .as_ref()
+            .map_or_else(|| entries_capacity(map), |r| r.capacity(map))
+    }
+
     /// A read's result; with `auto`, a refusal warns once and turns identity off.
     fn unless_refused<T>(
         &mut self,
@@ -433,6 +455,8 @@ pub struct IdentityReader {
     link: Option<(u32, Link)>,
     /// The compare-and-delete program, loaded for one map on first use.
     cad: Option<cad::Cad>,
+    /// The last read's map (by id) and how many entries it held.
+    last_read: Option<(u32, usize)>,
 }
 
 impl IdentityReader {
@@ -455,6 +479,7 @@ impl IdentityReader {
             identity,
             link: None,
             cad: None,
+            last_read: None,
         })
     }
 
@@ -465,9 +490,19 @@ impl IdentityReader {
         usize::try_from(n).unwrap_or(1).max(1)
     }
 
+    /// How many entries to size a table for, to hold the next read of `map`: the last read's
+    /// count and an eighth more, or before a first read [`entries_capacity`]. Cilium's map has
+    /// room for 65,535 entries whatever it holds, and a daemon reads it every second.
+    pub fn capacity(&self, map: &SockMap) -> usize {
+        match self.last_read {
+            Some((id, n)) if id == map.id() => (n + n / 8 + 16).min(entries_capacity(map)),
+            _ => entries_capacity(map),
+        }
+    }
+
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        let mut entries = Vec::with_capacity(entries_capacity(map));
+        let mut entries = Vec::with_capacity(self.capacity(map));
         self.read_into(map, &mut |at, key, held| {
             records::file_at(&mut entries, at, (key, held));
         })?;
@@ -484,6 +519,36 @@ impl IdentityReader {
         map: &SockMap,
         sink: &mut EntrySink<'_>,
     ) -> Result<usize, IdentityError> {
+        self.read_with(map, false, records::held_socket, sink)
+    }
+
+    /// [`IdentityReader::read_into`], each held socket read only as far as a verdict weighs
+    /// it: its cookie, ends and state. The program then leaves out the file, the error, the
+    /// flags and the namespace, which lie in struct sock's far lines and beyond: the
+    /// continuous pass reads no more.
+    pub fn read_views_into(
+        &mut self,
+        map: &SockMap,
+        sink: &mut ViewSink<'_>,
+    ) -> Result<usize, IdentityError> {
+        self.read_with(map, true, records::held_view, sink)
+    }
+
+    fn read_with<T>(
+        &mut self,
+        map: &SockMap,
+        ends_only: bool,
+        decode: fn(u32, &records::IdentityRecord) -> Result<T, IdentityError>,
+        sink: &mut dyn FnMut(usize, RawKey, T),
+    ) -> Result<usize, IdentityError> {
+        let capacity = self.capacity(map);
+        let Some(bss) = self.identity.skel.maps.bss_data.as_deref_mut() else {
+            return Err(IdentityError::Malformed {
+                map_id: map.id(),
+                what: "the identity program's .bss is not mapped".to_string(),
+            });
+        };
+        bss.ends_only = u32::from(ends_only);
         if !matches!(&self.link, Some((id, _)) if *id == map.id()) {
             // Detached from a replaced map before attaching to the new one.
             self.link = None;
@@ -501,7 +566,9 @@ impl IdentityReader {
                 self.link.insert((map.id(), link))
             }
         };
-        records::read_entries(map.id(), entries_capacity(map), link, sink)
+        let n = records::read_entries(map.id(), capacity, link, decode, sink)?;
+        self.last_read = Some((map.id(), n));
+        Ok(n)
     }
 }
 

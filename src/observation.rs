@@ -41,12 +41,12 @@ impl Judged {
 /// does not decode. The observation and the continuous pass judge each record read so.
 pub fn judge_by_held(
     raw: &RawKey,
-    held: &HeldSocket,
+    held: &HeldView,
     gateways: &[IpAddr],
 ) -> Option<(SockKey, bool, Verdict)> {
     let key = SockKey::decode(raw).ok()?;
     let proxy = is_proxy_key(&key, gateways);
-    let verdict = judge_held(&key, &held_view(held), proxy);
+    let verdict = judge_held(&key, held, proxy);
     Some((key, proxy, verdict))
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::clock::thread_cpu_time;
 use crate::deletion::{self, Settled};
 use crate::guard::{GuardSettings, Hold};
-use crate::identity::{entries_capacity, file_at, IdentitySource, Target};
+use crate::identity::{IdentitySource, Target};
 use crate::key::RawKey;
 use crate::map::SockMap;
 use crate::observation::judge_by_held;
@@ -210,20 +210,29 @@ pub fn pass(
     started: Instant,
 ) -> Result<PassReport, RunError> {
     let cpu_started = thread_cpu_time();
-    // Judged as they are read: the pass keeps no (key, socket) table of its own.
-    let mut judged: Vec<Option<PassEntry>> = Vec::with_capacity(entries_capacity(map));
-    let read = identity.read_into(map, &mut |at, raw, held| {
+    // Judged as they are read, and only the stale kept, by their place in the read: a later
+    // sighting of an entry (shown again after a read boundary) replaces the earlier.
+    let mut stale: HashMap<usize, PassEntry> = HashMap::new();
+    let read = identity.read_views_into(map, &mut |at, raw, held| {
         // An entry whose key does not decode is never stale.
-        let entry = judge_by_held(&raw, &held, gateways).map(|(_, proxy, verdict)| PassEntry {
-            raw,
-            cookie: held.cookie,
-            proxy,
-            verdict,
-        });
-        file_at(&mut judged, at, entry);
+        match judge_by_held(&raw, &held, gateways) {
+            Some((_, proxy, verdict)) if verdict.is_stale() => {
+                let entry = PassEntry {
+                    raw,
+                    cookie: held.cookie,
+                    proxy,
+                    verdict,
+                };
+                stale.insert(at, entry);
+            }
+            _ if !stale.is_empty() => {
+                stale.remove(&at);
+            }
+            _ => {}
+        }
     })?;
     let count = read.ok_or(RunError::NoIdentity(Worker::Pass))?;
-    let entries: Vec<PassEntry> = judged.into_iter().flatten().collect();
+    let entries: Vec<PassEntry> = stale.into_values().collect();
     let mut report = PassReport {
         map_id: map.id(),
         entries: count,

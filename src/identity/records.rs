@@ -3,6 +3,7 @@
 
 use std::io::{self, Read};
 use std::mem;
+use std::net::SocketAddr;
 
 use foldhash::{HashMap, HashMapExt};
 use libbpf_rs::Iter;
@@ -10,6 +11,7 @@ use libbpf_rs::Iter;
 use super::{HeldSocket, IdentityError};
 use crate::key::{RawKey, KEY_LEN};
 use crate::socket::{record_ends, TcpState};
+use crate::verdict::HeldView;
 
 /// `struct identity_rec` of the BPF program: one per entry.
 #[repr(C)]
@@ -87,22 +89,25 @@ const READ_CHUNK: usize = 16 * 1024;
 /// replaces the older), its key and its socket.
 pub type EntrySink<'a> = dyn FnMut(usize, RawKey, HeldSocket) + 'a;
 
+/// [`EntrySink`] for a read of the ends alone: the held socket as a verdict weighs it.
+pub type ViewSink<'a> = dyn FnMut(usize, RawKey, HeldView) + 'a;
+
 /// Reads the identity iterator behind `link` to its end: the socket behind every entry, one
-/// place per key, in the iterator's order, filed into `sink`. `capacity`: the entries to size
-/// the index for ([`super::entries_capacity`]). Returns how many entries were filed.
-pub(super) fn read_entries(
+/// place per key, in the iterator's order, each record made a `T` by `decode` and filed into
+/// `sink`. `capacity`: the entries to size the index for. Returns how many entries were filed.
+pub(super) fn read_entries<T>(
     map_id: u32,
     capacity: usize,
     link: &libbpf_rs::Link,
-    sink: &mut EntrySink<'_>,
+    decode: fn(u32, &IdentityRecord) -> Result<T, IdentityError>,
+    sink: &mut dyn FnMut(usize, RawKey, T),
 ) -> Result<usize, IdentityError> {
     // foldhash (seeded per process): SipHash over 65,535 keys of 44 bytes showed in the
-    // profile of a full map's read. Sized for a full map once, rather than grown through
-    // copies.
+    // profile of a full map's read. Sized once, rather than grown through copies.
     let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
     let mut file = |record: &IdentityRecord| -> Result<(), IdentityError> {
         let key = RawKey(record.key);
-        let held = held_socket(map_id, record)?;
+        let held = decode(map_id, record)?;
         // One hash of the key per record.
         let filed = index.len();
         let at = *index.entry(key).or_insert(filed);
@@ -230,8 +235,35 @@ pub(super) fn record_bytes<T: Record>(value: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), mem::size_of::<T>()) }
 }
 
-fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityError> {
-    let (local, remote) = record_ends(
+/// A record's held socket, every field.
+pub(super) fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityError> {
+    let (local, remote) = ends(map_id, r)?;
+    Ok(HeldSocket {
+        cookie: r.cookie,
+        local,
+        remote,
+        state: TcpState::from_kernel(r.state),
+        netns_inode: u64::from(r.netns_inode),
+        inode: r.inode,
+        orphaned: r.flags & ORPHANED != 0,
+        error: r.error,
+    })
+}
+
+/// A record's held socket as a verdict weighs it: all a read of the ends alone fills.
+pub(super) fn held_view(map_id: u32, r: &IdentityRecord) -> Result<HeldView, IdentityError> {
+    let (local, remote) = ends(map_id, r)?;
+    Ok(HeldView {
+        cookie: r.cookie,
+        local,
+        remote,
+        closed: TcpState::from_kernel(r.state) == TcpState::Close,
+    })
+}
+
+/// The held socket's own local and remote end.
+fn ends(map_id: u32, r: &IdentityRecord) -> Result<(SocketAddr, SocketAddr), IdentityError> {
+    record_ends(
         r.family,
         (r.local_addr, r.local_port),
         (r.remote_addr, r.remote_port),
@@ -243,16 +275,6 @@ fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket, IdentityEr
             RawKey(r.key).to_hex(),
             r.family
         ),
-    })?;
-    Ok(HeldSocket {
-        cookie: r.cookie,
-        local,
-        remote,
-        state: TcpState::from_kernel(r.state),
-        netns_inode: u64::from(r.netns_inode),
-        inode: r.inode,
-        orphaned: r.flags & ORPHANED != 0,
-        error: r.error,
     })
 }
 

@@ -11,6 +11,7 @@ use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader
 use sockmap_gc::key::{RawKey, SockKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns::Netns;
+use sockmap_gc::observation::held_view;
 use sockmap_gc::socket::{LiveSocket, TcpState};
 use sockmap_gc_lab::{Lab, LabConfig};
 
@@ -67,7 +68,8 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
     lab.plant(planted6).expect("plant v6");
 
     let map = open(&lab);
-    let by_key = identities(&mut reader(), &map);
+    let mut reader = reader();
+    let by_key = identities(&mut reader, &map);
     let keys: HashSet<RawKey> = lab.raw_keys().into_iter().collect();
     assert_eq!(
         by_key.keys().copied().collect::<HashSet<_>>(),
@@ -166,6 +168,23 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
                 .any(|s| s.cookie == h.cookie && s.state != TcpState::Close),
             "no live connection is the naturally stale entry's socket"
         );
+    }
+
+    // The ends alone (the continuous pass's read): every entry as a verdict weighs it, the
+    // same as from the full read; and a full read after it fills the rest again.
+    let mut views = HashMap::new();
+    let n = reader
+        .read_views_into(&map, &mut |_, raw, view| {
+            views.insert(raw, view);
+        })
+        .expect("ends-only read");
+    assert_eq!(n, by_key.len(), "one view per map entry");
+    for (raw, h) in &by_key {
+        assert_eq!(views.get(raw), Some(&held_view(h)), "{}", raw.to_hex());
+    }
+    let again = identities(&mut reader, &map);
+    for key in &live {
+        assert_eq!(again[&key.encode()], by_key[&key.encode()], "{key}");
     }
     drop(held);
 }
