@@ -5,8 +5,9 @@
 //!
 //! - `identity` emits, for every entry, the raw key and the held socket's cookie, own local
 //!   and remote end, TCP state and network namespace inode: one read of the whole map, no
-//!   syscall per key. It needs only direct BTF reads and `bpf_get_socket_cookie`, which a
-//!   kernel in lockdown's confidentiality mode allows.
+//!   syscall per key; with its `ends_only` flag set, only what a verdict weighs (cookie,
+//!   ends, state: the continuous pass). It needs only direct BTF reads and
+//!   `bpf_get_socket_cookie`, which a kernel in lockdown's confidentiality mode allows.
 //! - `compare_and_delete` deletes an entry from inside the kernel only while it holds the
 //!   socket with the cookie that was judged stale and that socket is still stale (closed, or
 //!   with ends other than the key's), closing the window a delete by key leaves between the
