@@ -360,14 +360,6 @@ impl IdentitySource {
         self.unless_refused(read)
     }
 
-    /// How many entries to size a table for, to hold the next read of `map`
-    /// ([`IdentityReader::capacity`]; [`entries_capacity`] when identity is not in use).
-    pub fn capacity(&self, map: &SockMap) -> usize {
-        self.reader
-            .as_ref()
-            .map_or_else(|| entries_capacity(map), |r| r.capacity(map))
-    }
-
     /// A read's result; with `auto`, a refusal warns once and turns identity off.
     fn unless_refused<T>(
         &mut self,
@@ -456,8 +448,6 @@ pub struct IdentityReader {
     link: Option<(u32, Link)>,
     /// The compare-and-delete program, loaded for one map on first use.
     cad: Option<cad::Cad>,
-    /// The last read's map (by id) and how many entries it held.
-    last_read: Option<(u32, usize)>,
 }
 
 impl IdentityReader {
@@ -480,7 +470,6 @@ impl IdentityReader {
             identity,
             link: None,
             cad: None,
-            last_read: None,
         })
     }
 
@@ -491,19 +480,9 @@ impl IdentityReader {
         usize::try_from(n).unwrap_or(1).max(1)
     }
 
-    /// How many entries to size a table for, to hold the next read of `map`: the last read's
-    /// count and an eighth more, or before a first read [`entries_capacity`]. Cilium's map has
-    /// room for 65,535 entries whatever it holds, and a daemon reads it every second.
-    pub fn capacity(&self, map: &SockMap) -> usize {
-        match self.last_read {
-            Some((id, n)) if id == map.id() => (n + n / 8 + 16).min(entries_capacity(map)),
-            _ => entries_capacity(map),
-        }
-    }
-
     /// One pass over the whole map: the socket behind every entry.
     pub fn read(&mut self, map: &SockMap) -> Result<Identities, IdentityError> {
-        let mut entries = Vec::with_capacity(self.capacity(map));
+        let mut entries = Vec::with_capacity(entries_capacity(map));
         self.read_into(map, &mut |at, key, held| {
             records::file_at(&mut entries, at, (key, held));
         })?;
@@ -542,7 +521,6 @@ impl IdentityReader {
         decode: fn(u32, &records::IdentityRecord) -> Result<T, IdentityError>,
         sink: &mut dyn FnMut(usize, RawKey, T),
     ) -> Result<usize, IdentityError> {
-        let capacity = self.capacity(map);
         let Some(bss) = self.identity.skel.maps.bss_data.as_deref_mut() else {
             return Err(IdentityError::Malformed {
                 map_id: map.id(),
@@ -567,9 +545,7 @@ impl IdentityReader {
                 self.link.insert((map.id(), link))
             }
         };
-        let n = records::read_entries(map.id(), capacity, link, decode, sink)?;
-        self.last_read = Some((map.id(), n));
-        Ok(n)
+        records::read_entries(map.id(), link, decode, sink)
     }
 }
 

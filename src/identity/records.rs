@@ -5,7 +5,7 @@ use std::io::{self, Read};
 use std::mem;
 use std::net::SocketAddr;
 
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 use libbpf_rs::Iter;
 
 use super::{HeldSocket, IdentityError};
@@ -79,10 +79,12 @@ impl Record for IdentityRecord {}
 impl Record for CadRecord {}
 impl Record for TargetRecord {}
 
-/// Bytes asked of the iterator per read(2). The kernel fills a buffer of 8 pages per read and
-/// stops once it holds this much, so with a request well below 8 pages no record overflows
-/// its buffer and has to be shown again.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes asked of the iterator per read(2): about 16 KiB, a whole number of identity records.
+/// The kernel fills a buffer of 8 pages per read and stops once it holds this much, so with a
+/// request well below 8 pages no record overflows its buffer and has to be shown again; and
+/// ending on a record's end leaves no bytes over for a read(2) of their own.
+const READ_CHUNK: usize =
+    16 * 1024 / mem::size_of::<IdentityRecord>() * mem::size_of::<IdentityRecord>();
 
 /// Where the read files each entry: its place (the number of entries filed so far for a new
 /// one; an earlier place for an entry shown again after a read boundary, whose newer sighting
@@ -94,30 +96,25 @@ pub type ViewSink<'a> = dyn FnMut(usize, RawKey, HeldView) + 'a;
 
 /// Reads the identity iterator behind `link` to its end: the socket behind every entry, one
 /// place per key, in the iterator's order, each record made a `T` by `decode` and filed into
-/// `sink`. `capacity`: the entries to size the index for. Returns how many entries were filed.
+/// `sink`. Returns how many entries were filed.
 pub(super) fn read_entries<T>(
     map_id: u32,
-    capacity: usize,
     link: &libbpf_rs::Link,
     decode: fn(u32, &IdentityRecord) -> Result<T, IdentityError>,
     sink: &mut dyn FnMut(usize, RawKey, T),
 ) -> Result<usize, IdentityError> {
-    // foldhash (seeded per process): SipHash over 65,535 keys of 44 bytes showed in the
-    // profile of a full map's read. Sized once, rather than grown through copies.
-    let mut index: HashMap<RawKey, usize> = HashMap::with_capacity(capacity);
-    let mut file = |record: &IdentityRecord| -> Result<(), IdentityError> {
+    let mut places = Places::default();
+    let mut file = |record: &IdentityRecord, places: &mut Places| -> Result<(), IdentityError> {
         let key = RawKey(record.key);
         let held = decode(map_id, record)?;
-        // One hash of the key per record.
-        let filed = index.len();
-        let at = *index.entry(key).or_insert(filed);
-        sink(at, key, held);
+        sink(places.of(key), key, held);
         Ok(())
     };
     // Parsed as the bytes come: a full map's records as a buffer and again as a list
     // would double what the read costs in memory.
     let mut partial: Vec<u8> = Vec::with_capacity(mem::size_of::<IdentityRecord>());
     read_chunks(map_id, link, |chunk| {
+        places.next_read();
         let mut rest = chunk;
         if !partial.is_empty() {
             let need = mem::size_of::<IdentityRecord>() - partial.len();
@@ -129,12 +126,12 @@ pub(super) fn read_entries<T>(
             }
             let whole = std::mem::take(&mut partial);
             for record in parse_records::<IdentityRecord>(map_id, &whole)? {
-                file(&record)?;
+                file(&record, &mut places)?;
             }
         }
         let whole = rest.len() - rest.len() % mem::size_of::<IdentityRecord>();
         for record in parse_records::<IdentityRecord>(map_id, &rest[..whole])? {
-            file(&record)?;
+            file(&record, &mut places)?;
         }
         partial.extend_from_slice(&rest[whole..]);
         Ok(())
@@ -149,7 +146,45 @@ pub(super) fn read_entries<T>(
             ),
         });
     }
-    Ok(index.len())
+    Ok(places.filed)
+}
+
+/// How many read(2)s back an entry's earlier sighting can be, the current one included. The
+/// iterator shows an entry a second time only when it refills its buffer inside the entry's
+/// hash bucket: it restarts that bucket (newer kernels keep their place in it and show none).
+/// A fill is delivered by one read, or two when a record straddles the request's end, so the
+/// earlier sighting is at most two reads back; one more for margin.
+const RECENT_READS: usize = 4;
+
+/// Each entry's place: the keys of the last [`RECENT_READS`] reads with their places and the
+/// read that showed each last. A few hundred keys: the whole map's made a table of 7 MB at
+/// 65,535 entries, and a cache miss per record.
+#[derive(Default)]
+struct Places {
+    recent: HashMap<RawKey, (usize, usize)>,
+    filed: usize,
+    reads: usize,
+}
+
+impl Places {
+    /// A new read(2) begins: the keys shown before the window are forgotten.
+    fn next_read(&mut self) {
+        self.reads += 1;
+        let reads = self.reads;
+        self.recent
+            .retain(|_, (_, seen)| reads - *seen < RECENT_READS);
+    }
+
+    /// `key`'s place: its earlier sighting's, or the next one.
+    fn of(&mut self, key: RawKey) -> usize {
+        // One hash of the key per record.
+        let (at, seen) = self.recent.entry(key).or_insert((self.filed, self.reads));
+        *seen = self.reads;
+        if *at == self.filed {
+            self.filed += 1;
+        }
+        *at
+    }
 }
 
 /// The most entries a read sizes its tables for at once ([`super::entries_capacity`]).
@@ -314,6 +349,34 @@ mod tests {
             file_at(&mut entries, at, sighting);
         }
         assert_eq!(entries, ["a again", "b", "c"]);
+    }
+
+    /// Each sighting's place, read by read (a key per byte): a new key takes the next place; a
+    /// key shown again keeps its first place while its last sighting is within
+    /// RECENT_READS reads, the current one included, and is a new entry after that.
+    #[test]
+    fn an_entry_shown_again_within_the_last_reads_keeps_its_place() {
+        let reads: [&[(u8, usize)]; 7] = [
+            &[(1, 0), (2, 1)],
+            &[(2, 1), (3, 2)],
+            &[],
+            &[(2, 1), (1, 0)],
+            &[],
+            &[(3, 3)],
+            &[(4, 4), (1, 0)],
+        ];
+        let mut places = Places::default();
+        for (n, read) in reads.iter().enumerate() {
+            places.next_read();
+            for &(key, place) in *read {
+                assert_eq!(
+                    places.of(RawKey([key; KEY_LEN])),
+                    place,
+                    "read {n}, key {key}"
+                );
+            }
+        }
+        assert_eq!(places.filed, 5);
     }
 
     #[test]
