@@ -325,11 +325,7 @@ impl IdentitySource {
 
     /// The socket behind every entry, or `None` when identity is not in use.
     pub fn read(&mut self, map: &SockMap) -> Result<Option<Identities>, IdentityError> {
-        let Some(reader) = self.reader.as_mut() else {
-            return Ok(None);
-        };
-        let read = reader.read(map);
-        self.unless_refused(read)
+        self.through_reader(|reader| reader.read(map))
     }
 
     /// [`IdentitySource::read`], each entry filed into `sink` as it is read rather than
@@ -339,11 +335,7 @@ impl IdentitySource {
         map: &SockMap,
         sink: &mut EntrySink<'_>,
     ) -> Result<Option<usize>, IdentityError> {
-        let Some(reader) = self.reader.as_mut() else {
-            return Ok(None);
-        };
-        let read = reader.read_into(map, sink);
-        self.unless_refused(read)
+        self.through_reader(|reader| reader.read_into(map, sink))
     }
 
     /// [`IdentitySource::read_into`], each held socket read only as far as a verdict weighs it
@@ -353,10 +345,18 @@ impl IdentitySource {
         map: &SockMap,
         sink: &mut ViewSink<'_>,
     ) -> Result<Option<usize>, IdentityError> {
+        self.through_reader(|reader| reader.read_views_into(map, sink))
+    }
+
+    /// `read` with the reader, or `None` when identity is not in use.
+    fn through_reader<T>(
+        &mut self,
+        read: impl FnOnce(&mut IdentityReader) -> Result<T, IdentityError>,
+    ) -> Result<Option<T>, IdentityError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(None);
         };
-        let read = reader.read_views_into(map, sink);
+        let read = read(reader);
         self.unless_refused(read)
     }
 
