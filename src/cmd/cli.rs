@@ -595,7 +595,7 @@ fn write_stdout_with(
 
 /// The capacity asked for a pipe on stdout: 1 MiB, `/proc/sys/fs/pipe-max-size`'s default, so
 /// any user may ask it. A full map's JSON is ~45 MB; through the default 64 KiB pipe the two
-/// processes took turns ~700 times, and `audit -o json | jq` took a third longer.
+/// processes took turns ~700 times (docs/BENCHMARKS.md).
 const PIPE_BYTES: libc::c_int = 1 << 20;
 
 /// Widens stdout's pipe to [`PIPE_BYTES`] when stdout is a pipe narrower than that. Best
