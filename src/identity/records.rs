@@ -151,9 +151,9 @@ pub(super) fn read_entries<T>(
 
 /// How many read(2)s back an entry's earlier sighting can be, the current one included. The
 /// iterator shows an entry a second time only when it refills its buffer inside the entry's
-/// hash bucket: it restarts that bucket (newer kernels keep their place in it and show none).
-/// A fill is delivered by one read, or two when a record straddles the request's end, so the
-/// earlier sighting is at most two reads back; one more for margin.
+/// hash bucket: it restarts that bucket (6.1 and 6.18 both do; an iterator that kept its place
+/// would show none). A fill is delivered by one read, or two when a record straddles the
+/// request's end, so the earlier sighting is at most two reads back; one more for margin.
 const RECENT_READS: usize = 4;
 
 /// Each entry's place: the keys of the last [`RECENT_READS`] reads with their places and the
