@@ -11,7 +11,6 @@ use crate::holder::StaleHolders;
 use crate::identity::HeldSocket;
 use crate::key::{KeyError, RawKey, SockKey};
 use crate::netns::NetnsId;
-use crate::socket::TcpState;
 use crate::verdict::{is_proxy_key, judge_held, HeldView, Verdict};
 
 /// One map entry with its decoding and verdict.
@@ -32,7 +31,7 @@ impl Judged {
 
     /// The held socket as the classifier weighs it.
     pub fn held_view(&self) -> Option<HeldView> {
-        self.held.as_ref().map(held_view)
+        self.held.as_ref().map(HeldSocket::view)
     }
 }
 
@@ -48,15 +47,6 @@ pub fn judge_by_held(
     let proxy = is_proxy_key(&key, gateways);
     let verdict = judge_held(&key, held, proxy);
     Some((key, proxy, verdict))
-}
-
-pub fn held_view(h: &HeldSocket) -> HeldView {
-    HeldView {
-        cookie: h.cookie,
-        local: h.local,
-        remote: h.remote,
-        closed: h.state == TcpState::Close,
-    }
 }
 
 /// A namespace that could not be read, with why.

@@ -15,7 +15,7 @@ use crate::key::RawKey;
 use crate::lookup::{self, Ask, Lookups};
 use crate::map::{MapError, SockMap};
 use crate::netns::{self, NetnsId};
-use crate::observation::{held_view, judge_by_held, Judged, LookupCounts, Observation, Unreadable};
+use crate::observation::{judge_by_held, Judged, LookupCounts, Observation, Unreadable};
 use crate::procnet;
 use crate::socket::{LiveSocket, Tuple};
 use crate::verdict::{classify, Evidence, SeenSocket, SocketIndex, UnknownReason, Verdict};
@@ -380,7 +380,7 @@ const ASKS_PER_SEND: usize = 64;
 /// lookup a stale record asks for, streamed or filed by [`gather_owners`] (none for a proxy entry:
 /// its A side is the gateway, so its tuple names no connection).
 fn judge_record(raw: &RawKey, held: &HeldSocket, gateways: &[IpAddr]) -> (Verdict, Option<Ask>) {
-    let Some((key, proxy, verdict)) = judge_by_held(raw, &held_view(held), gateways) else {
+    let Some((key, proxy, verdict)) = judge_by_held(raw, &held.view(), gateways) else {
         return (Verdict::Unknown(UnknownReason::NotJudged), None);
     };
     let ask = (verdict.is_stale() && !proxy).then(|| Ask {

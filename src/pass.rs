@@ -225,10 +225,9 @@ pub fn pass(
                 };
                 stale.insert(at, entry);
             }
-            _ if !stale.is_empty() => {
+            _ => {
                 stale.remove(&at);
             }
-            _ => {}
         }
     })?;
     let count = read.ok_or(RunError::NoIdentity(Worker::Pass))?;

@@ -24,7 +24,6 @@ use crate::guard::{GuardSettings, Hold};
 use crate::identity::{HeldSocket, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::SockMap;
-use crate::observation::held_view;
 use crate::sweep::{RunError, Trail, Worker};
 use crate::verdict::{
     classify, is_proxy_key, Evidence, SeenSocket, SocketIndex, SocketKind, StaleReason,
@@ -166,7 +165,7 @@ fn collision_verdict(
         namespaces_read: 0,
         gateways,
     };
-    classify(&SockKey::decode(key), Some(&held_view(held)), &evidence)
+    classify(&SockKey::decode(key), Some(&held.view()), &evidence)
 }
 
 /// When one event's reaction reached each stage (CLOCK_MONOTONIC, the clock of [`Event`]'s

@@ -18,7 +18,7 @@ use crate::guard::{self, GuardSettings, Plan, SettingsError};
 use crate::identity::{IdentityError, IdentitySource, Target};
 use crate::key::{RawKey, SockKey};
 use crate::map::{MapError, SockMap};
-use crate::observation::{held_view, Filter, Observation};
+use crate::observation::{Filter, Observation};
 use crate::observe::{self, ObserveError, Sockets};
 use crate::verdict::{classify, has_key_ends, is_proxy_key, HeldView, Verdict};
 
@@ -437,11 +437,7 @@ impl Deleter<'_> {
                 // a delete by key only where it still holds the judged socket and that
                 // socket is still stale (the kernel program's rule).
                 let now: HashMap<RawKey, HeldView> = match self.identity.read(self.map) {
-                    Ok(Some(ids)) => ids
-                        .entries
-                        .iter()
-                        .map(|(k, h)| (*k, held_view(h)))
-                        .collect(),
+                    Ok(Some(ids)) => ids.entries.iter().map(|(k, h)| (*k, h.view())).collect(),
                     Ok(None) | Err(_) => {
                         for (target, verdict) in &pending {
                             let settled = Settled::Failed(DeleteError::CannotReread);

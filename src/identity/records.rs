@@ -287,13 +287,7 @@ pub(super) fn held_socket(map_id: u32, r: &IdentityRecord) -> Result<HeldSocket,
 
 /// A record's held socket as a verdict weighs it: all a read of the ends alone fills.
 pub(super) fn held_view(map_id: u32, r: &IdentityRecord) -> Result<HeldView, IdentityError> {
-    let (local, remote) = ends(map_id, r)?;
-    Ok(HeldView {
-        cookie: r.cookie,
-        local,
-        remote,
-        closed: TcpState::from_kernel(r.state) == TcpState::Close,
-    })
+    held_socket(map_id, r).map(|h| h.view())
 }
 
 /// The held socket's own local and remote end.

@@ -11,7 +11,6 @@ use sockmap_gc::identity::{CadOutcome, HeldSocket, IdentityError, IdentityReader
 use sockmap_gc::key::{RawKey, SockKey};
 use sockmap_gc::map::{Access, SockMap};
 use sockmap_gc::netns::Netns;
-use sockmap_gc::observation::held_view;
 use sockmap_gc::socket::{LiveSocket, TcpState};
 use sockmap_gc_lab::{Lab, LabConfig};
 
@@ -180,7 +179,7 @@ fn identity_sees_held_planted_and_naturally_stale_sockets() {
         .expect("ends-only read");
     assert_eq!(n, by_key.len(), "one view per map entry");
     for (raw, h) in &by_key {
-        assert_eq!(views.get(raw), Some(&held_view(h)), "{}", raw.to_hex());
+        assert_eq!(views.get(raw), Some(&h.view()), "{}", raw.to_hex());
     }
     let again = identities(&mut reader, &map);
     for key in &live {
