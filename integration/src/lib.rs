@@ -549,6 +549,17 @@ impl Lab {
             .plant(&self.map, key)
     }
 
+    /// Plants a stale entry as a real one is held: by a socket in the namespace of the key's
+    /// local address, here pod `pod`'s (a socket is filed under its own tuple, in its own
+    /// namespace). Its ends are a loopback pair's, not the key's.
+    pub fn plant_in_pod(&self, key: SockKey, pod: usize) -> Result<()> {
+        let netns = self.netns_of(Place::Pod(pod))?;
+        self.planter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plant_in(&self.map, key, &netns)
+    }
+
     /// Opens a connection from the node netns to `target` that belongs to the test process,
     /// not to a peer: outside the lab cgroup, so sock_ops files only the server's end.
     pub fn connect_from_node(&self, target: SocketAddr) -> Result<TcpStream> {

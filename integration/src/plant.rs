@@ -1,11 +1,13 @@
 //! Planting stale entries from userspace: `BPF_MAP_UPDATE_ELEM` with an fd of a live TCP
 //! socket the lab holds, under a key no live socket of that tuple owns.
 //!
-//! The held sockets are loopback pairs made inside the lab's node netns by a helper thread:
-//! the test process is not in the lab cgroup, so sock_ops never files them itself. A socket can
+//! The held sockets are loopback pairs made inside a lab namespace (the node's, unless told
+//! otherwise) by a helper thread: the test process is not in the lab cgroup, so sock_ops never
+//! files them itself. A socket can
 //! join a map with an sk_msg program only once (EBUSY), so each key takes its own socket; both
 //! ends of a pair serve.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -18,35 +20,43 @@ use nix::sched::CloneFlags;
 use sockmap_gc::key::SockKey;
 
 pub(crate) struct Planter {
-    netns: PathBuf,
-    spare: Vec<TcpStream>,
+    node_netns: PathBuf,
+    /// The other end of the last pair made, per namespace.
+    spare: HashMap<PathBuf, Vec<TcpStream>>,
     planted: Vec<(SockKey, TcpStream)>,
 }
 
 impl Planter {
-    pub(crate) fn new(netns: &Path) -> Planter {
+    pub(crate) fn new(node_netns: &Path) -> Planter {
         Planter {
-            netns: netns.to_path_buf(),
-            spare: Vec::new(),
+            node_netns: node_netns.to_path_buf(),
+            spare: HashMap::new(),
             planted: Vec::new(),
         }
     }
 
-    fn socket(&mut self) -> Result<TcpStream> {
-        if self.spare.is_empty() {
-            let (a, b) = loopback_pair(&self.netns)?;
-            self.spare.push(a);
-            self.spare.push(b);
+    fn socket(&mut self, netns: &Path) -> Result<TcpStream> {
+        let spare = self.spare.entry(netns.to_path_buf()).or_default();
+        if spare.is_empty() {
+            let (a, b) = loopback_pair(netns)?;
+            spare.push(a);
+            spare.push(b);
         }
-        self.spare
+        spare
             .pop()
             .ok_or_else(|| anyhow!("no spare socket after making a pair"))
     }
 
-    /// Files a held socket under `key`; fails if the key is taken (BPF_NOEXIST: a plant never
-    /// evicts a live entry).
+    /// Files a socket held in the node's namespace under `key`; fails if the key is taken
+    /// (BPF_NOEXIST: a plant never evicts a live entry).
     pub(crate) fn plant(&mut self, map: &MapHandle, key: SockKey) -> Result<()> {
-        let sock = self.socket()?;
+        let node = self.node_netns.clone();
+        self.plant_in(map, key, &node)
+    }
+
+    /// As [`Planter::plant`], with the held socket made in `netns`.
+    pub(crate) fn plant_in(&mut self, map: &MapHandle, key: SockKey, netns: &Path) -> Result<()> {
+        let sock = self.socket(netns)?;
         let fd = u32::try_from(sock.as_raw_fd()).context("negative fd")?;
         match map.update(&key.encode().0, &fd.to_ne_bytes(), MapFlags::NO_EXIST) {
             Ok(()) => {
@@ -54,7 +64,10 @@ impl Planter {
                 Ok(())
             }
             Err(e) => {
-                self.spare.push(sock);
+                self.spare
+                    .entry(netns.to_path_buf())
+                    .or_default()
+                    .push(sock);
                 Err(anyhow!("planting {key}: {e}"))
             }
         }
@@ -93,7 +106,10 @@ impl Planter {
         if closed > 0 {
             // A spare may be the other end of a pair just closed: no longer ESTABLISHED, a
             // map refuses it (EOPNOTSUPP).
-            self.spare.iter().for_each(close_without_time_wait);
+            self.spare
+                .values()
+                .flatten()
+                .for_each(close_without_time_wait);
             self.spare.clear();
         }
         closed

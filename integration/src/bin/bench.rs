@@ -477,7 +477,7 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
         }
         // The holder pass as audit runs it when there are stale entries: the planted
         // sockets' inodes (held by this process's planter), a fresh source, one scan.
-        let planted: HashSet<RawKey> = stale_keys.iter().map(SockKey::encode).collect();
+        let planted: HashSet<RawKey> = stale_keys.iter().map(|s| s.key.encode()).collect();
         let inodes: HashSet<u64> = ids
             .entries
             .iter()
@@ -645,28 +645,43 @@ fn bench_size(args: &Args, size: &Size, product: &Path, peer_bin: &Path) -> Resu
     })
 }
 
+/// A stale key to plant, and the pod whose address is its local end.
+#[derive(Clone, Copy)]
+struct StaleKey {
+    key: SockKey,
+    pod: usize,
+}
+
+impl StaleKey {
+    /// Held where a real stale entry is: by a socket in the pod's namespace.
+    fn plant(&self, lab: &Lab) -> Result<()> {
+        lab.plant_in_pod(self.key, self.pod)
+    }
+}
+
 /// The stale keys to plant: the server end of a future connection from a node port no
 /// client uses (below the ephemeral range), spread over the pods.
-fn stale_keys(lab: &Lab, size: &Size) -> Result<Vec<SockKey>> {
+fn stale_keys(lab: &Lab, size: &Size) -> Result<Vec<StaleKey>> {
     (0..size.stale)
         .map(|j| {
             let pod = j % size.pods;
             let port = PLANT_PORT_BASE + (j / size.pods) as u16;
-            SockKey::for_socket(
+            let key = SockKey::for_socket(
                 SocketAddr::new(lab.pod_ip(pod).into(), SERVER_PORT),
                 SocketAddr::new(lab.node_ip(pod).into(), port),
             )
-            .context("building a stale key")
+            .context("building a stale key")?;
+            Ok(StaleKey { key, pod })
         })
         .collect()
 }
 
 /// Plants the stale keys, then starts the servers and the clients, which connect in
 /// parallel until the map is full.
-fn populate(lab: &Lab, size: &Size, stale: &[SockKey]) -> Result<(Vec<Server>, Vec<BulkClient>)> {
+fn populate(lab: &Lab, size: &Size, stale: &[StaleKey]) -> Result<(Vec<Server>, Vec<BulkClient>)> {
     let t = Instant::now();
-    for key in stale {
-        lab.plant(*key)?;
+    for s in stale {
+        s.plant(lab)?;
     }
     println!(
         "   planted {} stale keys in {:.1} s",
@@ -714,12 +729,12 @@ fn populate(lab: &Lab, size: &Size, stale: &[SockKey]) -> Result<(Vec<Server>, V
 }
 
 /// Plants again the stale keys a sweep or the manual remedy deleted, with fresh sockets.
-fn replant(lab: &Lab, stale: &[SockKey]) -> Result<()> {
+fn replant(lab: &Lab, stale: &[StaleKey]) -> Result<()> {
     lab.forget_deleted_plants();
     let present: HashSet<RawKey> = lab.raw_keys().into_iter().collect();
-    for key in stale {
-        if !present.contains(&key.encode()) {
-            lab.plant(*key)?;
+    for s in stale {
+        if !present.contains(&s.key.encode()) {
+            s.plant(lab)?;
         }
     }
     Ok(())
