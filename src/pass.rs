@@ -180,8 +180,11 @@ pub struct PassReport {
     /// the key's ends now.
     pub spared: usize,
     pub failed: usize,
-    /// The pass thread's CPU time (user and system).
+    /// The pass thread's CPU time (user and system), but for `loading`.
     pub cpu: Duration,
+    /// CPU time spent loading the BPF programs before the pass (its caller's first pass, or
+    /// the first after a reload or on a new map): a one-time cost, outside `cpu`.
+    pub loading: Duration,
     pub took: Duration,
 }
 
