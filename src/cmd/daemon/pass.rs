@@ -178,3 +178,33 @@ fn pass_line(r: &PassReport, map: &Path) -> String {
     line += ")";
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_pass_line_says_what_loading_took_apart_from_its_cpu() {
+        let cases = [
+            (MS(0), "; took 12 ms (3 ms CPU)"),
+            // Microseconds of asking whether anything needs loading say nothing.
+            (Duration::from_micros(400), "; took 12 ms (3 ms CPU)"),
+            (
+                MS(357),
+                "; took 12 ms (3 ms CPU, 357 ms loading the programs)",
+            ),
+        ];
+        for (loading, tail) in cases {
+            let report = PassReport {
+                cpu: MS(3),
+                loading,
+                took: MS(12),
+                ..PassReport::default()
+            };
+            let line = pass_line(&report, Path::new("/sys/fs/bpf/tc/globals/cilium_sock_ops"));
+            assert!(line.ends_with(tail), "{loading:?}: {line}");
+        }
+    }
+}
