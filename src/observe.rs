@@ -284,14 +284,24 @@ fn observe_then_diagnose(
     let mut entries: Vec<Judged> = Vec::with_capacity(entries_capacity(map));
     let (read, streamed_owners) = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<Vec<Ask>>();
+        // No thread to be had (a pids limit, say): the lookups follow the read, as a sweep's.
         let owners = streamed
-            .then(|| scope.spawn(move || owners_while_read(proc_root, &rx, !gateways.is_empty())));
+            .then(|| {
+                std::thread::Builder::new()
+                    .name("smgc-lookups".into())
+                    .spawn_scoped(scope, move || {
+                        owners_while_read(proc_root, &rx, !gateways.is_empty())
+                    })
+                    .ok()
+            })
+            .flatten();
+        let streaming = owners.is_some();
         // Sent a few at a time: a wake-up of the lookup thread per stale record would cost
         // the read more than the lookups save.
         let mut asks = Vec::new();
         let read = identity.read_into(map, &mut |at, raw, held| {
             let (verdict, ask) = judge_record(&raw, &held, gateways);
-            if let Some(ask) = ask.filter(|_| streamed) {
+            if let Some(ask) = ask.filter(|_| streaming) {
                 asks.push(ask);
                 if asks.len() == ASKS_PER_SEND {
                     // A closed channel: the lookup thread failed; its error is reported below.
@@ -354,10 +364,14 @@ fn observe_then_diagnose(
     );
     let (observation, early) = std::thread::scope(|scope| {
         let early = match holders.as_deref_mut() {
-            Some(source) if !wanted.is_empty() => Some(scope.spawn(move || {
-                let scan = source.scan(&wanted);
-                EarlyScan { wanted, scan }
-            })),
+            // No thread to be had: the scan follows the verdicts, as one that panicked.
+            Some(source) if !wanted.is_empty() => std::thread::Builder::new()
+                .name("smgc-holder-scan".into())
+                .spawn_scoped(scope, move || {
+                    let scan = source.scan(&wanted);
+                    EarlyScan { wanted, scan }
+                })
+                .ok(),
             _ => None,
         };
         let observation = judge(map_id, entries, with_identity, sockets, gateways, started);

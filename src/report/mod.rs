@@ -102,15 +102,23 @@ pub struct Selection<'a> {
 /// a second thread while this one puts the rows in order: neither needs the other, and on a
 /// full map the counts took ~5 ms and the order ~8 ms, one core idle.
 pub fn select<'a>(o: &'a Observation, filter: &Filter) -> Selection<'a> {
+    let counts = || {
+        let summary = Summary::of(o.entries.iter().filter(|e| filter.selects(e)));
+        (summary, stale_by_holder(o, filter))
+    };
     std::thread::scope(|scope| {
-        let counts = scope.spawn(|| {
-            let summary = Summary::of(o.entries.iter().filter(|e| filter.selects(e)));
-            (summary, stale_by_holder(o, filter))
-        });
+        // No thread to be had (a pids limit, say): counted here, after the rows.
+        let counting = std::thread::Builder::new()
+            .name("smgc-counts".into())
+            .spawn_scoped(scope, counts)
+            .ok();
         let rows = selected(o, filter);
-        let (summary, by_holder) = counts
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let (summary, by_holder) = match counting {
+            Some(counting) => counting
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            None => counts(),
+        };
         Selection {
             rows,
             summary,
@@ -202,30 +210,34 @@ where
         let (written, next) = mpsc::channel::<io::Result<Vec<u8>>>();
         let (spent, reuse) = mpsc::channel::<Vec<u8>>();
         let write = &write;
-        scope.spawn(move || {
-            // Two buffers, each back from the reader before it is filled again: memory stays
-            // a few chunks, and the chunks after them go to pages already touched (fresh
-            // pages cost more than writing the rows into them).
-            let mut fresh = 2;
-            for (k, chunk) in rows.chunks(per_chunk).enumerate().skip(1).step_by(2) {
-                let mut buf = if fresh > 0 {
-                    fresh -= 1;
-                    Vec::new()
-                } else {
-                    // Closed: this thread's reader gave up (an error on `out`).
-                    let Ok(buf) = reuse.recv() else { return };
-                    buf
-                };
-                buf.clear();
-                let done = write(&mut buf, k * per_chunk, chunk).map(|()| buf);
-                let failed = done.is_err();
-                if written.send(done).is_err() || failed {
-                    return;
+        let second = std::thread::Builder::new()
+            .name("smgc-rows".into())
+            .spawn_scoped(scope, move || {
+                // Two buffers, each back from the reader before it is filled again: memory stays
+                // a few chunks, and the chunks after them go to pages already touched (fresh
+                // pages cost more than writing the rows into them).
+                let mut fresh = 2;
+                for (k, chunk) in rows.chunks(per_chunk).enumerate().skip(1).step_by(2) {
+                    let mut buf = if fresh > 0 {
+                        fresh -= 1;
+                        Vec::new()
+                    } else {
+                        // Closed: this thread's reader gave up (an error on `out`).
+                        let Ok(buf) = reuse.recv() else { return };
+                        buf
+                    };
+                    buf.clear();
+                    let done = write(&mut buf, k * per_chunk, chunk).map(|()| buf);
+                    let failed = done.is_err();
+                    if written.send(done).is_err() || failed {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        // No second thread to be had (a pids limit, say): every chunk is written here.
+        let alone = second.is_err();
         for (k, chunk) in rows.chunks(per_chunk).enumerate() {
-            if k % 2 == 0 {
+            if alone || k % 2 == 0 {
                 mine.clear();
                 write(&mut mine, k * per_chunk, chunk)?;
                 out.write_all(&mine)?;

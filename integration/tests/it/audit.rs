@@ -320,3 +320,48 @@ fn audit_with_identity_keeps_a_proxy_entry_holding_its_live_socket() {
     assert_eq!(entry["socket"]["local"], local.to_string());
     assert_eq!(entry["socket"]["state"], "ESTABLISHED");
 }
+
+#[test]
+fn audit_with_no_thread_to_be_had_judges_alike_and_says_what_it_could_not_read() {
+    let lab = lab("aud-nothread", 1);
+    let (server, _held, live) = serve_and_hold(&lab, false, |c| c.count(2));
+    let stale = support::plant_stale(&lab, server.addr(), [40100, 40101]);
+    let path = lab.map_path();
+    let normal = run_json("audit", &path, &[]);
+    assert!(!normal.stderr.contains("panicked"), "{}", normal.stderr);
+
+    // Every thread the process asks for is refused: a stack larger than any machine's memory.
+    let out = support::run_command(
+        Command::new(support::product())
+            .env("RUST_MIN_STACK", (1u64 << 40).to_string())
+            .args([
+                "audit",
+                "--map",
+                path.to_str().expect("utf-8"),
+                "--output",
+                "json",
+            ]),
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert_eq!(out.code, normal.code, "{}", out.stderr);
+    let (alone, with_threads) = (out.json(), normal.json());
+    let mut judged = verdicts(&alone["entries"]);
+    let mut expected = verdicts(&with_threads["entries"]);
+    judged.sort();
+    expected.sort();
+    assert_eq!(judged, expected);
+    assert_eq!(expected.len(), live.len() + stale.len());
+    for k in &stale {
+        let entry = entry_of(&alone, k);
+        assert_eq!(entry["verdict"], "stale", "{entry}");
+        // The holder search needs no thread of its own.
+        assert_eq!(entry["holder"], entry_of(&with_threads, k)["holder"]);
+    }
+    // The namespace walk does (setns moves one thread): its namespaces are reported unread.
+    let inventory = &alone["inventory"];
+    assert_eq!(inventory["complete"], false, "{inventory}");
+    assert!(
+        inventory["unreadable"].to_string().contains("cannot start"),
+        "{inventory}"
+    );
+}
