@@ -88,6 +88,8 @@ fn load(path: &Path, overrides: &Overrides) -> anyhow::Result<Settings> {
 enum Done {
     Sweep(Box<Swept>),
     Pass(Box<Passed>),
+    /// The sweep or pass panicked: its message.
+    Lost(Running, String),
 }
 
 /// What runs now: one at a time.
@@ -96,6 +98,17 @@ enum Running {
     Nothing,
     Sweep,
     Pass,
+}
+
+impl Running {
+    /// Its thread's name.
+    fn name(self) -> &'static str {
+        match self {
+            Running::Sweep => "sweep",
+            Running::Pass => "pass",
+            Running::Nothing => "worker",
+        }
+    }
 }
 
 struct Daemon {
@@ -208,6 +221,7 @@ impl Daemon {
                 Some(done) = self.done_rx.recv() => match done {
                     Done::Sweep(swept) => self.finish(*swept),
                     Done::Pass(passed) => self.finish_pass(*passed),
+                    Done::Lost(running, why) => self.lost(running, &why),
                 },
                 Some(reacted) = self.events.done_rx.recv() => self.finish_react(reacted),
                 signal = self.signals.next() => match signal {

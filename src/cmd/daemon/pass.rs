@@ -86,7 +86,7 @@ impl Daemon {
 
     /// The next pass: `pass_interval` after this one's start (`confirm_after` when entries
     /// await confirmation and that is sooner), stretched to the CPU budget.
-    fn schedule_pass(&mut self, started: Instant, awaiting: bool, cpu: Duration) {
+    pub(super) fn schedule_pass(&mut self, started: Instant, awaiting: bool, cpu: Duration) {
         let s = &self.settings;
         self.next_pass = s.pass_interval.map(|interval| {
             let awaiting = awaiting.then_some(s.confirm_after);

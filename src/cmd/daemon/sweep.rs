@@ -45,6 +45,20 @@ impl<R> Finished<R> {
     }
 }
 
+/// `work`'s result, or [`Done::Lost`] with its panic's message.
+fn reported(running: Running, work: impl FnOnce() -> Done) -> Done {
+    // The shared state a worker panics with is behind mutexes whose users take it back
+    // from poisoning; the rest of the worker is dropped with it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        Done::Lost(running, why)
+    })
+}
+
 impl Daemon {
     pub(super) fn start_sweep(&mut self) {
         let settings = Arc::clone(&self.settings);
@@ -70,17 +84,13 @@ impl Daemon {
         running: Running,
         work: impl FnOnce() -> Done + Send + 'static,
     ) -> bool {
-        let name = match running {
-            Running::Sweep => "sweep",
-            Running::Pass => "pass",
-            Running::Nothing => "worker",
-        };
+        let name = running.name();
         let done = self.done_tx.clone();
         let spawned = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 // The receiver is gone only when the daemon is exiting.
-                let _ = done.send(work());
+                let _ = done.send(reported(running, work));
             });
         match spawned {
             Ok(_) => {
@@ -91,6 +101,24 @@ impl Daemon {
                 tracing::error!(error = %e, "cannot start a {name} thread; trying again after the interval");
                 false
             }
+        }
+    }
+
+    /// A sweep or pass that panicked: said, counted as an error, and the next one scheduled
+    /// as after any failure. Without this the loop would wait for it for ever, and the
+    /// watchdog would go on saying all is well.
+    pub(super) fn lost(&mut self, running: Running, why: &str) {
+        self.running = Running::Nothing;
+        tracing::error!(
+            "the {} thread panicked: {why}; the next one comes on schedule",
+            running.name()
+        );
+        if running == Running::Pass {
+            self.metrics.record_pass_error();
+            self.schedule_pass(Instant::now(), false, Duration::ZERO);
+        } else {
+            self.metrics.record_error(Duration::ZERO);
+            self.schedule();
         }
     }
 
@@ -216,4 +244,44 @@ fn summary_line(r: &SweepReport, map: &Path, next: Duration) -> String {
         humantime::format_duration(next)
     );
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Work = Box<dyn FnOnce() -> Done>;
+    type Lost = Option<(Running, String)>;
+
+    fn lost(done: Done) -> Lost {
+        match done {
+            Done::Lost(running, why) => Some((running, why)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_worker_that_panics_is_reported_lost_with_its_message() {
+        let cases: [(Running, Work, Lost); 3] = [
+            (
+                Running::Sweep,
+                Box::new(|| panic!("a literal")),
+                Some((Running::Sweep, "a literal".to_string())),
+            ),
+            (
+                Running::Pass,
+                Box::new(|| panic!("formatted {}", 7)),
+                Some((Running::Pass, "formatted 7".to_string())),
+            ),
+            // What the work returns passes through.
+            (
+                Running::Pass,
+                Box::new(|| Done::Lost(Running::Nothing, "its own".to_string())),
+                Some((Running::Nothing, "its own".to_string())),
+            ),
+        ];
+        for (running, work, want) in cases {
+            assert_eq!(lost(reported(running, work)), want);
+        }
+    }
 }
