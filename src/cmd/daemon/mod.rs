@@ -329,6 +329,7 @@ impl Daemon {
         match tokio::time::timeout(STOP_GRACE, self.done_rx.recv()).await {
             Ok(Some(Done::Sweep(swept))) => self.finish(*swept),
             Ok(Some(Done::Pass(passed))) => self.finish_pass(*passed),
+            Ok(Some(Done::Lost(running, why))) => self.lost(running, &why),
             _ => tracing::warn!(
                 "{name}: the sweep is still observing; leaving without it (no delete is half-done)"
             ),
