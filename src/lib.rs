@@ -14,6 +14,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod helper_thread;
 mod label;
 
 pub mod clock;

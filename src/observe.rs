@@ -8,6 +8,7 @@ use std::sync::{mpsc, Once};
 use std::time::Instant;
 
 use crate::diag;
+use crate::helper_thread;
 use crate::holder::{self, EarlyScan, HolderSource};
 use crate::identity::{entries_capacity, file_at, HeldSocket, IdentityError, IdentitySource};
 use crate::ifaddr;
@@ -287,12 +288,9 @@ fn observe_then_diagnose(
         // No thread to be had (a pids limit, say): the lookups follow the read, as a sweep's.
         let owners = streamed
             .then(|| {
-                std::thread::Builder::new()
-                    .name("smgc-lookups".into())
-                    .spawn_scoped(scope, move || {
-                        owners_while_read(proc_root, &rx, !gateways.is_empty())
-                    })
-                    .ok()
+                helper_thread::spawn(scope, "smgc-lookups", move || {
+                    owners_while_read(proc_root, &rx, !gateways.is_empty())
+                })
             })
             .flatten();
         let streaming = owners.is_some();
@@ -365,13 +363,12 @@ fn observe_then_diagnose(
     let (observation, early) = std::thread::scope(|scope| {
         let early = match holders.as_deref_mut() {
             // No thread to be had: the scan follows the verdicts, as one that panicked.
-            Some(source) if !wanted.is_empty() => std::thread::Builder::new()
-                .name("smgc-holder-scan".into())
-                .spawn_scoped(scope, move || {
+            Some(source) if !wanted.is_empty() => {
+                helper_thread::spawn(scope, "smgc-holder-scan", move || {
                     let scan = source.scan(&wanted);
                     EarlyScan { wanted, scan }
                 })
-                .ok(),
+            }
             _ => None,
         };
         let observation = judge(map_id, entries, with_identity, sockets, gateways, started);

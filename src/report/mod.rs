@@ -16,6 +16,7 @@ use std::sync::mpsc;
 
 use serde::Serialize;
 
+use crate::helper_thread;
 use crate::holder::{Diagnosis, HolderSummary};
 use crate::key::KEY_LEN;
 use crate::observation::{Filter, Judged, Observation};
@@ -108,10 +109,7 @@ pub fn select<'a>(o: &'a Observation, filter: &Filter) -> Selection<'a> {
     };
     std::thread::scope(|scope| {
         // No thread to be had (a pids limit, say): counted here, after the rows.
-        let counting = std::thread::Builder::new()
-            .name("smgc-counts".into())
-            .spawn_scoped(scope, counts)
-            .ok();
+        let counting = helper_thread::spawn(scope, "smgc-counts", counts);
         let rows = selected(o, filter);
         let (summary, by_holder) = match counting {
             Some(counting) => counting
@@ -210,32 +208,30 @@ where
         let (written, next) = mpsc::channel::<io::Result<Vec<u8>>>();
         let (spent, reuse) = mpsc::channel::<Vec<u8>>();
         let write = &write;
-        let second = std::thread::Builder::new()
-            .name("smgc-rows".into())
-            .spawn_scoped(scope, move || {
-                // Two buffers, each back from the reader before it is filled again: memory stays
-                // a few chunks, and the chunks after them go to pages already touched (fresh
-                // pages cost more than writing the rows into them).
-                let mut fresh = 2;
-                for (k, chunk) in rows.chunks(per_chunk).enumerate().skip(1).step_by(2) {
-                    let mut buf = if fresh > 0 {
-                        fresh -= 1;
-                        Vec::new()
-                    } else {
-                        // Closed: this thread's reader gave up (an error on `out`).
-                        let Ok(buf) = reuse.recv() else { return };
-                        buf
-                    };
-                    buf.clear();
-                    let done = write(&mut buf, k * per_chunk, chunk).map(|()| buf);
-                    let failed = done.is_err();
-                    if written.send(done).is_err() || failed {
-                        return;
-                    }
+        let second = helper_thread::spawn(scope, "smgc-rows", move || {
+            // Two buffers, each back from the reader before it is filled again: memory stays
+            // a few chunks, and the chunks after them go to pages already touched (fresh
+            // pages cost more than writing the rows into them).
+            let mut fresh = 2;
+            for (k, chunk) in rows.chunks(per_chunk).enumerate().skip(1).step_by(2) {
+                let mut buf = if fresh > 0 {
+                    fresh -= 1;
+                    Vec::new()
+                } else {
+                    // Closed: this thread's reader gave up (an error on `out`).
+                    let Ok(buf) = reuse.recv() else { return };
+                    buf
+                };
+                buf.clear();
+                let done = write(&mut buf, k * per_chunk, chunk).map(|()| buf);
+                let failed = done.is_err();
+                if written.send(done).is_err() || failed {
+                    return;
                 }
-            });
+            }
+        });
         // No second thread to be had (a pids limit, say): every chunk is written here.
-        let alone = second.is_err();
+        let alone = second.is_none();
         for (k, chunk) in rows.chunks(per_chunk).enumerate() {
             if alone || k % 2 == 0 {
                 mine.clear();
